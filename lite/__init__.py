@@ -1,0 +1,1 @@
+"""lite: local quantized runtime for DeepSeek-Coder-V2."""
