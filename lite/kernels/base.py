@@ -1,0 +1,125 @@
+"""The Backend protocol: the small op set every compute backend implements (reference numpy,
+Numba, C, CUDA), plus the weight handle kernels receive.
+
+Shape legend: T tokens, S cached positions, D hidden, H heads, C kv_lora_rank, R rope dims,
+K experts per token, F expert width, N rows (output features) of a weight.
+
+All activations are C-contiguous float32. Weights arrive as `QTensor`: raw ggml block bytes,
+exactly as stored in the GGUF file (usually a zero-copy view of the memory map).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Protocol
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..errors import BackendError
+
+QType = GGMLQuantizationType
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A weight in ggml block format.
+
+    `shape` is the logical numpy shape (last axis = row length in weights); `data` is uint8 of
+    shape `(*shape[:-1], row_bytes)`. A 3-D expert tensor `[E, N, cols]` yields per-expert views
+    with `expert(e)`.
+    """
+
+    name: str
+    qtype: QType
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    def __post_init__(self) -> None:
+        block, size = GGML_QUANT_SIZES[self.qtype]
+        cols = self.shape[-1]
+        if cols % block:
+            raise BackendError(f"tensor {self.name}: row length {cols} is not a multiple of the "
+                               f"{self.qtype.name} block size {block}")
+        want = (*self.shape[:-1], cols // block * size)
+        if self.data.dtype != np.uint8 or tuple(self.data.shape) != want:
+            raise BackendError(f"tensor {self.name}: expected uint8 data of shape {want} for "
+                               f"{self.qtype.name} {self.shape}, got {self.data.dtype} {self.data.shape}")
+
+    @property
+    def row_bytes(self) -> int:
+        return self.data.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def expert(self, e: int) -> "QTensor":
+        return QTensor(f"{self.name}[{e}]", self.qtype, self.shape[1:], self.data[e])
+
+    @staticmethod
+    def from_float(name: str, a: np.ndarray) -> "QTensor":
+        """Wrap a float32 array as an F32 QTensor (tests, small resident tensors)."""
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        return QTensor(name, QType.F32, a.shape, a.view(np.uint8).reshape(*a.shape[:-1], -1))
+
+
+@dataclass(frozen=True)
+class FFNWeights:
+    """One SiLU-gated MLP: `down(silu(gate(x)) * up(x))`. gate/up `[F, D]`, down `[D, F]`."""
+
+    gate: QTensor
+    up: QTensor
+    down: QTensor
+
+
+class Backend(Protocol):
+    """What model code may call. Every method validates its inputs and raises BackendError."""
+
+    name: str
+
+    def matmul(self, x: np.ndarray, w: QTensor) -> np.ndarray:
+        """x `[T, cols]` → `[T, N]` = x · Wᵀ for a 2-D weight `[N, cols]` of any supported type."""
+        ...
+
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        """x `[T, D]`, w `[D]` → `w * x / sqrt(mean(x²) + eps)` per row."""
+        ...
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x `[T, H, R]`, cos/sin `[T, R/2]` → interleaved-pair rotation of (x[2i], x[2i+1])."""
+        ...
+
+    def softmax(self, x: np.ndarray) -> np.ndarray:
+        """Row-wise softmax of `[T, N]`, computed in float32 with the max subtracted."""
+        ...
+
+    def silu_mul(self, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """`silu(g) * u`, elementwise, same shapes."""
+        ...
+
+    def mla_attention(self, q_lat: np.ndarray, q_pe: np.ndarray, ckv: np.ndarray, kpe: np.ndarray,
+                      scale: float, start: int) -> np.ndarray:
+        """Absorbed MLA attention in latent space.
+
+        q_lat `[T, H, C]` (no-rope query already multiplied by W_UK), q_pe `[T, H, R]` (roped),
+        ckv `[S, C]`, kpe `[S, R]` (roped) for cache positions 0..S-1. Query t sits at absolute
+        position start+t and attends causally to positions 0..start+t (requires S ≥ start+T).
+        Returns `[T, H, C]` = softmax((q_lat·ckvᵀ + q_pe·kpeᵀ)·scale) · ckv.
+        """
+        ...
+
+    def moe(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+            experts: Mapping[int, FFNWeights], shared: FFNWeights | None) -> np.ndarray:
+        """x `[T, D]`, ids int32 `[T, K]`, weights float32 `[T, K]` →
+        `Σ_k weights[t,k] · expert_{ids[t,k]}(x[t]) + shared(x[t])` (shared omitted when None).
+        `experts` maps every id present in `ids` to its weights. K may be 0 (a dense MLP passed
+        as `shared`). Implementations group tokens by expert so each expert is read once."""
+        ...
+
+
+def check_f32(name: str, a: np.ndarray, ndim: int) -> np.ndarray:
+    """Validate an activation argument before it reaches a kernel."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != ndim:
+        got = f"{a.dtype} with {a.ndim} dims" if isinstance(a, np.ndarray) else type(a).__name__
+        raise BackendError(f"{name}: expected a float32 array with {ndim} dims, got {got}")
+    return np.ascontiguousarray(a)
