@@ -1,0 +1,53 @@
+"""Compute backends. `get_backend()` picks `LITE_BACKEND` if set, else the best available
+(cuda → c → numba → reference)."""
+from __future__ import annotations
+
+import importlib
+import os
+
+from ..errors import LiteError
+from .base import Backend, FFNWeights, QTensor
+
+# name → (module, class). Modules are imported lazily: numba and cffi cost start-up time.
+_BACKENDS = {
+    "cuda": ("lite.kernels.cuda", "CudaBackend"),
+    "c": ("lite.kernels.c", "CBackend"),
+    "numba": ("lite.kernels.numba_backend", "NumbaBackend"),
+    "reference": ("lite.kernels.reference", "ReferenceBackend"),
+}
+_cache: dict[str, Backend] = {}
+
+
+def _make(name: str) -> Backend:
+    if name not in _cache:
+        module, cls = _BACKENDS[name]
+        _cache[name] = getattr(importlib.import_module(module), cls)()
+    return _cache[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that load on this machine, best first."""
+    names = []
+    for name in _BACKENDS:
+        try:
+            _make(name)
+        except (ImportError, LiteError, OSError):
+            continue
+        names.append(name)
+    return names
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """The backend called `name`, or `LITE_BACKEND`, or the best available."""
+    name = name or os.environ.get("LITE_BACKEND") or None
+    if name is None:
+        return _make(available_backends()[0])
+    if name not in _BACKENDS:
+        raise LiteError(f"unknown backend {name!r}: choose one of {', '.join(_BACKENDS)}")
+    try:
+        return _make(name)
+    except (ImportError, OSError) as e:
+        raise LiteError(f"backend {name!r} is not available here: {e}") from e
+
+
+__all__ = ["Backend", "FFNWeights", "QTensor", "available_backends", "get_backend"]

@@ -1,0 +1,94 @@
+"""The numpy reference backend: slow, obvious float32 code that defines what every op means.
+Fast backends are tested against it. Weights are dequantized to float32 on every call."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import BackendError
+from .base import FFNWeights, QTensor, check_f32
+from .dequant import dequantize
+
+
+def dense(w: QTensor) -> np.ndarray:
+    """A weight as float32 `[N, cols]` (or `[E, N, cols]`)."""
+    return dequantize(w.data, w.qtype)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def matmul(self, x: np.ndarray, w: QTensor) -> np.ndarray:
+        x = check_f32("matmul input", x, 2)
+        if len(w.shape) != 2 or x.shape[1] != w.shape[1]:
+            raise BackendError(f"matmul: input [T, {x.shape[1]}] does not fit weight {w.name} {w.shape}")
+        return x @ dense(w).T
+
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        x = check_f32("rmsnorm input", x, 2)
+        if w.shape != (x.shape[1],):
+            raise BackendError(f"rmsnorm: weight shape {w.shape} does not match hidden size {x.shape[1]}")
+        var = np.mean(x * x, axis=1, keepdims=True, dtype=np.float32)
+        return w * (x / np.sqrt(var + np.float32(eps)))
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        x = check_f32("rope input", x, 3)
+        t, _, r = x.shape
+        if r % 2 or cos.shape != (t, r // 2) or sin.shape != (t, r // 2):
+            raise BackendError(f"rope: tables {cos.shape}/{sin.shape} do not fit input {x.shape}")
+        even, odd = x[..., 0::2], x[..., 1::2]
+        c, s = cos[:, None, :], sin[:, None, :]
+        out = np.empty_like(x)
+        out[..., 0::2] = even * c - odd * s
+        out[..., 1::2] = even * s + odd * c
+        return out
+
+    def softmax(self, x: np.ndarray) -> np.ndarray:
+        x = check_f32("softmax input", x, 2)
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def silu_mul(self, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+        if g.shape != u.shape:
+            raise BackendError(f"silu_mul: shapes {g.shape} and {u.shape} differ")
+        return silu(g) * u
+
+    def mla_attention(self, q_lat: np.ndarray, q_pe: np.ndarray, ckv: np.ndarray, kpe: np.ndarray,
+                      scale: float, start: int) -> np.ndarray:
+        q_lat = check_f32("mla q_lat", q_lat, 3)
+        q_pe = check_f32("mla q_pe", q_pe, 3)
+        ckv, kpe = check_f32("mla ckv", ckv, 2), check_f32("mla kpe", kpe, 2)
+        t, h, c = q_lat.shape
+        s = ckv.shape[0]
+        if (q_pe.shape[:2] != (t, h) or ckv.shape[1] != c or kpe.shape != (s, q_pe.shape[2])
+                or start < 0 or s < start + t):
+            raise BackendError(f"mla_attention: inconsistent shapes q_lat {q_lat.shape} q_pe {q_pe.shape} "
+                               f"ckv {ckv.shape} kpe {kpe.shape} start {start}")
+        scores = (np.einsum("thc,sc->ths", q_lat, ckv) + np.einsum("thr,sr->ths", q_pe, kpe)) * np.float32(scale)
+        future = np.arange(s)[None, :] > (start + np.arange(t))[:, None]
+        scores[np.broadcast_to(future[:, None, :], scores.shape)] = -np.inf
+        p = np.exp(scores - scores.max(axis=2, keepdims=True))
+        p /= p.sum(axis=2, keepdims=True)
+        return np.einsum("ths,sc->thc", p, ckv).astype(np.float32)
+
+    def ffn(self, x: np.ndarray, w: FFNWeights) -> np.ndarray:
+        return self.matmul(self.silu_mul(self.matmul(x, w.gate), self.matmul(x, w.up)), w.down)
+
+    def moe(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+            experts: Mapping[int, FFNWeights], shared: FFNWeights | None) -> np.ndarray:
+        x = check_f32("moe input", x, 2)
+        if ids.shape != weights.shape or ids.ndim != 2 or ids.shape[0] != x.shape[0]:
+            raise BackendError(f"moe: ids {ids.shape} / weights {weights.shape} do not fit input {x.shape}")
+        out = self.ffn(x, shared) if shared is not None else np.zeros_like(x)
+        for e in np.unique(ids):
+            if int(e) not in experts:
+                raise BackendError(f"moe: expert {int(e)} was routed to but not supplied")
+            rows, slots = np.nonzero(ids == e)
+            y = self.ffn(x[rows], experts[int(e)])
+            np.add.at(out, rows, y * weights[rows, slots][:, None])
+        return out
