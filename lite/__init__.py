@@ -1,1 +1,10 @@
-"""lite: local quantized runtime for DeepSeek-Coder-V2."""
+"""lite: a local, quantized runtime for DeepSeek-Coder-V2 (MoE + MLA) from one GGUF file.
+
+    import lite
+    m = lite.load("model.gguf")
+    m.logits([100000, 1, 2])          # float32 [T, vocab]
+"""
+from .errors import BackendError, FormatError, LiteError, UnsupportedError
+from .api import Generation, Model, load
+
+__all__ = ["BackendError", "FormatError", "Generation", "LiteError", "Model", "UnsupportedError", "load"]

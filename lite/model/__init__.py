@@ -1,0 +1,1 @@
+"""DeepSeek-V2 model: config, rope, latent cache, MLA, MoE and the forward pass."""

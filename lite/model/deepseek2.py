@@ -1,0 +1,75 @@
+"""The DeepSeek-V2 forward pass: embedding, per layer `x += MLA(norm(x))`, `x += FFN(norm(x))`,
+final norm and output projection. Token ids `[T]` at positions start..start+T-1 → logits
+`[T, vocab]`, with the latent cache updated for those positions."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..errors import LiteError
+from ..kernels.base import Backend
+from ..kernels.dequant import dequantize
+from ..weights.gguf_file import ModelFile
+from ..weights.store import ExpertSource, float_vector
+from .cache import LatentCache
+from .config import ModelConfig
+from .mla import MLAWeights, mla
+from .moe import FFNLayer, ffn
+from .rope import RopeTables
+
+# observe(name, array): receives intermediate tensors (embed, attn_out_layerL, mlp_out_layerL,
+# hidden_after_layerL, router_layerL_*, final_norm) — for tests and debugging.
+Observer = Callable[[str, np.ndarray], None]
+
+
+class DeepSeek2:
+    def __init__(self, mf: ModelFile, backend: Backend, experts: ExpertSource) -> None:
+        self.cfg: ModelConfig = mf.config
+        self.backend = backend
+        self.experts = experts
+        t = mf.tensors
+        self.embed = t["token_embd.weight"]
+        self.output = t["output.weight"]
+        self.output_norm = float_vector(t["output_norm.weight"])
+        self.attn_norm = [float_vector(t[f"blk.{i}.attn_norm.weight"]) for i in range(self.cfg.n_layer)]
+        self.ffn_norm = [float_vector(t[f"blk.{i}.ffn_norm.weight"]) for i in range(self.cfg.n_layer)]
+        self.attn = [MLAWeights.load(mf, i) for i in range(self.cfg.n_layer)]
+        self.ffn = [FFNLayer.load(mf, i) for i in range(self.cfg.n_layer)]
+        self.rope = RopeTables(self.cfg)
+
+    def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+            raise LiteError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
+        return dequantize(self.embed.data[ids], self.embed.qtype)
+
+    def forward(self, ids: np.ndarray, cache: LatentCache, start: int,
+                observe: Observer | None = None, all_logits: bool = True) -> np.ndarray:
+        """Run tokens `ids` at positions start.. and return logits for every position (or only
+        the last one when `all_logits` is false, which saves the vocab projection in prefill)."""
+        be, cfg = self.backend, self.cfg
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        cache.reserve(start + len(ids))
+        x = self.embed_tokens(ids)
+        note = observe or (lambda name, a: None)
+        note("embed", x)
+        route_cb = None
+        if observe is not None:
+            def route_cb(layer: int, rid: np.ndarray, rw: np.ndarray, probs: np.ndarray) -> None:
+                note(f"router_layer{layer}_ids", rid)
+                note(f"router_layer{layer}_weights", rw)
+                note(f"router_layer{layer}_probs", probs)
+        for i in range(cfg.n_layer):
+            a = mla(be, cfg, self.attn[i], be.rmsnorm(x, self.attn_norm[i], cfg.rms_eps), i, cache, start, self.rope)
+            note(f"attn_out_layer{i}", a)
+            x = x + a
+            m = ffn(be, cfg, self.ffn[i], be.rmsnorm(x, self.ffn_norm[i], cfg.rms_eps), self.experts, route_cb)
+            note(f"mlp_out_layer{i}", m)
+            x = x + m
+            note(f"hidden_after_layer{i}", x)
+        cache.length = start + len(ids)
+        if not all_logits:
+            x = x[-1:]
+        x = be.rmsnorm(np.ascontiguousarray(x), self.output_norm, cfg.rms_eps)
+        note("final_norm", x)
+        return be.matmul(x, self.output)
