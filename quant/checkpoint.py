@@ -1,15 +1,14 @@
 """Read a Hugging Face DeepSeek-V2 checkpoint directory lazily: config.json plus one or many
 safetensors shards (`model.safetensors.index.json`). Headers are parsed and checked up front;
-a tensor's bytes are read from the memory map only when asked for, one tensor at a time."""
+a tensor's bytes are read only when asked for, one tensor at a time."""
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -88,7 +87,7 @@ class Checkpoint:
                 if name in self.entries:
                     raise FormatError(f"{shard}: tensor {name} is also in {self.entries[name].shard.name}")
                 self.entries[name] = entry
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[Path, BinaryIO] = {}
 
     def _shards(self) -> list[Path]:
         index = self.dir / "model.safetensors.index.json"
@@ -121,21 +120,20 @@ class Checkpoint:
     def read(self, name: str) -> np.ndarray:
         """The tensor as a new float32 array; NaN or Inf is an error naming the tensor."""
         e = self._entry(name)
-        if e.shard not in self._maps:
-            with open(e.shard, "rb") as f:
-                self._maps[e.shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        m = self._maps[e.shard]
-        if e.end > len(m):
-            raise FormatError(f"{e.shard}: tensor {name} lies beyond the end of the file (truncated?)")
+        if e.shard not in self._files:
+            self._files[e.shard] = open(e.shard, "rb")
+        f = self._files[e.shard]
         np_dtype, _ = _DTYPES[e.dtype]
-        raw = np.frombuffer(m, dtype=np_dtype, count=(e.end - e.begin) // np.dtype(np_dtype).itemsize,
-                            offset=e.begin).reshape(e.shape)
+        raw = np.empty(e.shape, dtype=np_dtype)
+        f.seek(e.begin)
+        if f.readinto(memoryview(raw.reshape(-1).view(np.uint8))) != e.end - e.begin:
+            raise FormatError(f"{e.shard}: tensor {name} lies beyond the end of the file (truncated?)")
         a = (raw.astype(np.uint32) << 16).view(np.float32) if e.dtype == "BF16" else raw.astype(np.float32)
         if not np.isfinite(a).all():
             raise FormatError(f"{e.shard}: tensor {name} contains NaN or Inf")
         return a
 
     def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
