@@ -1,18 +1,108 @@
-#include <math.h>
-#include <stdint.h>
-#include "lite.h"
+/* Library state: ABI version, ISA dispatch (scalar / AVX2 / AVX-512), thread count, type table. */
+#include "internal.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 int lite_abi_version(void) { return LITE_ABI_VERSION; }
 
-int lite_rmsnorm_f32(float *out, const float *x, const float *w, int64_t n_rows, int64_t dim, float eps) {
-    if (!out || !x || !w || n_rows < 0 || dim <= 0) return LITE_ERR_ARG;
-    for (int64_t t = 0; t < n_rows; t++) {
-        const float *xr = x + t * dim;
-        float *yr = out + t * dim;
-        double ss = 0.0;
-        for (int64_t i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
-        float inv = 1.0f / sqrtf((float)(ss / (double)dim) + eps);
-        for (int64_t i = 0; i < dim; i++) yr[i] = w[i] * (xr[i] * inv);
+static kernel_table g_tables[3];
+static int g_ready = 0;
+static int g_isa = -1;
+static int g_threads = 1;
+
+static int cpu_isa(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+#ifdef LITE_HAVE_AVX512
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return LITE_ISA_AVX512;
+#endif
+#ifdef LITE_HAVE_AVX2
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return LITE_ISA_AVX2;  /* every AVX2 CPU also has F16C */
+#endif
+#endif
+    return LITE_ISA_SCALAR;
+}
+
+static void init(void) {
+    if (g_ready) return;
+    lite_kernels_scalar(&g_tables[0]);
+    g_tables[1] = g_tables[0];
+#ifdef LITE_HAVE_AVX2
+    lite_kernels_avx2(&g_tables[1]);
+#endif
+    g_tables[2] = g_tables[1];
+#ifdef LITE_HAVE_AVX512
+    lite_kernels_avx512(&g_tables[2]);
+#endif
+    g_isa = cpu_isa();
+#ifdef _OPENMP
+    g_threads = omp_get_max_threads();
+#endif
+    g_ready = 1;
+}
+
+int lite_cpu_isa(void) { init(); return cpu_isa(); }
+int lite_get_isa(void) { init(); return g_isa; }
+
+int lite_set_isa(int level) {
+    init();
+    if (level < LITE_ISA_SCALAR || level > LITE_ISA_AVX512) return LITE_ERR_ARG;
+    if (level > cpu_isa()) return LITE_ERR_ISA;
+    g_isa = level;
+    return LITE_OK;
+}
+
+const kernel_table *lite_active_kernels(void) { init(); return &g_tables[g_isa]; }
+
+int lite_set_threads(int n) {
+    init();
+    if (n < 1 || n > 1024) return LITE_ERR_ARG;
+    g_threads = n;
+    return LITE_OK;
+}
+
+int lite_get_threads(void) { init(); return g_threads; }
+int lite_num_threads(void) { init(); return g_threads; }
+
+int lite_kind_of(int type) {
+    switch (type) {
+    case LITE_TYPE_Q4_0: return K_Q4_0;
+    case LITE_TYPE_Q8_0: return K_Q8_0;
+    case LITE_TYPE_Q4_K: return K_Q4_K;
+    case LITE_TYPE_Q6_K: return K_Q6_K;
+    case LITE_TYPE_F32: return K_F32;
+    case LITE_TYPE_F16: return K_F16;
+    case LITE_TYPE_BF16: return K_BF16;
+    default: return -1;
     }
+}
+
+int64_t lite_row_bytes_of(int type, int64_t cols) {
+    int64_t blk, sz;
+    switch (type) {
+    case LITE_TYPE_Q4_0: blk = QK; sz = Q4_0_BYTES; break;
+    case LITE_TYPE_Q8_0: blk = QK; sz = Q8_0_BYTES; break;
+    case LITE_TYPE_Q4_K: blk = QKK; sz = Q4_K_BYTES; break;
+    case LITE_TYPE_Q6_K: blk = QKK; sz = Q6_K_BYTES; break;
+    case LITE_TYPE_F32: blk = 1; sz = 4; break;
+    case LITE_TYPE_F16: case LITE_TYPE_BF16: blk = 1; sz = 2; break;
+    default: return -1;
+    }
+    if (cols <= 0 || cols % blk) return -1;
+    return cols / blk * sz;
+}
+
+int lite_row_bytes(int64_t *out, int type, int64_t cols) {
+    if (!out) return LITE_ERR_NULL;
+    if (lite_kind_of(type) < 0) return LITE_ERR_TYPE;
+    if (cols <= 0) return LITE_ERR_ARG;
+    int64_t rb = lite_row_bytes_of(type, cols);
+    if (rb < 0) return LITE_ERR_BLOCK;
+    *out = rb;
     return LITE_OK;
 }

@@ -154,6 +154,16 @@ class ModelConfig:
         return cfg
 
     def _check(self, source: str) -> None:
+        # Bounds far above any real DeepSeek model, so a corrupted count fails here instead of
+        # driving a loop or an allocation of billions.
+        limits = {"n_layer": 1024, "d_model": 1 << 16, "n_head": 1024, "q_lora_rank": 1 << 16,
+                  "kv_lora_rank": 1 << 14, "qk_nope": 4096, "qk_rope": 4096, "v_head": 4096,
+                  "vocab_size": 1 << 22, "n_ctx_train": 1 << 24, "ffn_dense": 1 << 20, "n_expert": 4096,
+                  "n_shared": 64, "expert_ffn": 1 << 18, "n_dense_lead": 1024, "n_group": 4096, "topk_group": 4096}
+        for name, limit in limits.items():
+            v = getattr(self, name)
+            if not 0 <= v <= limit:
+                raise FormatError(f"{source}: {name} = {v} is outside the supported range 0..{limit}")
         if self.is_moe:
             if not 0 < self.n_expert_used <= self.n_expert:
                 raise FormatError(f"{source}: expert_used_count {self.n_expert_used} must be in 1..{self.n_expert}")

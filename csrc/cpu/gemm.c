@@ -1,0 +1,86 @@
+/* Matmul driver: quantize the activations once, then tile kernels over (row tile x token tile),
+ * threads across row tiles, tokens in chunks so one chunk's activations stay in cache while each
+ * row tile's weights are reused across all of its tokens. */
+#include "internal.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define TOKEN_CHUNK 64
+
+int64_t lite_act_stride(int kind, int64_t cols) {
+    switch (kind) {
+    case K_Q4_0: case K_Q8_0: return a8_stride(cols);
+    case K_Q4_K: case K_Q6_K: return a8k_stride(cols);
+    default: return cols * 4;
+    }
+}
+
+static int is_quant(int kind) { return kind <= K_Q6_K; }
+
+void lite_gemm_quantize(uint8_t *act, int64_t astride, int kind, const float *x, int64_t n_tok, int64_t cols) {
+    if (!is_quant(kind)) return;
+    const kernel_table *kt = lite_active_kernels();
+    quant_fn q = (kind == K_Q4_0 || kind == K_Q8_0) ? kt->quant_a8 : kt->quant_a8k;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n_tok; t++) q(act + t * astride, astride, x + t * cols, 1, cols);
+}
+
+void lite_gemm_compute(float *out, const uint8_t *w, int64_t row_bytes, int64_t n_rows, int kind,
+                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols) {
+    tile_fn f = lite_active_kernels()->tile[kind];
+    int64_t n_rt = (n_rows + TILE_R - 1) / TILE_R;
+    for (int64_t t0 = 0; t0 < n_tok; t0 += TOKEN_CHUNK) {
+        int64_t t1 = t0 + TOKEN_CHUNK < n_tok ? t0 + TOKEN_CHUNK : n_tok;
+#pragma omp for schedule(static)
+        for (int64_t rt = 0; rt < n_rt; rt++) {
+            int64_t r0 = rt * TILE_R;
+            int nr = (int)(n_rows - r0 < TILE_R ? n_rows - r0 : TILE_R);
+            for (int64_t t = t0; t < t1; t += TILE_T) {
+                int nt = (int)(t1 - t < TILE_T ? t1 - t : TILE_T);
+                f(out + t * n_rows + r0, n_rows, w + r0 * row_bytes, row_bytes, nr, act + t * astride,
+                  astride, nt, cols);
+            }
+        }
+    }
+}
+
+int lite_matmul_scratch_bytes(int64_t *out, int type, int64_t n_tok, int64_t cols) {
+    if (!out) return LITE_ERR_NULL;
+    int kind = lite_kind_of(type);
+    if (kind < 0) return LITE_ERR_TYPE;
+    if (n_tok < 0 || cols <= 0) return LITE_ERR_ARG;
+    if (lite_row_bytes_of(type, cols) < 0) return LITE_ERR_BLOCK;
+    *out = is_quant(kind) ? n_tok * lite_act_stride(kind, cols) : 0;
+    return LITE_OK;
+}
+
+int lite_matmul(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t cols,
+                const uint8_t *w, int64_t w_bytes, int type, int64_t n_rows,
+                uint8_t *scratch, int64_t scratch_bytes) {
+    if (!out || !x || !w) return LITE_ERR_NULL;
+    int kind = lite_kind_of(type);
+    if (kind < 0) return LITE_ERR_TYPE;
+    if (n_tok < 0 || cols <= 0 || n_rows <= 0 || out_len < 0 || w_bytes < 0 || scratch_bytes < 0)
+        return LITE_ERR_ARG;
+    int64_t rb = lite_row_bytes_of(type, cols);
+    if (rb < 0) return LITE_ERR_BLOCK;
+    if (w_bytes / rb < n_rows) return LITE_ERR_SIZE;
+    if (n_tok && out_len / n_tok < n_rows) return LITE_ERR_SIZE;
+    if (n_tok == 0) return LITE_OK;
+    int64_t astride = lite_act_stride(kind, cols);
+    if (is_quant(kind)) {
+        if (!scratch) return LITE_ERR_NULL;
+        if (scratch_bytes / astride < n_tok || ((uintptr_t)scratch & 3)) return LITE_ERR_SIZE;
+    }
+    const uint8_t *act = is_quant(kind) ? scratch : (const uint8_t *)x;
+    int64_t n_rt = (n_rows + TILE_R - 1) / TILE_R;
+    int nth = lite_num_threads();
+    if (nth > n_rt) nth = (int)n_rt;
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        lite_gemm_quantize(scratch, astride, kind, x, n_tok, cols);
+        lite_gemm_compute(out, w, rb, n_rows, kind, act, astride, n_tok, cols);
+    }
+    return LITE_OK;
+}

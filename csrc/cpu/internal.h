@@ -1,0 +1,118 @@
+/* Internal declarations shared by the CPU kernel files (not part of the ABI).
+ *
+ * Activation layouts used inside matmul (one row per token, `stride` bytes apart, 64-byte aligned):
+ *   A8  (for Q4_0 / Q8_0 weights): int8 qs[nb*32], then float d[nb]   (d already rounded to fp16)
+ *   A8K (for Q4_K / Q6_K weights): int8 qs[nb*256], int16 bsums[nb*16], float d[nb]
+ * Float weights (F32/F16/BF16) take float activations directly.
+ */
+#ifndef LITE_INTERNAL_H
+#define LITE_INTERNAL_H
+
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include "lite.h"
+
+#define QK 32
+#define QKK 256
+#define Q4_0_BYTES 18
+#define Q8_0_BYTES 34
+#define Q4_K_BYTES 144
+#define Q6_K_BYTES 210
+#define Q8_K_BYTES 292
+
+/* Largest tile a kernel is asked to compute: rows x tokens. */
+#define TILE_R 4
+#define TILE_T 4
+
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* IEEE binary16 <-> binary32, round-to-nearest-even, portable (same results as F16C / numpy). */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    if (e == 0) {
+        float v = (float)m * (1.0f / 16777216.0f);
+        return sign ? -v : v;
+    }
+    if (e == 31) return bits_f32(sign | 0x7f800000u | (m << 13));
+    return bits_f32(sign | ((e + 112) << 23) | (m << 13));
+}
+
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t x = f32_bits(f);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    x &= 0x7fffffffu;
+    if (x >= 0x7f800000u) return sign | (x > 0x7f800000u ? 0x7e00 : 0x7c00);
+    if (x >= 0x477ff000u) return sign | 0x7c00;
+    if (x < 0x38800000u) {
+        float a = bits_f32(x) + 0.5f;
+        return sign | (uint16_t)(f32_bits(a) - 0x3f000000u);
+    }
+    x += 0xc8000fffu + ((x >> 13) & 1);
+    return sign | (uint16_t)(x >> 13);
+}
+
+static inline float bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+/* Q4_K: unpack 6-bit scale/min j (0..7) from the 12 scale bytes. */
+static inline void q4k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* Byte sizes of the activation rows. */
+static inline int64_t a8_stride(int64_t cols) { return ((cols / QK) * (QK + 4) + 63) & ~(int64_t)63; }
+static inline int64_t a8k_stride(int64_t cols) { return ((cols / QKK) * (QKK + 32 + 4) + 63) & ~(int64_t)63; }
+
+/* Tile kernel: out[t*ldo + r] = dot(weight row r, activation row t) for r < nr, t < nt.
+ * w: first weight row, wstride bytes between rows; a: first activation row, astride bytes apart.
+ * cols: row length in weights. nr <= TILE_R, nt <= TILE_T. */
+typedef void (*tile_fn)(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,
+                        const uint8_t *a, int64_t astride, int nt, int64_t cols);
+/* Quantize n_rows float rows of length cols into an activation layout (A8 or A8K). */
+typedef void (*quant_fn)(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
+
+enum { K_Q4_0, K_Q8_0, K_Q4_K, K_Q6_K, K_F32, K_F16, K_BF16, K_COUNT };
+
+typedef struct {
+    tile_fn tile[K_COUNT];
+    quant_fn quant_a8;
+    quant_fn quant_a8k;
+} kernel_table;
+
+void lite_kernels_scalar(kernel_table *t);
+void lite_kernels_avx2(kernel_table *t);
+void lite_kernels_avx512(kernel_table *t);
+
+/* Currently selected table (set by lite_set_isa). */
+const kernel_table *lite_active_kernels(void);
+
+/* Scalar quantizers, shared by every ISA as the bit-exact definition. */
+void lite_quant_a8_scalar(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
+void lite_quant_a8k_scalar(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
+
+/* Kernel class for a ggml type code, or -1. */
+int lite_kind_of(int type);
+/* Bytes per row for a type code and row length, or -1 when cols is not a multiple of the block. */
+int64_t lite_row_bytes_of(int type, int64_t cols);
+
+/* Matmul for use inside or outside an OpenMP parallel region (orphaned work-sharing).
+ * act: scratch holding the quantized activations (must be shared among threads). */
+void lite_gemm_quantize(uint8_t *act, int64_t astride, int kind, const float *x, int64_t n_tok, int64_t cols);
+void lite_gemm_compute(float *out, const uint8_t *w, int64_t row_bytes, int64_t n_rows, int kind,
+                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols);
+/* Scratch bytes for the activations of n_tok rows (0 for float weights). */
+int64_t lite_act_stride(int kind, int64_t cols);
+
+int lite_num_threads(void);
+
+#endif

@@ -1,0 +1,339 @@
+/* AVX2 + FMA + F16C kernels (this file alone is compiled with -mavx2 -mfma -mf16c and is only
+ * called after a run-time CPU check).
+ * Integer dot products follow the maddubs recipe: |w| (unsigned) x sign(y, w) (signed) ->
+ * 16-bit pair sums -> madd with ones -> 32-bit lanes -> one FMA per block with d_w * d_x. */
+#include <immintrin.h>
+#include "internal.h"
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+INLINE float fp16(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
+
+/* ---- Q4_0 / Q8_0: weights unpacked to signed int8 per 32-block ------------------------------ */
+
+INLINE __m256i unpack_q4_0(const uint8_t *blk) {
+    __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
+    __m256i v = _mm256_insertf128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1);
+    return _mm256_sub_epi8(_mm256_and_si256(v, _mm256_set1_epi8(15)), _mm256_set1_epi8(8));
+}
+
+INLINE __m256i unpack_q8_0(const uint8_t *blk) { return _mm256_loadu_si256((const __m256i *)(blk + 2)); }
+
+/* NR rows x NT tokens, both compile-time constants after inlining. */
+#define DEF_Q8_TILE(NAME, UNPACK, BYTES)                                                           \
+    INLINE void NAME##_fixed(const int NR, const int NT, float *out, int64_t ldo, const uint8_t *w, \
+                             int64_t wstride, const uint8_t *a, int64_t astride, int64_t nb) {     \
+        __m256 acc[4][4];                                                                           \
+        for (int r = 0; r < NR; r++)                                                                \
+            for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();                           \
+        const __m256i ones = _mm256_set1_epi16(1);                                                  \
+        const float *da[4];                                                                         \
+        for (int t = 0; t < NT; t++) da[t] = (const float *)(a + t * astride + nb * QK);            \
+        for (int64_t b = 0; b < nb; b++) {                                                          \
+            for (int r = 0; r < NR; r++) {                                                          \
+                const uint8_t *blk = w + r * wstride + b * BYTES;                                   \
+                __m256i wq = UNPACK(blk);                                                           \
+                __m256i wa = _mm256_sign_epi8(wq, wq);                                              \
+                __m256 dw = _mm256_set1_ps(fp16(blk));                                              \
+                for (int t = 0; t < NT; t++) {                                                      \
+                    __m256i y = _mm256_loadu_si256((const __m256i *)(a + t * astride + b * QK));   \
+                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(y, wq)), ones); \
+                    __m256 s = _mm256_mul_ps(dw, _mm256_broadcast_ss(da[t] + b));                  \
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);              \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < NR; r++)                                                                \
+            for (int t = 0; t < NT; t++) out[t * ldo + r] = hsum8(acc[r][t]);                       \
+    }                                                                                               \
+    static void NAME(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,           \
+                     const uint8_t *a, int64_t astride, int nt, int64_t cols) {                    \
+        int64_t nb = cols / QK;                                                                     \
+        if (nt == 1 && nr == 4) { NAME##_fixed(4, 1, out, ldo, w, wstride, a, astride, nb); return; } \
+        if (nt == 4) {                                                                              \
+            int r = 0;                                                                              \
+            for (; r + 2 <= nr; r += 2) NAME##_fixed(2, 4, out + r, ldo, w + r * wstride, wstride, a, astride, nb); \
+            if (r < nr) NAME##_fixed(1, 4, out + r, ldo, w + r * wstride, wstride, a, astride, nb); \
+            return;                                                                                 \
+        }                                                                                           \
+        for (int t = 0; t < nt; t++)                                                                \
+            for (int r = 0; r < nr; r++)                                                            \
+                NAME##_fixed(1, 1, out + t * ldo + r, ldo, w + r * wstride, wstride, a + t * astride, astride, nb); \
+    }
+
+DEF_Q8_TILE(tile_q4_0_generic, unpack_q4_0, Q4_0_BYTES)
+
+/* Q4_0 decode (4 rows x 1 token): unsigned nibbles straight into maddubs, and the -8 offset
+ * applied once per activation block as 8 * sum(y) (shared by the 4 rows). */
+static void q4_0_r4t1(float *out, const uint8_t *w, int64_t ws, const uint8_t *a, int64_t nb) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), eight = _mm256_set1_epi8(8);
+    const float *da = (const float *)(a + nb * QK);
+#define Q4_ROW(R, ACC)                                                                             \
+    {                                                                                              \
+        const uint8_t *blk = w + R * ws + b * Q4_0_BYTES;                                          \
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));                                   \
+        __m256i v = _mm256_and_si256(_mm256_insertf128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1), m4); \
+        __m256i p = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(v, y), ones), ys);   \
+        ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_set1_ps(fp16(blk)), dx), ACC); \
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i y = _mm256_loadu_si256((const __m256i *)(a + b * QK));
+        __m256i ys = _mm256_madd_epi16(_mm256_maddubs_epi16(eight, y), ones);
+        __m256 dx = _mm256_broadcast_ss(da + b);
+        Q4_ROW(0, acc0) Q4_ROW(1, acc1) Q4_ROW(2, acc2) Q4_ROW(3, acc3)
+    }
+#undef Q4_ROW
+    out[0] = hsum8(acc0);
+    out[1] = hsum8(acc1);
+    out[2] = hsum8(acc2);
+    out[3] = hsum8(acc3);
+}
+
+static void tile_q4_0(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,
+                      const uint8_t *a, int64_t astride, int nt, int64_t cols) {
+    if (nt == 1 && nr == 4) { q4_0_r4t1(out, w, wstride, a, cols / QK); return; }
+    tile_q4_0_generic(out, ldo, w, wstride, nr, a, astride, nt, cols);
+}
+DEF_Q8_TILE(tile_q8_0, unpack_q8_0, Q8_0_BYTES)
+
+/* ---- Q4_K ------------------------------------------------------------------------------------ */
+
+INLINE void q4k_fixed(const int NR, const int NT, float *out, int64_t ldo, const uint8_t *w,
+                      int64_t wstride, const uint8_t *a, int64_t astride, int64_t nb) {
+    __m256 acc[4][4];
+    float mins[4][4];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) { acc[r][t] = _mm256_setzero_ps(); mins[r][t] = 0.0f; }
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int64_t b = 0; b < nb; b++) {
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *blk = w + r * wstride + b * Q4_K_BYTES;
+            int sc[8], mn[8];
+            for (int j = 0; j < 8; j++) q4k_scale_min(blk + 4, j, &sc[j], &mn[j]);
+            float d = fp16(blk), dmin = fp16(blk + 2);
+            __m256i q[8];
+            for (int c = 0; c < 4; c++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * c));
+                q[2 * c] = _mm256_and_si256(v, m4);
+                q[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+            for (int t = 0; t < NT; t++) {
+                const uint8_t *ar = a + t * astride;
+                const int8_t *y = (const int8_t *)ar + b * QKK;
+                const int16_t *bs = (const int16_t *)(ar + nb * QKK) + b * 16;
+                float dx = ((const float *)(ar + nb * (QKK + 32)))[b];
+                __m256i isum = _mm256_setzero_si256();
+                int msum = 0;
+                for (int j = 0; j < 8; j++) {
+                    __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(y + 32 * j)));
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, _mm256_set1_epi16((short)sc[j])));
+                    msum += mn[j] * (bs[2 * j] + bs[2 * j + 1]);
+                }
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * dx), acc[r][t]);
+                mins[r][t] += dmin * dx * (float)msum;
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) out[t * ldo + r] = hsum8(acc[r][t]) - mins[r][t];
+}
+
+/* ---- Q6_K ------------------------------------------------------------------------------------ */
+
+INLINE void q6k_fixed(const int NR, const int NT, float *out, int64_t ldo, const uint8_t *w,
+                      int64_t wstride, const uint8_t *a, int64_t astride, int64_t nb) {
+    __m256 acc[4][4];
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    for (int64_t b = 0; b < nb; b++) {
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *blk = w + r * wstride + b * Q6_K_BYTES;
+            const int8_t *sc = (const int8_t *)(blk + 192);
+            float d = fp16(blk + 208);
+            __m256i q[8], scv[8];
+            for (int h = 0; h < 2; h++) {
+                __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + h * 64));
+                __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + h * 64 + 32));
+                __m256i hb = _mm256_loadu_si256((const __m256i *)(blk + 128 + h * 32));
+                __m256i lo[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+                                 _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                 _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
+                for (int g = 0; g < 4; g++) {
+                    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * g), m3);
+                    q[h * 4 + g] = _mm256_or_si256(lo[g], _mm256_slli_epi16(hi, 4));
+                    int si = h * 8 + g * 2;
+                    scv[h * 4 + g] = _mm256_setr_m128i(_mm_set1_epi16(sc[si]), _mm_set1_epi16(sc[si + 1]));
+                }
+            }
+            for (int t = 0; t < NT; t++) {
+                const uint8_t *ar = a + t * astride;
+                const int8_t *y = (const int8_t *)ar + b * QKK;
+                const int16_t *bs = (const int16_t *)(ar + nb * QKK) + b * 16;
+                float dx = ((const float *)(ar + nb * (QKK + 32)))[b];
+                __m256i isum = _mm256_setzero_si256();
+                for (int j = 0; j < 8; j++) {
+                    __m256i p = _mm256_maddubs_epi16(q[j], _mm256_loadu_si256((const __m256i *)(y + 32 * j)));
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, scv[j]));
+                }
+                int corr = 0;
+                for (int i = 0; i < 16; i++) corr += sc[i] * bs[i];
+                isum = _mm256_sub_epi32(isum, _mm256_setr_epi32(32 * corr, 0, 0, 0, 0, 0, 0, 0));
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d * dx), acc[r][t]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int t = 0; t < NT; t++) out[t * ldo + r] = hsum8(acc[r][t]);
+}
+
+#define DEF_K_TILE(NAME, FIXED)                                                                    \
+    static void NAME(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,           \
+                     const uint8_t *a, int64_t astride, int nt, int64_t cols) {                    \
+        int64_t nb = cols / QKK;                                                                    \
+        if (nt == 4) {                                                                              \
+            for (int r = 0; r < nr; r++) FIXED(1, 4, out + r, ldo, w + r * wstride, wstride, a, astride, nb); \
+            return;                                                                                 \
+        }                                                                                           \
+        for (int t = 0; t < nt; t++)                                                                \
+            for (int r = 0; r < nr; r++)                                                            \
+                FIXED(1, 1, out + t * ldo + r, ldo, w + r * wstride, wstride, a + t * astride, astride, nb); \
+    }
+
+DEF_K_TILE(tile_q4_k, q4k_fixed)
+DEF_K_TILE(tile_q6_k, q6k_fixed)
+
+/* ---- float weights ---------------------------------------------------------------------------- */
+
+INLINE __m256 load_f32(const uint8_t *p) { return _mm256_loadu_ps((const float *)p); }
+INLINE __m256 load_f16(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+INLINE __m256 load_bf16(const uint8_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+INLINE float sc_f32(const uint8_t *p) { float v; memcpy(&v, p, 4); return v; }
+INLINE float sc_f16(const uint8_t *p) { return fp16(p); }
+INLINE float sc_bf16(const uint8_t *p) { return bf16_to_f32(rd16(p)); }
+
+#define DEF_F_TILE(NAME, LOAD, SCAL, ES)                                                           \
+    INLINE void NAME##_fixed(const int NR, const int NT, float *out, int64_t ldo, const uint8_t *w, \
+                             int64_t wstride, const uint8_t *a, int64_t astride, int64_t cols) {   \
+        __m256 acc[4][4];                                                                           \
+        for (int r = 0; r < NR; r++)                                                                \
+            for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();                           \
+        int64_t i = 0;                                                                              \
+        for (; i + 8 <= cols; i += 8)                                                               \
+            for (int r = 0; r < NR; r++) {                                                          \
+                __m256 wv = LOAD(w + r * wstride + i * ES);                                         \
+                for (int t = 0; t < NT; t++)                                                        \
+                    acc[r][t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps((const float *)(a + t * astride) + i), acc[r][t]); \
+            }                                                                                       \
+        for (int r = 0; r < NR; r++)                                                                \
+            for (int t = 0; t < NT; t++) {                                                          \
+                float s = hsum8(acc[r][t]);                                                         \
+                for (int64_t j = i; j < cols; j++)                                                  \
+                    s += SCAL(w + r * wstride + j * ES) * ((const float *)(a + t * astride))[j];    \
+                out[t * ldo + r] = s;                                                               \
+            }                                                                                       \
+    }                                                                                               \
+    static void NAME(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,           \
+                     const uint8_t *a, int64_t astride, int nt, int64_t cols) {                    \
+        if (nt == 1 && nr == 4) { NAME##_fixed(4, 1, out, ldo, w, wstride, a, astride, cols); return; } \
+        if (nt == 4) {                                                                              \
+            int r = 0;                                                                              \
+            for (; r + 2 <= nr; r += 2) NAME##_fixed(2, 4, out + r, ldo, w + r * wstride, wstride, a, astride, cols); \
+            if (r < nr) NAME##_fixed(1, 4, out + r, ldo, w + r * wstride, wstride, a, astride, cols); \
+            return;                                                                                 \
+        }                                                                                           \
+        for (int t = 0; t < nt; t++)                                                                \
+            for (int r = 0; r < nr; r++)                                                            \
+                NAME##_fixed(1, 1, out + t * ldo + r, ldo, w + r * wstride, wstride, a + t * astride, astride, cols); \
+    }
+
+DEF_F_TILE(tile_f32, load_f32, sc_f32, 4)
+DEF_F_TILE(tile_f16, load_f16, sc_f16, 2)
+DEF_F_TILE(tile_bf16, load_bf16, sc_bf16, 2)
+
+/* ---- activation quantization (bit-exact with the scalar definition) --------------------------- */
+
+/* Quantize n floats (multiple of 32) with one scale; returns d (not fp16-rounded). */
+INLINE float quant_run(int8_t *q, const float *x, int n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 mx = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    float amax = _mm_cvtss_f32(m);
+    float d = amax / 127.0f;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const __m256 vid = _mm256_set1_ps(id), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int i = 0; i < n; i += 32) {
+        __m256i v[4];
+        for (int k = 0; k < 4; k++) {
+            __m256 s = _mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * k), vid);
+            __m256 ab = _mm256_andnot_ps(sign, s);
+            __m256 fl = _mm256_floor_ps(ab);
+            __m256 rr = _mm256_add_ps(fl, _mm256_and_ps(_mm256_cmp_ps(_mm256_sub_ps(ab, fl), half, _CMP_GE_OQ), one));
+            v[k] = _mm256_cvttps_epi32(_mm256_or_ps(rr, _mm256_and_ps(s, sign)));
+        }
+        __m256i p01 = _mm256_packs_epi32(v[0], v[1]), p23 = _mm256_packs_epi32(v[2], v[3]);
+        __m256i p = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);
+        _mm256_storeu_si256((__m256i *)(q + i), p);
+    }
+    return d;
+}
+
+static void quant_a8(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols) {
+    int64_t nb = cols / QK;
+    for (int64_t t = 0; t < n_rows; t++) {
+        int8_t *qs = (int8_t *)(a + t * astride);
+        float *d = (float *)(a + t * astride + nb * QK);
+        for (int64_t b = 0; b < nb; b++) {
+            float v = quant_run(qs + b * QK, x + t * cols + b * QK, QK);
+            d[b] = _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT));
+        }
+    }
+}
+
+static void quant_a8k(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols) {
+    int64_t nb = cols / QKK;
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int64_t t = 0; t < n_rows; t++) {
+        int8_t *qs = (int8_t *)(a + t * astride);
+        int16_t *bs = (int16_t *)(a + t * astride + nb * QKK);
+        float *d = (float *)(a + t * astride + nb * (QKK + 32));
+        for (int64_t b = 0; b < nb; b++) {
+            d[b] = quant_run(qs + b * QKK, x + t * cols + b * QKK, QKK);
+            for (int j = 0; j < 8; j++) {
+                /* 32 int8 -> two sums of 16 */
+                __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, _mm256_loadu_si256((const __m256i *)(qs + b * QKK + 32 * j))), ones16);
+                __m128i lo = _mm256_castsi256_si128(s), hi = _mm256_extracti128_si256(s, 1);
+                lo = _mm_hadd_epi32(lo, lo);
+                hi = _mm_hadd_epi32(hi, hi);
+                bs[b * 16 + 2 * j] = (int16_t)(_mm_cvtsi128_si32(lo) + _mm_extract_epi32(lo, 1));
+                bs[b * 16 + 2 * j + 1] = (int16_t)(_mm_cvtsi128_si32(hi) + _mm_extract_epi32(hi, 1));
+            }
+        }
+    }
+}
+
+void lite_kernels_avx2(kernel_table *t) {
+    t->tile[K_Q4_0] = tile_q4_0;
+    t->tile[K_Q8_0] = tile_q8_0;
+    t->tile[K_Q4_K] = tile_q4_k;
+    t->tile[K_Q6_K] = tile_q6_k;
+    t->tile[K_F32] = tile_f32;
+    t->tile[K_F16] = tile_f16;
+    t->tile[K_BF16] = tile_bf16;
+    t->quant_a8 = quant_a8;
+    t->quant_a8k = quant_a8k;
+}

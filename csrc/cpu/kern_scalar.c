@@ -1,0 +1,155 @@
+/* Portable scalar kernels: the baseline every SIMD path is compared against. */
+#include "internal.h"
+
+static float dot_q4_0(const uint8_t *w, const uint8_t *a, int64_t cols) {
+    int64_t nb = cols / QK;
+    const int8_t *qa = (const int8_t *)a;
+    const float *da = (const float *)(a + nb * QK);
+    float sum = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * Q4_0_BYTES;
+        const int8_t *y = qa + b * QK;
+        int s = 0;
+        for (int j = 0; j < 16; j++) {
+            s += ((blk[2 + j] & 15) - 8) * y[j];
+            s += ((blk[2 + j] >> 4) - 8) * y[j + 16];
+        }
+        sum += f16_to_f32(rd16(blk)) * da[b] * (float)s;
+    }
+    return sum;
+}
+
+static float dot_q8_0(const uint8_t *w, const uint8_t *a, int64_t cols) {
+    int64_t nb = cols / QK;
+    const int8_t *qa = (const int8_t *)a;
+    const float *da = (const float *)(a + nb * QK);
+    float sum = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * Q8_0_BYTES;
+        const int8_t *q = (const int8_t *)(blk + 2), *y = qa + b * QK;
+        int s = 0;
+        for (int j = 0; j < QK; j++) s += q[j] * y[j];
+        sum += f16_to_f32(rd16(blk)) * da[b] * (float)s;
+    }
+    return sum;
+}
+
+static float dot_q4_k(const uint8_t *w, const uint8_t *a, int64_t cols) {
+    int64_t nb = cols / QKK;
+    const int8_t *qa = (const int8_t *)a;
+    const int16_t *bs = (const int16_t *)(a + nb * QKK);
+    const float *da = (const float *)(a + nb * (QKK + 32));
+    float sum = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * Q4_K_BYTES;
+        const uint8_t *qs = blk + 16;
+        const int8_t *y = qa + b * QKK;
+        int isum = 0, msum = 0;
+        for (int j = 0; j < 8; j++) {
+            int sc, mn;
+            q4k_scale_min(blk + 4, j, &sc, &mn);
+            int shift = 4 * (j & 1), s = 0;
+            const uint8_t *q = qs + (j / 2) * 32;
+            for (int l = 0; l < 32; l++) s += ((q[l] >> shift) & 15) * y[j * 32 + l];
+            isum += sc * s;
+            msum += mn * (bs[b * 16 + 2 * j] + bs[b * 16 + 2 * j + 1]);
+        }
+        sum += da[b] * (f16_to_f32(rd16(blk)) * (float)isum - f16_to_f32(rd16(blk + 2)) * (float)msum);
+    }
+    return sum;
+}
+
+static float dot_q6_k(const uint8_t *w, const uint8_t *a, int64_t cols) {
+    int64_t nb = cols / QKK;
+    const int8_t *qa = (const int8_t *)a;
+    const float *da = (const float *)(a + nb * (QKK + 32));
+    float sum = 0.0f;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * Q6_K_BYTES;
+        const uint8_t *ql = blk, *qh = blk + 128;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        const int8_t *y = qa + b * QKK;
+        int isum = 0;
+        for (int h = 0; h < 2; h++)
+            for (int g = 0; g < 4; g++) {
+                int s0 = 0, s1 = 0;
+                for (int l = 0; l < 32; l++) {
+                    int lo = ql[h * 64 + (g & 1) * 32 + l];
+                    lo = g >= 2 ? lo >> 4 : lo & 15;
+                    int q = (lo | (((qh[h * 32 + l] >> (2 * g)) & 3) << 4)) - 32;
+                    int p = q * y[h * 128 + g * 32 + l];
+                    if (l < 16) s0 += p; else s1 += p;
+                }
+                int si = h * 8 + g * 2;
+                isum += sc[si] * s0 + sc[si + 1] * s1;
+            }
+        sum += f16_to_f32(rd16(blk + 208)) * da[b] * (float)isum;
+    }
+    return sum;
+}
+
+static float dot_f32(const uint8_t *w, const uint8_t *a, int64_t cols) {
+    const float *x = (const float *)a;
+    float s[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= cols; i += 8)
+        for (int k = 0; k < 8; k++) {
+            float wv;
+            memcpy(&wv, w + 4 * (i + k), 4);
+            s[k] += wv * x[i + k];
+        }
+    for (; i < cols; i++) {
+        float wv;
+        memcpy(&wv, w + 4 * i, 4);
+        s[0] += wv * x[i];
+    }
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+static float dot_f16(const uint8_t *w, const uint8_t *a, int64_t cols) {
+    const float *x = (const float *)a;
+    float s[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= cols; i += 8)
+        for (int k = 0; k < 8; k++) s[k] += f16_to_f32(rd16(w + 2 * (i + k))) * x[i + k];
+    for (; i < cols; i++) s[0] += f16_to_f32(rd16(w + 2 * i)) * x[i];
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+static float dot_bf16(const uint8_t *w, const uint8_t *a, int64_t cols) {
+    const float *x = (const float *)a;
+    float s[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= cols; i += 8)
+        for (int k = 0; k < 8; k++) s[k] += bf16_to_f32(rd16(w + 2 * (i + k))) * x[i + k];
+    for (; i < cols; i++) s[0] += bf16_to_f32(rd16(w + 2 * i)) * x[i];
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+#define TILE(name, dot)                                                                           \
+    static void name(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,          \
+                     const uint8_t *a, int64_t astride, int nt, int64_t cols) {                   \
+        for (int t = 0; t < nt; t++)                                                              \
+            for (int r = 0; r < nr; r++)                                                          \
+                out[t * ldo + r] = dot(w + r * wstride, a + t * astride, cols);                   \
+    }
+
+TILE(tile_q4_0, dot_q4_0)
+TILE(tile_q8_0, dot_q8_0)
+TILE(tile_q4_k, dot_q4_k)
+TILE(tile_q6_k, dot_q6_k)
+TILE(tile_f32, dot_f32)
+TILE(tile_f16, dot_f16)
+TILE(tile_bf16, dot_bf16)
+
+void lite_kernels_scalar(kernel_table *t) {
+    t->tile[K_Q4_0] = tile_q4_0;
+    t->tile[K_Q8_0] = tile_q8_0;
+    t->tile[K_Q4_K] = tile_q4_k;
+    t->tile[K_Q6_K] = tile_q6_k;
+    t->tile[K_F32] = tile_f32;
+    t->tile[K_F16] = tile_f16;
+    t->tile[K_BF16] = tile_bf16;
+    t->quant_a8 = lite_quant_a8_scalar;
+    t->quant_a8k = lite_quant_a8k_scalar;
+}

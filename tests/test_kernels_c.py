@@ -1,0 +1,338 @@
+"""The C backend against the numpy reference: every op, every ISA level this CPU supports
+(scalar, AVX2, AVX-512), 1 and 2 threads; activation quantization bit-exact; bad input refused."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import gguf.quants as gq
+
+from lite.errors import BackendError
+from lite.kernels.base import FFNWeights, QTensor, QType
+from lite.kernels.dequant import dequantize
+from lite.kernels.reference import ReferenceBackend
+
+try:
+    from lite.kernels.c import CBackend
+except ImportError as e:  # library not built
+    pytest.skip(f"C backend not available: {e}", allow_module_level=True)
+
+REF = ReferenceBackend()
+CB = CBackend()
+LEVELS = CB.isa_levels()
+QUANT = (QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
+FLOAT = (QType.F32, QType.F16, QType.BF16)
+
+
+@pytest.fixture(params=[(isa, th) for isa in (0, 1, 2) for th in (1, 2)],
+                ids=lambda p: f"{('scalar', 'avx2', 'avx512')[p[0]]}-t{p[1]}")
+def cb(request):
+    isa, threads = request.param
+    if isa not in LEVELS:
+        pytest.skip(f"ISA level {isa} not supported by this CPU/build")
+    old_isa, old_threads = LEVELS[-1], CB.threads
+    CB.set_isa(isa)
+    CB.set_threads(threads)
+    yield CB
+    CB.set_isa(old_isa)
+    CB.set_threads(old_threads)
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ---- numpy helpers: quantizers and weights ---------------------------------------------------
+
+def np_roundf(a):
+    return gq.np_roundf(a)
+
+
+def q8_0_ref(x: np.ndarray) -> np.ndarray:
+    """ggml Q8_0 bytes, from gguf.quants (the spec)."""
+    return np.asarray(gq.quantize(x, QType.Q8_0)).view(np.uint8)
+
+
+def q8_k_ref(x: np.ndarray) -> np.ndarray:
+    """Our 256-block activation format: float32 d = amax/127, int8 round(x/d), int16 sums of 16."""
+    t, c = x.shape
+    b = x.reshape(-1, 256)
+    d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    q = np_roundf(b * inv).astype(np.int8)
+    sums = q.reshape(-1, 16, 16).astype(np.int16).sum(axis=2, dtype=np.int16)
+    out = np.concatenate([d.astype(np.float32).view(np.uint8), q.view(np.uint8), sums.view(np.uint8)], axis=1)
+    return out.reshape(t, -1)
+
+
+def deq_q8_k(blocks: np.ndarray, cols: int) -> np.ndarray:
+    b = blocks.reshape(-1, 292)
+    d = np.ascontiguousarray(b[:, :4]).view(np.float32)
+    q = b[:, 4:260].view(np.int8).astype(np.float32)
+    return (d * q).reshape(-1, cols)
+
+
+def quant_act(x: np.ndarray, qtype: QType) -> np.ndarray:
+    """The activations as the kernel sees them (quantized, then dequantized)."""
+    if qtype in (QType.Q8_0, QType.Q4_0):
+        return dequantize(q8_0_ref(x), QType.Q8_0)
+    if qtype in (QType.Q4_K, QType.Q6_K):
+        return deq_q8_k(q8_k_ref(x), x.shape[1])
+    return x
+
+
+def make_weight(qtype: QType, n: int, cols: int, seed: int = 1, name: str = "w") -> QTensor:
+    g = rng(seed)
+    w = (g.standard_normal((n, cols)) * 0.5).astype(np.float32)
+    if qtype == QType.F32:
+        return QTensor.from_float(name, w)
+    if qtype in (QType.Q4_K, QType.Q6_K):
+        # gguf has no K-quant quantizer: random blocks are valid blocks; keep the scales sane.
+        size = {QType.Q4_K: 144, QType.Q6_K: 210}[qtype]
+        data = g.integers(0, 256, (n, cols // 256, size), dtype=np.uint8)
+        amp = 0.002 if qtype == QType.Q4_K else 0.0002     # Q6_K: int8 scales up to 127
+        d = (g.random((n, cols // 256)) * amp + amp / 4).astype(np.float16).view(np.uint8).reshape(n, -1, 2)
+        if qtype == QType.Q4_K:
+            data[..., 0:2] = d
+            data[..., 2:4] = d
+        else:
+            data[..., 208:210] = d
+        return QTensor(name, qtype, (n, cols), data.reshape(n, -1))
+    data = np.asarray(gq.quantize(w, qtype)).view(np.uint8).reshape(n, -1)
+    return QTensor(name, qtype, (n, cols), np.ascontiguousarray(data))
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+# ---- library basics --------------------------------------------------------------------------
+
+def test_abi_and_controls():
+    import re
+    from lite.kernels import c as cmod
+    header = open(cmod._header_path(cmod.LIB_PATH)).read()
+    assert CB.lib.lite_abi_version() == int(re.search(r"LITE_ABI_VERSION\s+(\d+)", header).group(1))
+    assert LEVELS[0] == 0
+    with pytest.raises(BackendError):
+        CB.set_isa(7)
+    with pytest.raises(BackendError):
+        CB.set_threads(0)
+
+
+# ---- activation quantization (bit-exact) -----------------------------------------------------
+
+@pytest.mark.parametrize("cols", [32, 256, 1408, 2048 + 256])
+def test_quantize_q8_0_bitexact(cb, cols):
+    g = rng(cols)
+    x = g.standard_normal((3, cols)).astype(np.float32) * np.float32(3)
+    x[0, :32] = 0                                      # an all-zero block
+    x[1, 32:64] *= np.float32(1e-7)                    # fp16 subnormal scale
+    x[2, :32] = np.float32(0.5) * np.arange(32, dtype=np.float32) * np.float32(127 / 15.5)  # exact halves
+    np.testing.assert_array_equal(cb.quantize_q8_0(x), q8_0_ref(x))
+
+
+@pytest.mark.parametrize("cols", [256, 2048, 1280])
+def test_quantize_q8_k_bitexact(cb, cols):
+    g = rng(cols + 1)
+    x = g.standard_normal((2, cols)).astype(np.float32)
+    x[0, :256] = 0
+    np.testing.assert_array_equal(cb.quantize_q8_k(x), q8_k_ref(x))
+
+
+# ---- matmul ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("qtype", FLOAT, ids=lambda q: q.name)
+@pytest.mark.parametrize("t", [1, 3, 17])
+def test_matmul_float(cb, qtype, t):
+    w = make_weight(qtype, 37, 200, seed=t)
+    x = rng(t).standard_normal((t, 200)).astype(np.float32)
+    assert rel(cb.matmul(x, w), REF.matmul(x, w)) < 1e-5
+
+
+@pytest.mark.parametrize("qtype", QUANT, ids=lambda q: q.name)
+@pytest.mark.parametrize("t", [1, 3, 17])
+def test_matmul_quant(cb, qtype, t):
+    cols = 512 if qtype in (QType.Q4_K, QType.Q6_K) else 1408   # 1408 = 44 blocks of 32
+    n = 37
+    w = make_weight(qtype, n, cols, seed=t + 10)
+    x = rng(t + 20).standard_normal((t, cols)).astype(np.float32)
+    y = cb.matmul(x, w)
+    wd = dequantize(w.data, qtype).astype(np.float64)
+    tight = quant_act(x, qtype).astype(np.float64) @ wd.T
+    assert rel(y, tight) < 1e-5
+    assert rel(y, REF.matmul(x, w)) < 2e-2
+
+
+def test_matmul_large_tiles(cb):
+    """Enough tokens and rows to cross the token chunk (64) and every tile edge."""
+    w = make_weight(QType.Q4_0, 70, 256, seed=5)
+    x = rng(5).standard_normal((130, 256)).astype(np.float32)
+    tight = quant_act(x, QType.Q4_0).astype(np.float64) @ dequantize(w.data, QType.Q4_0).astype(np.float64).T
+    assert rel(cb.matmul(x, w), tight) < 1e-5
+
+
+# ---- small float ops ---------------------------------------------------------------------------
+
+def test_rmsnorm(cb):
+    g = rng(2)
+    x = g.standard_normal((5, 300)).astype(np.float32)
+    w = g.standard_normal(300).astype(np.float32)
+    assert rel(cb.rmsnorm(x, w, 1e-6), REF.rmsnorm(x, w, 1e-6)) < 1e-5
+
+
+def test_rope(cb):
+    g = rng(3)
+    x = g.standard_normal((3, 4, 64)).astype(np.float32)
+    ang = g.random((3, 32)).astype(np.float32) * 6
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    assert rel(cb.rope(x, cos, sin), REF.rope(x, cos, sin)) < 1e-6
+
+
+def test_softmax_silu(cb):
+    g = rng(4)
+    x = (g.standard_normal((4, 1000)) * 10).astype(np.float32)
+    assert rel(cb.softmax(x), REF.softmax(x)) < 1e-5
+    u = g.standard_normal((4, 1000)).astype(np.float32)
+    assert rel(cb.silu_mul(x, u), REF.silu_mul(x, u)) < 1e-5
+
+
+# ---- MLA attention ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t,h,c,r,s,start", [
+    (1, 16, 512, 64, 40, 39),      # decode
+    (3, 4, 64, 16, 12, 5),          # chunk with S > start + T
+    (17, 3, 96, 8, 17, 0),          # prefill from empty
+    (2, 5, 128, 32, 300, 200),      # several online-softmax chunks
+    (1, 2, 32, 0, 5, 4),            # no rope dims
+])
+def test_mla_attention(cb, t, h, c, r, s, start):
+    g = rng(t * 100 + s)
+    q_lat = g.standard_normal((t, h, c)).astype(np.float32)
+    q_pe = g.standard_normal((t, h, r)).astype(np.float32)
+    ckv = g.standard_normal((s, c)).astype(np.float32)
+    kpe = g.standard_normal((s, r)).astype(np.float32)
+    scale = 1.0 / np.sqrt(c + r)
+    got = cb.mla_attention(q_lat, q_pe, ckv, kpe, scale, start)
+    assert rel(got, REF.mla_attention(q_lat, q_pe, ckv, kpe, scale, start)) < 1e-5
+
+
+# ---- MoE -------------------------------------------------------------------------------------------
+
+def ffn(types, d, f, seed):
+    return FFNWeights(make_weight(types[0], f, d, seed, "gate"), make_weight(types[1], f, d, seed + 1, "up"),
+                      make_weight(types[2], d, f, seed + 2, "down"))
+
+
+def moe_tight(x, ids, weights, experts, shared):
+    """MoE with the kernel's activation quantization, in float64."""
+    def mm(a, w):
+        return quant_act(a.astype(np.float32), w.qtype).astype(np.float64) @ dequantize(w.data, w.qtype).astype(np.float64).T
+
+    def run(a, fw):
+        gt, up = mm(a, fw.gate), mm(a, fw.up)
+        return mm(gt / (1 + np.exp(-gt)) * up, fw.down)
+
+    out = run(x, shared) if shared is not None else np.zeros(x.shape)
+    for e in np.unique(ids):
+        rows, slots = np.nonzero(ids == e)
+        np.add.at(out, rows, run(x[rows], experts[int(e)]) * weights[rows, slots][:, None])
+    return out
+
+
+MOE_TYPES = [
+    ((QType.Q4_0, QType.Q4_0, QType.Q4_0), 256, 96),
+    ((QType.Q4_K, QType.Q4_K, QType.Q8_0), 256, 160),
+    ((QType.Q6_K, QType.Q4_0, QType.F16), 512, 256),
+]
+
+
+@pytest.mark.parametrize("types,d,f", MOE_TYPES, ids=lambda v: "-".join(x.name for x in v) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("t", [1, 5])
+def test_moe(cb, types, d, f, t):
+    g = rng(t)
+    experts = {e: ffn(types, d, f, 100 + 3 * e) for e in (2, 5, 7, 11)}
+    shared = ffn(types, d, 2 * f if types[2] != QType.Q4_K else f, 900)
+    ids = np.array([[5, 2], [5, 7], [11, 5], [2, 7], [7, 5]][:t], np.int32)   # repeats across tokens
+    weights = g.random(ids.shape).astype(np.float32)
+    x = g.standard_normal((t, d)).astype(np.float32)
+    got = cb.moe(x, ids, weights, experts, shared)
+    assert rel(got, moe_tight(x, ids, weights, experts, shared)) < 1e-4
+    assert rel(got, REF.moe(x, ids, weights, experts, shared)) < 6e-2
+    got2 = cb.moe(x, ids.astype(np.int64), weights, experts, None)
+    assert rel(got2, REF.moe(x, ids, weights, experts, None)) < 6e-2
+
+
+def test_moe_dense(cb):
+    """K = 0: a dense MLP passed as `shared`."""
+    d, f, t = 256, 352, 3
+    dense = ffn((QType.Q4_0, QType.Q4_0, QType.Q4_0), d, f, 7)
+    x = rng(9).standard_normal((t, d)).astype(np.float32)
+    ids = np.zeros((t, 0), np.int32)
+    w = np.zeros((t, 0), np.float32)
+    got = cb.moe(x, ids, w, {}, dense)
+    assert rel(got, moe_tight(x, ids, w, {}, dense)) < 1e-4
+    assert rel(got, REF.ffn(x, dense)) < 3e-2
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def _forge(w: QTensor, **kw) -> QTensor:
+    """A QTensor whose fields bypass the constructor's checks (what a buggy caller could pass)."""
+    forged = object.__new__(QTensor)
+    for k in ("name", "qtype", "shape", "data"):
+        object.__setattr__(forged, k, kw.get(k, getattr(w, k)))
+    return forged
+
+
+def test_bad_input_raises():
+    w = make_weight(QType.Q4_0, 8, 64)
+    x = np.ones((2, 64), np.float32)
+    cases = [
+        lambda: CB.matmul(x.astype(np.float64), w),                                   # dtype
+        lambda: CB.matmul(np.ones((2, 32), np.float32), w),                           # shape
+        lambda: CB.matmul(x, _forge(w, data=w.data[:, :20])),                         # truncated rows
+        lambda: CB.matmul(x, _forge(w, data=w.data[:5])),                             # truncated data
+        lambda: CB.matmul(np.ones((2, 60), np.float32), _forge(w, shape=(8, 60))),    # not a multiple of 32
+        lambda: CB.matmul(x, _forge(w, qtype=QType.Q5_0)),                            # unsupported type
+        lambda: CB.matmul(x, _forge(w, data=w.data.astype(np.int8))),                 # data dtype
+        lambda: CB.matmul(x[None], w),                                                # ndim
+        lambda: CB.rmsnorm(x, np.ones(63, np.float32), 1e-6),
+        lambda: CB.rope(np.ones((2, 2, 8), np.float32), np.ones((2, 3), np.float32), np.ones((2, 4), np.float32)),
+        lambda: CB.silu_mul(x, np.ones((2, 63), np.float32)),
+        lambda: CB.mla_attention(np.ones((2, 2, 8), np.float32), np.ones((2, 2, 4), np.float32),
+                                 np.ones((2, 8), np.float32), np.ones((2, 4), np.float32), 1.0, 1),  # S < start+T
+        lambda: CB.mla_attention(np.ones((1, 2, 8), np.float32), np.ones((1, 2, 4), np.float32),
+                                 np.ones((3, 7), np.float32), np.ones((3, 4), np.float32), 1.0, 0),
+        lambda: CB.moe(x, np.zeros((2, 1), np.int32), np.ones((2, 1), np.float32), {}, None),   # missing expert
+        lambda: CB.moe(x, np.zeros((2, 1), np.float32), np.ones((2, 1), np.float32), {0: None}, None),
+        lambda: CB.moe(x, np.zeros((2, 1), np.int32), np.ones((2, 2), np.float32), {}, None),
+        lambda: CB.moe(x, np.zeros((2, 1), np.int32), np.ones((2, 1), np.float32),
+                       {0: FFNWeights(w, w, w)}, None),                                # down must be [D, F]
+        lambda: CB.quantize_q8_0(np.ones((1, 40), np.float32)),
+    ]
+    for i, case in enumerate(cases):
+        with pytest.raises(BackendError):
+            case()
+            pytest.fail(f"case {i} did not raise")
+
+
+def test_c_side_checks():
+    """The library itself refuses short buffers and bad codes (never reads out of bounds)."""
+    lib, ffi = CB.lib, CB.ffi
+    w = make_weight(QType.Q4_0, 8, 64)
+    x = np.ones((2, 64), np.float32)
+    out = np.empty((2, 8), np.float32)
+    scratch = np.empty(4096, np.uint8)
+    args = lambda wb, typ, ob, sb: (ffi.from_buffer("float[]", out), ob, ffi.from_buffer("float[]", x), 2, 64,
+                                    ffi.from_buffer("uint8_t[]", w.data), wb, typ, 8,
+                                    ffi.from_buffer("uint8_t[]", scratch), sb)
+    assert lib.lite_matmul(*args(w.data.nbytes, 2, 16, 4096)) == 0
+    assert lib.lite_matmul(*args(w.data.nbytes - 1, 2, 16, 4096)) == lib.LITE_ERR_SIZE
+    assert lib.lite_matmul(*args(w.data.nbytes, 2, 15, 4096)) == lib.LITE_ERR_SIZE
+    assert lib.lite_matmul(*args(w.data.nbytes, 2, 16, 10)) == lib.LITE_ERR_SIZE
+    assert lib.lite_matmul(*args(w.data.nbytes, 6, 16, 4096)) == lib.LITE_ERR_TYPE
+    assert lib.lite_matmul(ffi.NULL, 16, ffi.NULL, 2, 64, ffi.NULL, 0, 2, 8, ffi.NULL, 0) == lib.LITE_ERR_NULL
+    assert lib.lite_mla_attention(ffi.from_buffer("float[]", out), ffi.from_buffer("float[]", x),
+                                  ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", x),
+                                  ffi.from_buffer("float[]", x), 1, 1, 8, 8, 1, 3, 1.0) == lib.LITE_ERR_SIZE
