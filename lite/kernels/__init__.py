@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 from ..errors import LiteError
 from .base import Backend, FFNWeights, QTensor
@@ -16,6 +17,10 @@ _BACKENDS = {
     "reference": ("lite.kernels.reference", "ReferenceBackend"),
 }
 _cache: dict[str, Backend] = {}
+_unavailable: dict[str, str] = {}
+# Backends whose absence is worth a word: a missing or stale C library is a broken install,
+# while no CUDA on a machine without a GPU is normal.
+_ANNOUNCE = ("c",)
 
 
 def _make(name: str) -> Backend:
@@ -29,9 +34,15 @@ def available_backends() -> list[str]:
     """Names of the backends that load on this machine, best first."""
     names = []
     for name in _BACKENDS:
+        if name in _unavailable:
+            continue
         try:
             _make(name)
-        except (ImportError, LiteError, OSError):
+        except (ImportError, LiteError, OSError) as e:
+            _unavailable[name] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if name in _ANNOUNCE:
+                print(f"lite: the {name} backend is unavailable ({_unavailable[name]}); falling back",
+                      file=sys.stderr)
             continue
         names.append(name)
     return names
