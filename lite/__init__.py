@@ -5,6 +5,8 @@
     m.logits([100000, 1, 2])          # float32 [T, vocab]
 """
 from .errors import BackendError, FormatError, LiteError, UnsupportedError
-from .api import Generation, Model, load
+from .api import Model, Stream, load
+from .generate import Generation, Piece
 
-__all__ = ["BackendError", "FormatError", "Generation", "LiteError", "Model", "UnsupportedError", "load"]
+__all__ = ["BackendError", "FormatError", "Generation", "LiteError", "Model", "Piece", "Stream",
+           "UnsupportedError", "load"]

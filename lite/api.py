@@ -1,42 +1,105 @@
-"""The public Python API: `lite.load(path) -> Model`; `Model.logits`, `Model.generate`, `Model.config`."""
+"""The public Python API.
+
+    m = lite.load("model.gguf")              # Model
+    m.logits(ids)                             # float32 [T, vocab], every position
+    m.generate("def fib(n):", max_tokens=64)  # Generation: text, token_ids, finish_reason, timings
+    for piece in m.stream(prompt): ...        # Piece(text, token_id, logprob)
+    m.chat([{"role": "user", "content": "..."}], stream=False)
+    m.complete_fim(prefix, suffix)
+    m.tokenize(text) / m.detokenize(ids) / m.stats / m.close()
+"""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Generator, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import generate as _gen
 from .errors import LiteError
+from .generate import Generation, Piece
 from .kernels import Backend, get_backend
-from .model.cache import LatentCache
+from .model.cache import ContextOverflow, LatentCache
 from .model.config import ModelConfig
 from .model.deepseek2 import DeepSeek2, Observer
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
 from .weights.gguf_file import ModelFile, open_model_file
 from .weights.store import MappedExperts
 
 DEFAULT_N_CTX = 4096
+Prompt = str | Sequence[int]
 
 
-@dataclass
-class Generation:
-    token_ids: list[int]
-    finish_reason: str = "length"
-    timings: dict[str, float] = field(default_factory=dict)
+class Stream:
+    """Iterate for `Piece`s; afterwards `.result` holds the `Generation`."""
+
+    def __init__(self, gen: Generator[Piece, None, Generation], release: Any) -> None:
+        self._gen, self._release = gen, release
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Iterator[Piece]:
+        try:
+            self.result = yield from self._gen
+        finally:
+            self._gen.close()
+            self._release()
+
+    def collect(self) -> Generation:
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
 
 
 class Model:
-    """A loaded model. Not thread-safe: one generation at a time per Model."""
+    """A loaded model with one persistent sequence cache (reused across requests that share a
+    prefix). One generation at a time: a second concurrent one is refused with a LiteError."""
 
     def __init__(self, mf: ModelFile, backend: Backend, n_ctx: int) -> None:
         self.file = mf
         self.path: Path = mf.path
         self.config: ModelConfig = mf.config
+        self.name: str = mf.config.name
         self.backend = backend
         self.n_ctx = n_ctx
         self._net = DeepSeek2(mf, backend, MappedExperts(mf))
         self.cache = self.new_cache()
+        self._busy = threading.Lock()
+        self._tokenizer: Tokenizer | None = None
+
+    # -- tokens --
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return "tokenizer.ggml.tokens" in self.file.meta
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            if not self.has_tokenizer:
+                raise LiteError(f"{self.path}: the model file has no tokenizer; pass token ids instead of text")
+            self._tokenizer = Tokenizer.from_metadata(self.file.meta)
+        return self._tokenizer
+
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        tok = self.tokenizer
+        return tok.encode(text, add_bos=tok.add_bos_token if add_bos is None else add_bos, parse_special=special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt)
+        ids = [int(t) for t in prompt]
+        if any(not 0 <= t < self.config.vocab_size for t in ids):
+            raise LiteError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        return ids
+
+    # -- raw forward --
 
     def new_cache(self) -> LatentCache:
         c = self.config
@@ -54,25 +117,72 @@ class Model:
 
     def forward(self, token_ids: Sequence[int] | np.ndarray, cache: LatentCache, all_logits: bool = False) -> np.ndarray:
         """Extend `cache` with `token_ids` and return the logits (last position unless all_logits)."""
-        ids = self._ids(token_ids)
-        return self._net.forward(ids, cache, cache.length, all_logits=all_logits)
+        return self._net.forward(self._ids(token_ids), cache, cache.length, all_logits=all_logits)
 
-    def generate(self, prompt_ids: Sequence[int], max_tokens: int = 16, temperature: float = 0.0) -> Generation:
-        """Greedy (temperature 0) continuation of `prompt_ids` by prefill + one-token decode steps."""
-        if temperature != 0.0:
-            raise LiteError("only greedy decoding (temperature=0) is available in this API so far")
-        cache = self.new_cache()
-        logits = self.forward(prompt_ids, cache)
-        out: list[int] = []
-        for _ in range(max_tokens):
-            tok = int(np.argmax(logits[-1]))
-            out.append(tok)
-            if tok == self.config.eos_id:
-                return Generation(out, "stop")
-            if len(out) == max_tokens:
-                break
-            logits = self.forward([tok], cache)
-        return Generation(out, "length")
+    # -- generation --
+
+    def stream(self, prompt: Prompt, max_tokens: int = 256, *, stop: Sequence[str] | str = (),
+               cancel: threading.Event | None = None, **sampling: Any) -> Stream:
+        """Stream a completion of `prompt` (text or token ids). Sampling keywords: temperature,
+        top_k, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty, seed."""
+        params = SamplingParams(**sampling)
+        ids = self._prompt_ids(prompt)
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if not self._busy.acquire(blocking=False):
+            raise LiteError(f"{self.name}: a generation is already running on this model; "
+                            f"wait for it or load a second Model")
+        try:
+            gen = _gen.run(self, ids, max_tokens, params, stops, cancel)
+        except BaseException:
+            self._busy.release()
+            raise
+        return Stream(gen, self._busy.release)
+
+    def generate(self, prompt: Prompt, max_tokens: int = 256, **kwargs: Any) -> Generation:
+        """Complete `prompt` (text or token ids); greedy unless temperature > 0."""
+        return self.stream(prompt, max_tokens, **kwargs).collect()
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]], max_tokens: int = 0,
+                    drop_oldest: bool = False) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template. With
+        `drop_oldest`, the oldest non-system turns are dropped until `max_tokens` more fit."""
+        msgs = list(messages)
+        while True:
+            ids = self.tokenize(self.tokenizer.apply_chat_template(msgs), add_bos=False)
+            if len(ids) + max_tokens < self.n_ctx or not drop_oldest:
+                return ids
+            droppable = [i for i, m in enumerate(msgs) if m.get("role") != "system"]
+            if len(droppable) <= 1:
+                raise ContextOverflow(f"the last message alone ({len(ids)} tokens) does not fit the "
+                                      f"context of {self.n_ctx} with room for {max_tokens} new tokens")
+            del msgs[droppable[0]]
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], max_tokens: int = 512, *, stream: bool = False,
+             drop_oldest: bool = False, **kwargs: Any) -> Generation | Stream:
+        s = self.stream(self.chat_prompt(messages, max_tokens, drop_oldest), max_tokens, **kwargs)
+        return s if stream else s.collect()
+
+    def complete_fim(self, prefix: str, suffix: str, max_tokens: int = 128, *, stream: bool = False,
+                     **kwargs: Any) -> Generation | Stream:
+        """Fill-in-the-middle: the code between `prefix` and `suffix`."""
+        ids = self.tokenize(self.tokenizer.fim_prompt(prefix, suffix), add_bos=False)
+        s = self.stream(ids, max_tokens, **kwargs)
+        return s if stream else s.collect()
+
+    # -- state --
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {"backend": self.backend.name, "n_ctx": self.n_ctx, "context_used": self.cache.length,
+                "kv_cache_bytes": self.cache.nbytes, "file_bytes": self.file.file_size}
+
+    def reset(self) -> None:
+        """Forget the cached sequence."""
+        self.cache = self.new_cache()
+
+    def close(self) -> None:
+        self.cache = self.new_cache()
+        self._net = None  # type: ignore[assignment]
 
 
 def load(path: str | os.PathLike[str], backend: str | None = None, ram_budget: str | int | None = None,

@@ -1,31 +1,22 @@
-"""GGUF metadata as plain Python values: `{key: str | int | float | bool | list}`.
-
-The `gguf` reader exposes fields as raw numpy parts; everything above the reader (config,
-tokenizer, chat template) wants ordinary values, converted once here.
-"""
+"""GGUF metadata as plain Python values (`{key: str | int | float | bool | list}`), without
+touching tensor data: for tools that only need the tokenizer or hyperparameters."""
 from __future__ import annotations
 
+import mmap
+import os
 from typing import Any
 
-from gguf import GGUFReader, GGUFValueType
+from .errors import LiteError
+from .weights.gguf_header import parse_header
 
 
-def field_value(field: Any) -> Any:
-    """Convert one `ReaderField` to a Python value (arrays become lists)."""
-    types = field.types
-    if not types:
-        return None
-    if types[0] == GGUFValueType.ARRAY:
-        sub = types[1] if len(types) > 1 else None
-        if sub == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        return [field.parts[i].tolist()[0] for i in field.data]
-    if types[0] == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    value = field.parts[field.data[0]].tolist()[0]
-    return bool(value) if types[0] == GGUFValueType.BOOL else value
-
-
-def read_metadata(reader: GGUFReader) -> dict[str, Any]:
-    """All key/value fields of an open GGUF, header fields (`GGUF.*`) excluded."""
-    return {k: field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                return parse_header(view, str(path)).metadata
+            finally:
+                view.release()
+    except (OSError, ValueError) as e:
+        raise LiteError(f"{path}: cannot read ({e})") from None

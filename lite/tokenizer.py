@@ -238,15 +238,9 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str) -> Tokenizer:
         """Build from the metadata of a GGUF file (weights are not touched)."""
-        from gguf import GGUFReader
-
         from lite.gguf_meta import read_metadata
 
-        try:
-            reader = GGUFReader(path)
-        except (OSError, ValueError) as e:
-            raise FormatError(f"{path}: cannot read GGUF: {e}") from e
-        return cls.from_metadata(read_metadata(reader))
+        return cls.from_metadata(read_metadata(path))
 
     # -- vocabulary --
 

@@ -58,3 +58,51 @@ def reference_outputs(fixture_dir):
 def backends() -> list[str]:
     from lite.kernels import available_backends
     return available_backends()
+
+
+BOS_TEXT, EOS_TEXT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+FIM_TOKENS = ("<｜fim▁hole｜>", "<｜fim▁begin｜>", "<｜fim▁end｜>")
+TRAIN_TEXT = [
+    "def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n",
+    "class Stack:\n    def push(self, x):\n        self.items.append(x)\n",
+    "User: write a function\n\nAssistant: here is the code", "the quick brown fox jumps over the lazy dog",
+    "import os\nimport sys\n", "if x is None:\n    raise ValueError('x')\n",
+]
+
+
+@pytest.fixture(scope="session")
+def text_model_path(tmp_path_factory, fixture_dir):
+    """lite-tiny's weights with a small byte-level BPE tokenizer (vocab ≤ the model's 512) and the
+    built-in DeepSeek chat template: a real model that turns text into (random) text, fast."""
+    import json
+    import shutil
+
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    from lite.tokenizer import build_pre_tokenizer
+    from quant.convert import convert_checkpoint
+
+    src = tmp_path_factory.mktemp("text-model-hf")
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(fixture_dir("lite-tiny") / f, src / f)
+    cfg = json.loads((src / "config.json").read_text())
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = build_pre_tokenizer("deepseek-llm")
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=cfg["vocab_size"] - len(FIM_TOKENS),
+                                  special_tokens=[BOS_TEXT, EOS_TEXT], initial_alphabet=ByteLevel.alphabet(),
+                                  show_progress=False)
+    hf.train_from_iterator(TRAIN_TEXT * 4, trainer)
+    hf.add_tokens([AddedToken(t, special=False, normalized=False) for t in FIM_TOKENS])
+    hf.save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False,
+        "bos_token": {"__type": "AddedToken", "content": BOS_TEXT, "special": True},
+        "eos_token": {"__type": "AddedToken", "content": EOS_TEXT, "special": True},
+    }))
+    cfg.update(bos_token_id=hf.token_to_id(BOS_TEXT), eos_token_id=hf.token_to_id(EOS_TEXT))
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path_factory.mktemp("text-model") / "lite-tiny-text.gguf"
+    convert_checkpoint(src, out, "f32", progress=False)
+    return out

@@ -8,7 +8,19 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from lite.gguf_meta import field_value
+
+
+def field_value(field: Any) -> Any:
+    """A gguf ReaderField as a Python value (arrays become lists)."""
+    types = field.types
+    if types[0] == GGUFValueType.ARRAY:
+        if types[1] == GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    if types[0] == GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8")
+    value = field.parts[field.data[0]].tolist()[0]
+    return bool(value) if types[0] == GGUFValueType.BOOL else value
 
 
 def rewrite_gguf(src: Path, dst: Path, drop: set[str] = frozenset(), replace: dict[str, np.ndarray] | None = None,

@@ -29,13 +29,11 @@ _cache: dict[str, Tokenizer] = {}
 
 
 def load_meta(name: str) -> dict:
-    # GGUFReader needs seconds for a 100k-string vocabulary: read each file once per session.
+    # Building the 100k-entry vocabulary costs a little: read each file once per session.
     if name not in _meta_cache:
-        from gguf import GGUFReader
-
         from lite.gguf_meta import read_metadata
 
-        _meta_cache[name] = read_metadata(GGUFReader(str(vocab_path(name))))
+        _meta_cache[name] = read_metadata(vocab_path(name))
     return _meta_cache[name]
 
 

@@ -73,6 +73,13 @@ class ModelConfig:
 
     @staticmethod
     def from_metadata(meta: Mapping[str, Any], source: str = "model") -> "ModelConfig":
+        try:
+            return ModelConfig._parse(meta, source)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise FormatError(f"{source}: a metadata value has the wrong type ({e})") from None
+
+    @staticmethod
+    def _parse(meta: Mapping[str, Any], source: str) -> "ModelConfig":
         arch = meta.get(Keys.General.ARCHITECTURE)
         if arch != ARCH:
             raise UnsupportedError(f"{source}: architecture {arch!r} is not supported "

@@ -1,5 +1,5 @@
-"""Open a `deepseek2` GGUF: memory-map it with the `gguf` reader (zero-copy), parse the config
-once, and validate every tensor's name, type and shape against it. All failures are LiteErrors
+"""Open a `deepseek2` GGUF: memory-map it (tensors are zero-copy views), parse the header and the
+config once, and validate every tensor's name, type, shape and extent against it. All failures are LiteErrors
 that name the file and the tensor or field."""
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gguf import GGUFReader
+import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import FormatError, LiteError, UnsupportedError
-from ..gguf_meta import read_metadata
 from ..kernels.base import QTensor
 from ..kernels.dequant import SUPPORTED
 from ..model.config import ModelConfig
 from ..model.tensors import expected_shapes
+from .gguf_header import TensorInfo, parse_header
 
 
 @dataclass
@@ -31,50 +31,47 @@ class ModelFile:
     file_size: int
 
 
-def open_reader(path: Path) -> GGUFReader:
-    """The gguf reader on `path`, with every parse failure turned into a FormatError."""
+def _map(path: Path) -> np.memmap:
     if not path.is_file():
         raise LiteError(f"{path}: no such model file")
     try:
-        return GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError,
-            UnicodeDecodeError, NotImplementedError, AssertionError, OSError) as e:
-        raise FormatError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise LiteError(f"{path}: cannot map ({e})") from None
 
 
-def _qtensor(path: Path, t: Any) -> QTensor:
+def _qtensor(path: Path, mm: np.memmap, t: TensorInfo) -> QTensor:
     try:
-        qtype = GGMLQuantizationType(int(t.tensor_type))
+        qtype = GGMLQuantizationType(t.ggml_type)
     except ValueError:
-        raise FormatError(f"{path}: tensor {t.name} has unknown ggml type {int(t.tensor_type)}") from None
+        raise FormatError(f"{path}: tensor {t.name} has unknown ggml type {t.ggml_type}") from None
     if qtype not in SUPPORTED:
         raise UnsupportedError(f"{path}: tensor {t.name} has block type {qtype.name}; lite reads "
                                f"{', '.join(q.name for q in SUPPORTED)}")
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     block, size = GGML_QUANT_SIZES[qtype]
-    if not shape or shape[-1] % block:
-        raise FormatError(f"{path}: tensor {t.name} shape {shape} is not a whole number of {qtype.name} blocks")
-    data = t.data.view("uint8").reshape(*shape[:-1], shape[-1] // block * size)
-    return QTensor(t.name, qtype, shape, data)
+    if any(d <= 0 for d in t.shape) or t.shape[-1] % block:
+        raise FormatError(f"{path}: tensor {t.name} shape {t.shape} is not a whole number of {qtype.name} blocks")
+    byte_shape = (*t.shape[:-1], t.shape[-1] // block * size)
+    nbytes = int(np.prod(byte_shape, dtype=np.float64))
+    if t.offset + nbytes > len(mm):
+        raise FormatError(f"{path}: tensor {t.name} data ({nbytes} bytes at offset {t.offset}) runs past the "
+                          f"end of the file ({len(mm)} bytes): truncated?")
+    return QTensor(t.name, qtype, t.shape, mm[t.offset:t.offset + nbytes].reshape(byte_shape))
 
 
 def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
     path = Path(path)
-    reader = open_reader(path)
-    meta = read_metadata(reader)
+    mm = _map(path)
+    header = parse_header(memoryview(mm), str(path))
+    meta = header.metadata
     cfg = ModelConfig.from_metadata(meta, str(path))
     tensors: dict[str, QTensor] = {}
     offsets: dict[str, int] = {}
-    for t in reader.tensors:
+    for t in header.tensors:
         if t.name in tensors:
             raise FormatError(f"{path}: tensor {t.name} appears twice")
-        try:
-            tensors[t.name] = _qtensor(path, t)
-        except LiteError:
-            raise
-        except Exception as e:  # a reshape of a truncated data region, etc.
-            raise FormatError(f"{path}: tensor {t.name} data is invalid or truncated ({e})") from None
-        offsets[t.name] = int(t.data_offset)
+        tensors[t.name] = _qtensor(path, mm, t)
+        offsets[t.name] = t.offset
     if cfg.vocab_size == 0 and "token_embd.weight" in tensors:
         cfg = dataclasses.replace(cfg, vocab_size=tensors["token_embd.weight"].shape[0])
     split = "blk.0.attn_kv_b.weight" not in tensors
@@ -91,4 +88,4 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
     for name in want:
         if name.endswith("_norm.weight") and tensors[name].qtype != GGMLQuantizationType.F32:
             raise FormatError(f"{path}: norm tensor {name} must be F32, got {tensors[name].qtype.name}")
-    return ModelFile(path, meta, cfg, tensors, split, offsets, path.stat().st_size)
+    return ModelFile(path, meta, cfg, tensors, split, offsets, len(mm))
