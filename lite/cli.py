@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -13,6 +14,28 @@ from .errors import LiteError
 
 # Tensor classes a quantization preset assigns types to (kept in step with quant.presets.CLASSES).
 QUANT_CLASSES = ("experts", "shared", "attn", "embed", "output")
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_PRESET = "q8_0"
+
+
+def demo_model_path() -> Path:
+    """The bundled demo model as GGUF, converted from `lite/demo/` with `lite quantize` on first use
+    into the user's cache directory (XDG)."""
+    if not (DEMO_DIR / "config.json").is_file():
+        raise LiteError(f"the bundled demo model is missing ({DEMO_DIR}); pass a MODEL path")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lite"
+    stamp = int((DEMO_DIR / "model.safetensors").stat().st_mtime)
+    out = cache / f"demo-{DEMO_PRESET}-{stamp}.gguf"
+    if not out.is_file():
+        from quant.convert import convert_checkpoint
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"lite: converting the bundled demo model to {out}", file=sys.stderr)
+        convert_checkpoint(DEMO_DIR, out, DEMO_PRESET, progress=True)
+    return out
+
+
+def _model_arg(args: argparse.Namespace) -> Path:
+    return Path(args.model) if args.model else demo_model_path()
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -44,21 +67,70 @@ def _quantize(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _sampling(args: argparse.Namespace) -> dict:
+    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import load
-    m = load(args.model, backend=args.backend)
-    ids = [int(t) for t in args.ids.split(",")]
-    g = m.generate(ids, max_tokens=args.max_tokens)
-    print(",".join(str(t) for t in g.token_ids))
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    m = load(_model_arg(args), backend=args.backend, ram_budget=args.ram_budget, n_ctx=args.ctx)
+    if args.chat:
+        stream = m.chat([{"role": "user", "content": prompt}], args.max_tokens, stream=True, **_sampling(args))
+    else:
+        stream = m.stream(prompt, args.max_tokens, **_sampling(args))
+    for piece in stream:
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    r = stream.result
+    print(f"[{r.finish_reason}; {r.prompt_tokens} prompt tokens at {r.timings['prompt_tok_s']:.1f} tok/s, "
+          f"{r.completion_tokens} generated at {r.timings['decode_tok_s']:.1f} tok/s]", file=sys.stderr)
     return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import tui
+    return tui.main(str(_model_arg(args)), backend=args.backend, ram_budget=args.ram_budget,
+                    temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, n_ctx=args.ctx)
+
+
+def _add_load_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--backend", default=None, help="reference, numba, c or cuda (default: best available)")
+    s.add_argument("--ram-budget", default=None, help="RAM for weights, e.g. 6GB (default: no limit)")
+    s.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, capped at 4096)")
+
+
+def _add_sampling_flags(s: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    s.add_argument("-n", "--max-tokens", type=int, default=max_tokens)
+    s.add_argument("--temperature", type=float, default=temperature)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lite", description="Run DeepSeek-Coder-V2 GGUF models locally.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("chat", help="terminal chat UI (the bundled demo model when MODEL is omitted)")
+    s.add_argument("model", nargs="?")
+    _add_load_flags(s)
+    _add_sampling_flags(s, 512, 0.3)
+    s.set_defaults(func=_chat)
+
+    s = sub.add_parser("run", help="complete a prompt, streaming to stdout")
+    s.add_argument("model", nargs="?")
+    s.add_argument("-p", "--prompt", required=True, help="prompt text, or - to read stdin")
+    s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_load_flags(s)
+    _add_sampling_flags(s, 256, 0.0)
+    s.set_defaults(func=_run)
+
     s = sub.add_parser("info", help="print a GGUF model's architecture, hyperparameters and tensor types")
     s.add_argument("model")
     s.set_defaults(func=_info)
+
     s = sub.add_parser("quantize", help="convert a Hugging Face checkpoint to GGUF")
     s.add_argument("src", type=Path, help="Hugging Face checkpoint directory")
     s.add_argument("out", type=Path, help="output GGUF file")
@@ -67,12 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument(f"--{cls}", metavar="TYPE", help=f"override the type of the {cls} tensors")
     s.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     s.set_defaults(func=_quantize)
-    s = sub.add_parser("run", help="generate a greedy continuation of token ids")
-    s.add_argument("model")
-    s.add_argument("--ids", required=True, help="comma-separated prompt token ids")
-    s.add_argument("-n", "--max-tokens", type=int, default=16)
-    s.add_argument("--backend", default=None)
-    s.set_defaults(func=_run)
     return p
 
 
