@@ -27,7 +27,8 @@ from .model.deepseek2 import DeepSeek2, Observer
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights.gguf_file import ModelFile, open_model_file
-from .weights.store import MappedExperts
+from .weights.pager import ExpertPager, parse_size
+from .weights.store import ExpertSource, MappedExperts
 
 DEFAULT_N_CTX = 4096
 Prompt = str | Sequence[int]
@@ -58,14 +59,15 @@ class Model:
     """A loaded model with one persistent sequence cache (reused across requests that share a
     prefix). One generation at a time: a second concurrent one is refused with a LiteError."""
 
-    def __init__(self, mf: ModelFile, backend: Backend, n_ctx: int) -> None:
+    def __init__(self, mf: ModelFile, backend: Backend, n_ctx: int, experts: ExpertSource) -> None:
         self.file = mf
         self.path: Path = mf.path
         self.config: ModelConfig = mf.config
         self.name: str = mf.config.name
         self.backend = backend
         self.n_ctx = n_ctx
-        self._net = DeepSeek2(mf, backend, MappedExperts(mf))
+        self.experts = experts
+        self._net = DeepSeek2(mf, backend, experts)
         self.cache = self.new_cache()
         self._busy = threading.Lock()
         self._tokenizer: Tokenizer | None = None
@@ -173,25 +175,53 @@ class Model:
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"backend": self.backend.name, "n_ctx": self.n_ctx, "context_used": self.cache.length,
-                "kv_cache_bytes": self.cache.nbytes, "file_bytes": self.file.file_size}
+        """Backend, context use and, with a RAM budget, the expert cache: hits, misses, prefetch
+        hits, bytes read from disk, seconds stalled on reads, resident bytes and the budget."""
+        out: dict[str, Any] = {"backend": self.backend.name, "n_ctx": self.n_ctx,
+                               "context_used": self.cache.length, "kv_cache_bytes": self.cache.nbytes,
+                               "file_bytes": self.file.file_size, "expert_mode": "mmap"}
+        if isinstance(self.experts, ExpertPager):
+            p = self.experts
+            st = p.stats
+            out.update(expert_mode="budget", expert_policy=p.policy_name, expert_hits=st.hits,
+                       expert_misses=st.misses, expert_prefetch_issued=st.prefetch_issued,
+                       expert_prefetch_hits=st.prefetch_hits, bytes_read=st.bytes_read,
+                       io_stall_s=st.stall_s, expert_slots=p.n_slots,
+                       expert_hit_rate=st.hits / max(1, st.hits + st.misses),
+                       prefetch_accuracy=st.predicted_right / st.predicted if st.predicted else None,
+                       resident_bytes=p.resident_bytes + p.pool_bytes, ram_budget_bytes=p.budget)
+        return out
 
     def reset(self) -> None:
         """Forget the cached sequence."""
         self.cache = self.new_cache()
 
     def close(self) -> None:
+        """Release the expert pool, file descriptors and the cache; the Model is unusable after."""
+        self.experts.close()
         self.cache = self.new_cache()
         self._net = None  # type: ignore[assignment]
 
 
 def load(path: str | os.PathLike[str], backend: str | None = None, ram_budget: str | int | None = None,
-         n_ctx: int | None = None) -> Model:
-    """Open a `deepseek2` GGUF file. `backend`: reference | numba | c | cuda (default: best available)."""
-    if ram_budget is not None:
-        raise LiteError("ram_budget is not implemented yet: the expert pager is not built")
+         n_ctx: int | None = None, expert_policy: str = "lru", prefetch: bool = True) -> Model:
+    """Open a `deepseek2` GGUF file.
+
+    backend: reference | numba | c | cuda (default: the best available).
+    ram_budget: None reads experts through the memory map (the OS decides what stays); a size
+    ("6GB", bytes) gives resident tensors plus a fixed pool of expert slots read from disk on
+    demand, refused with the minimum if too small. n_ctx: context length (default: the model's,
+    capped at 4096).
+    """
     mf = open_model_file(path)
     n = n_ctx if n_ctx is not None else min(mf.config.n_ctx_train, DEFAULT_N_CTX)
     if n <= 0:
         raise LiteError(f"n_ctx must be positive, got {n}")
-    return Model(mf, get_backend(backend), n)
+    be = get_backend(backend)
+    if ram_budget is None or not mf.config.is_moe:
+        experts: ExpertSource = MappedExperts(mf)
+    else:
+        experts = ExpertPager(mf, parse_size(ram_budget), policy=expert_policy)
+    m = Model(mf, be, n, experts)
+    m._net.prefetch_next = prefetch
+    return m

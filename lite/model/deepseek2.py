@@ -15,7 +15,7 @@ from ..weights.store import ExpertSource, float_vector
 from .cache import LatentCache
 from .config import ModelConfig
 from .mla import MLAWeights, mla
-from .moe import FFNLayer, ffn
+from .moe import FFNLayer, RouteHook, ffn, predict
 from .rope import RopeTables
 
 # observe(name, array): receives intermediate tensors (embed, attn_out_layerL, mlp_out_layerL,
@@ -37,6 +37,8 @@ class DeepSeek2:
         self.attn = [MLAWeights.load(mf, i) for i in range(self.cfg.n_layer)]
         self.ffn = [FFNLayer.load(mf, i) for i in range(self.cfg.n_layer)]
         self.rope = RopeTables(self.cfg)
+        self.route_hook: RouteHook | None = None   # e.g. a routing-trace recorder
+        self.prefetch_next = True
 
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
@@ -53,16 +55,28 @@ class DeepSeek2:
         x = self.embed_tokens(ids)
         note = observe or (lambda name, a: None)
         note("embed", x)
-        route_cb = None
-        if observe is not None:
-            def route_cb(layer: int, rid: np.ndarray, rw: np.ndarray, probs: np.ndarray) -> None:
-                note(f"router_layer{layer}_ids", rid)
-                note(f"router_layer{layer}_weights", rw)
-                note(f"router_layer{layer}_probs", probs)
+        # guess[i]: the experts predicted for layer i one layer early (for prefetch accuracy).
+        guess: dict[int, np.ndarray] = {}
+
+        def route_cb(layer: int, rid: np.ndarray, rw: np.ndarray, probs: np.ndarray) -> None:
+            if layer in guess:
+                self.experts.note_prediction(guess.pop(layer), np.unique(rid))
+            if self.route_hook is not None:
+                self.route_hook(layer, rid, rw, probs)
+            note(f"router_layer{layer}_ids", rid)
+            note(f"router_layer{layer}_weights", rw)
+            note(f"router_layer{layer}_probs", probs)
+
+        self.experts.check_file()
         for i in range(cfg.n_layer):
             a = mla(be, cfg, self.attn[i], be.rmsnorm(x, self.attn_norm[i], cfg.rms_eps), i, cache, start, self.rope)
             note(f"attn_out_layer{i}", a)
             x = x + a
+            nxt = self.ffn[i + 1] if i + 1 < cfg.n_layer else None
+            if self.prefetch_next and nxt is not None and nxt.router is not None:
+                # Start reading layer i+1's likely experts while layer i's FFN computes.
+                guess[i + 1] = predict(be, cfg, nxt, self.ffn_norm[i + 1], x)
+                self.experts.prefetch(i + 1, guess[i + 1])
             m = ffn(be, cfg, self.ffn[i], be.rmsnorm(x, self.ffn_norm[i], cfg.rms_eps), self.experts, route_cb)
             note(f"mlp_out_layer{i}", m)
             x = x + m

@@ -4,6 +4,7 @@ experts plus always-on shared experts. h `[T, D]` → `[T, D]`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -50,14 +51,47 @@ def route(cfg: ModelConfig, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids.astype(np.int32), w.astype(np.float32)
 
 
+RouteHook = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
+
+
 def ffn(be: Backend, cfg: ModelConfig, f: FFNLayer, h: np.ndarray, experts: ExpertSource,
-        on_route=None) -> np.ndarray:
+        on_route: RouteHook | None = None) -> np.ndarray:
+    """The layer's FFN output for h `[T, D]`.
+
+    Routed experts run in a canonical partition — the distinct routed ids, sorted, in chunks of
+    K — whatever the expert source, so results are bit-identical whether experts come from the
+    memory map or a RAM-budgeted pool of any size (which must hold one chunk at a time). Each
+    chunk's (token, expert) pairs go to the backend as single-expert rows, each expert's weights
+    read once; partial results are added in a fixed order: shared, then chunk by chunk, slot k
+    ascending. While a chunk computes, the next one's reads are already under way.
+    """
     T = h.shape[0]
+    out = be.moe(h, np.zeros((T, 0), np.int32), np.zeros((T, 0), np.float32), {}, f.always) \
+        if f.always is not None else np.zeros_like(h)
     if f.router is None:
-        empty = np.zeros((T, 0), np.int32)
-        return be.moe(h, empty, np.zeros((T, 0), np.float32), {}, f.always)
+        return out
     probs = be.softmax(be.matmul(h, f.router))
     ids, w = route(cfg, probs)
     if on_route is not None:
         on_route(f.layer, ids, w, probs)
-    return be.moe(h, ids, w, experts.experts(f.layer, np.unique(ids)), f.always)
+    uniq = np.unique(ids)
+    K = cfg.n_expert_used
+    chunks = [uniq[i:i + K] for i in range(0, len(uniq), K)]
+    for c, chunk in enumerate(chunks):
+        weights = experts.experts(f.layer, chunk)
+        if c + 1 < len(chunks):
+            experts.prefetch(f.layer, chunks[c + 1])
+        rows, slots = np.nonzero(np.isin(ids, chunk))
+        y = be.moe(np.ascontiguousarray(h[rows]), ids[rows, slots][:, None],
+                   np.ascontiguousarray(w[rows, slots][:, None]), weights, None)
+        for k in range(K):
+            sel = slots == k
+            out[rows[sel]] += y[sel]
+    return out
+
+
+def predict(be: Backend, cfg: ModelConfig, f: FFNLayer, norm: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Distinct experts layer `f` is expected to route `x` `[T, D]` (the residual stream one layer
+    early) to: its own norm and router applied ahead of time."""
+    probs = be.softmax(be.matmul(be.rmsnorm(x, norm, cfg.rms_eps), f.router))
+    return np.unique(route(cfg, probs)[0])

@@ -29,6 +29,7 @@ class ModelFile:
     split_kv_b: bool          # current llama.cpp layout (attn_k_b/attn_v_b) vs legacy attn_kv_b
     data_offsets: dict[str, int]  # absolute file offset of each tensor's data (for the pager)
     file_size: int
+    mapping: np.memmap            # the whole file, read-only
 
 
 def _map(path: Path) -> np.memmap:
@@ -88,4 +89,4 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
     for name in want:
         if name.endswith("_norm.weight") and tensors[name].qtype != GGMLQuantizationType.F32:
             raise FormatError(f"{path}: norm tensor {name} must be F32, got {tensors[name].qtype.name}")
-    return ModelFile(path, meta, cfg, tensors, split, offsets, len(mm))
+    return ModelFile(path, meta, cfg, tensors, split, offsets, len(mm), mm)

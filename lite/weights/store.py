@@ -3,10 +3,13 @@ map; routed experts are handed out per layer and id by an expert source (here: t
 the pager provides a RAM-budgeted one with the same interface)."""
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+import mmap
+import os
+from typing import Any, Iterable, Protocol
 
 import numpy as np
 
+from ..errors import LiteError
 from ..kernels.base import FFNWeights, QTensor
 from ..kernels.dequant import dequantize
 from .gguf_file import ModelFile
@@ -14,20 +17,72 @@ from .gguf_file import ModelFile
 
 class ExpertSource(Protocol):
     def experts(self, layer: int, ids: Iterable[int]) -> dict[int, FFNWeights]:
-        """The routed experts `ids` of `layer`, ready for `Backend.moe`."""
+        """The routed experts `ids` of `layer`, ready for `Backend.moe` (valid until the next call)."""
         ...
+
+    def prefetch(self, layer: int, ids: Iterable[int]) -> None:
+        """A hint that `ids` of `layer` will be asked for soon."""
+        ...
+
+    def note_prediction(self, predicted: Iterable[int], actual: Iterable[int]) -> None:
+        """Record how well a prefetch guess matched the experts actually routed to."""
+        ...
+
+    def check_file(self) -> None:
+        """Raise LiteError if the file changed under us (a mapped read would crash on it)."""
+        ...
+
+    stats: Any
 
 
 class MappedExperts:
-    """Experts read straight through the memory map: the OS page cache decides what stays."""
+    """Experts read straight through the memory map: the OS page cache decides what stays.
+    Expert ranges are marked MADV_RANDOM (no readahead into unused experts) and prefetches
+    become MADV_WILLNEED."""
 
     def __init__(self, mf: ModelFile) -> None:
+        self.mf = mf
         self._t = mf.tensors
+        self._st = os.stat(mf.path)
+        self.stats = None
+        self._advise([t.data for n, t in mf.tensors.items() if n.endswith("_exps.weight")], "MADV_RANDOM")
+
+    def _advise(self, views: Iterable[np.ndarray], flag: str) -> None:
+        m = getattr(self.mf.mapping, "_mmap", None)   # numpy keeps the mmap object here
+        advice = getattr(mmap, flag, None)
+        if m is None or advice is None:
+            return
+        base = self.mf.mapping.ctypes.data            # the mapping starts at file offset 0
+        for a in views:
+            start = a.ctypes.data - base
+            lo = start - start % mmap.PAGESIZE
+            try:
+                m.madvise(advice, lo, start + a.nbytes - lo)
+            except (OSError, ValueError):
+                return
 
     def experts(self, layer: int, ids: Iterable[int]) -> dict[int, FFNWeights]:
         p = f"blk.{layer}.ffn_"
         g, u, d = self._t[p + "gate_exps.weight"], self._t[p + "up_exps.weight"], self._t[p + "down_exps.weight"]
         return {int(e): FFNWeights(g.expert(int(e)), u.expert(int(e)), d.expert(int(e))) for e in ids}
+
+    def prefetch(self, layer: int, ids: Iterable[int]) -> None:
+        self._advise([w.data for f in self.experts(layer, ids).values() for w in (f.gate, f.up, f.down)],
+                     "MADV_WILLNEED")
+
+    def note_prediction(self, predicted: Iterable[int], actual: Iterable[int]) -> None:
+        pass
+
+    def check_file(self) -> None:
+        try:
+            st = os.stat(self.mf.path)
+        except OSError:
+            raise LiteError(f"{self.mf.path}: the model file disappeared while open") from None
+        if st.st_ino != self._st.st_ino or st.st_size != self._st.st_size:
+            raise LiteError(f"{self.mf.path}: the model file was truncated or replaced while open")
+
+    def close(self) -> None:
+        pass
 
 
 def attention_up_projections(mf: ModelFile, layer: int) -> tuple[QTensor, QTensor]:
