@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import weakref
 from typing import Mapping
 
 import numpy as np
@@ -164,18 +165,19 @@ class CBackend:
 
     def _weight(self, op: str, w: QTensor, rows: int | None, cols: int | None):
         """Validate a weight and return a cffi pointer to its bytes. Validation and pointer are
-        cached per data array (weights are long-lived); the cache holds the array, so ids stay unique."""
+        cached per data array (weights are long-lived); a dead entry's id may be reused, which
+        the weak reference detects. The caller keeps `w` alive for the duration of the call."""
         data = getattr(w, "data", None)
         hit = self._ptrs.get(id(data))
-        if (hit is not None and hit[0] is data and hit[1] == w.qtype and hit[2] == w.shape
+        if (hit is not None and hit[0]() is data and hit[1] == w.qtype and hit[2] == w.shape
                 and (rows is None or w.shape[0] == rows) and (cols is None or w.shape[1] == cols)):
-            return hit[3]
+            return self.ffi.cast("const uint8_t *", data.ctypes.data)
         self._check_weight(op, w, rows, cols)
         if len(self._ptrs) > 4096:
             self._ptrs.clear()
-        p = self.ffi.from_buffer("uint8_t[]", data)
-        self._ptrs[id(data)] = (data, w.qtype, w.shape, p)
-        return p
+        # A weak reference: the cache must not keep a closed model's map or expert pool alive.
+        self._ptrs[id(data)] = (weakref.ref(data), w.qtype, w.shape)
+        return self.ffi.cast("const uint8_t *", data.ctypes.data)
 
     @staticmethod
     def _check_weight(op: str, w: QTensor, rows: int | None, cols: int | None) -> None:
