@@ -95,6 +95,13 @@ def _chat(args: argparse.Namespace) -> int:
                     temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, n_ctx=args.ctx)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .server import serve
+    serve(str(_model_arg(args)), host=args.host, port=args.port, backend=args.backend, n_ctx=args.ctx,
+          ram_budget=args.ram_budget, model_id=args.model_id, api_key=args.api_key, log_level=args.log_level)
+    return 0
+
+
 def _add_load_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--backend", default=None, help="reference, numba, c or cuda (default: best available)")
     s.add_argument("--ram-budget", default=None, help="RAM for weights, e.g. 6GB (default: no limit)")
@@ -126,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(s)
     _add_sampling_flags(s, 256, 0.0)
     s.set_defaults(func=_run)
+
+    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    s.add_argument("model", nargs="?")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--model-id", default=None, help="model name reported by /v1/models (default: the file's stem)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_load_flags(s)
+    s.set_defaults(func=_serve)
 
     s = sub.add_parser("info", help="print a GGUF model's architecture, hyperparameters and tensor types")
     s.add_argument("model")

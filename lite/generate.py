@@ -123,16 +123,14 @@ def run(model: "Model", prompt: Sequence[int], max_tokens: int, sampling: Sampli
         gen.token_ids.append(token)
         gen.logprobs.append(logprob)
         history.append(token)
-        if decoder is not None:
-            text, hit = scanner.feed(decoder.push(token))
-            if text:
-                gen.text += text
-                yield Piece(text, token, logprob)
-            if hit:
-                gen.finish_reason = "stop"
-                break
-        else:
-            yield Piece("", token, logprob)
+        # Every token yields a piece (its text may be empty while a UTF-8 character or a
+        # possible stop string is held back), so streamed logprobs cover every token.
+        text, hit = scanner.feed(decoder.push(token)) if decoder is not None else ("", False)
+        gen.text += text
+        yield Piece(text, token, logprob)
+        if hit:
+            gen.finish_reason = "stop"
+            break
         if len(gen.token_ids) == max_tokens:
             break
         if cache.length + 1 > model.n_ctx:
