@@ -102,6 +102,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _perplexity(args: argparse.Namespace) -> int:
+    from .perplexity import run
+    run(str(_model_arg(args)), args.text, args.ctx, args.backend, args.stride, args.chunks)
+    return 0
+
+
 def _add_load_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--backend", default=None, help="reference, numba, c or cuda (default: best available)")
     s.add_argument("--ram-budget", default=None, help="RAM for weights, e.g. 6GB (default: no limit)")
@@ -144,12 +150,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(s)
     s.set_defaults(func=_serve)
 
+    s = sub.add_parser("perplexity", help="perplexity of a model on a text file")
+    s.add_argument("model", nargs="?")
+    s.add_argument("--file", dest="text", required=True, help="text file to score")
+    s.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    s.add_argument("--stride", type=int, default=None)
+    s.add_argument("--chunks", type=int, default=None, help="score at most this many windows")
+    s.add_argument("--backend", default=None)
+    s.set_defaults(func=_perplexity)
+
     s = sub.add_parser("info", help="print a GGUF model's architecture, hyperparameters and tensor types")
     s.add_argument("model")
     s.set_defaults(func=_info)
 
-    s = sub.add_parser("quantize", help="convert a Hugging Face checkpoint to GGUF")
-    s.add_argument("src", type=Path, help="Hugging Face checkpoint directory")
+    s = sub.add_parser("quantize", help="convert a Hugging Face checkpoint or GGUF to GGUF")
+    s.add_argument("src", type=Path, help="Hugging Face checkpoint directory or GGUF file "
+                                          "(F32/F16/BF16/Q8_0; other types only to --preset f32)")
     s.add_argument("out", type=Path, help="output GGUF file")
     s.add_argument("--preset", default="q4_0", help="f32, f16, bf16, q8_0, q4_0, q4_k_m (default q4_0)")
     for cls in QUANT_CLASSES:

@@ -119,16 +119,32 @@ class Checkpoint:
 
     def read(self, name: str) -> np.ndarray:
         """The tensor as a new float32 array; NaN or Inf is an error naming the tensor."""
+        shape = self._entry(name).shape
+        return self.read_rows(name, 0, shape[0] if shape else 1)
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows `start:stop` of the tensor's first axis as a new float32 array (a 0-D tensor is
+        one row). Only those bytes are read, so a large tensor can be streamed in row chunks."""
         e = self._entry(name)
+        n_rows = e.shape[0] if e.shape else 1
+        if not 0 <= start <= stop <= n_rows:
+            raise LiteError(f"{e.shard}: tensor {name}: rows {start}:{stop} out of range 0:{n_rows}")
         if e.shard not in self._files:
             self._files[e.shard] = open(e.shard, "rb")
         f = self._files[e.shard]
-        np_dtype, _ = _DTYPES[e.dtype]
-        raw = np.empty(e.shape, dtype=np_dtype)
-        f.seek(e.begin)
-        if f.readinto(memoryview(raw.reshape(-1).view(np.uint8))) != e.end - e.begin:
+        np_dtype, itemsize = _DTYPES[e.dtype]
+        row_shape = e.shape[1:]
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * itemsize
+        raw = np.empty((stop - start, *row_shape) if e.shape else (), dtype=np_dtype)
+        f.seek(e.begin + start * row_bytes)
+        if f.readinto(memoryview(raw.reshape(-1).view(np.uint8))) != (stop - start) * row_bytes:
             raise FormatError(f"{e.shard}: tensor {name} lies beyond the end of the file (truncated?)")
-        a = (raw.astype(np.uint32) << 16).view(np.float32) if e.dtype == "BF16" else raw.astype(np.float32)
+        if e.dtype == "BF16":
+            a = np.empty(raw.shape, np.float32)
+            np.left_shift(raw, 16, out=a.view(np.uint32), dtype=np.uint32)
+        else:
+            a = raw.astype(np.float32)
+        del raw
         if not np.isfinite(a).all():
             raise FormatError(f"{e.shard}: tensor {name} contains NaN or Inf")
         return a
