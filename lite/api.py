@@ -26,6 +26,7 @@ from .model.config import ModelConfig
 from .model.deepseek2 import DeepSeek2, Observer
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+from .trace import RoutingTrace
 from .weights.gguf_file import ModelFile, open_model_file
 from .weights.pager import ExpertPager, parse_size
 from .weights.store import ExpertSource, MappedExperts
@@ -191,6 +192,10 @@ class Model:
                        prefetch_accuracy=st.predicted_right / st.predicted if st.predicted else None,
                        resident_bytes=p.resident_bytes + p.pool_bytes, ram_budget_bytes=p.budget)
         return out
+
+    def record_routing(self, trace: "RoutingTrace | None") -> None:
+        """Record every MoE layer's routing into `trace` (None stops recording)."""
+        self._net.route_hook = trace.hook if trace is not None else None
 
     def reset(self) -> None:
         """Forget the cached sequence."""

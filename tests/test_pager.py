@@ -127,3 +127,23 @@ def test_policies_on_a_trace():
         assert rates["belady"] >= max(rates["lru"], rates["lfu"]) - 1e-12
         assert 0.0 < rates["lru"] < 1.0
     assert simulate(trace, 4 * 64, "lru") == pytest.approx(1 - len({k for s in trace for k in s}) / sum(map(len, trace)))
+
+
+def test_routing_trace_round_trip(converted, tmp_path):
+    from lite.trace import RoutingTrace
+    m = lite.load(converted("lite-tiny", "q8_0"))
+    trace = RoutingTrace()
+    m.record_routing(trace)
+    m.logits([5, 6, 7, 8])
+    m.record_routing(None)
+    m.logits([5, 6])
+    moe_layers = [i for i in range(m.config.n_layer) if m.config.layer_is_moe(i)]
+    assert [layer for layer, _ in trace.records] == moe_layers
+    trace.save(tmp_path / "t.jsonl")
+    back = RoutingTrace.load(tmp_path / "t.jsonl")
+    assert [(l, i.tolist()) for l, i in back.records] == [(l, i.tolist()) for l, i in trace.records]
+    steps = back.decode_steps()
+    assert len(steps) == 4 * len(moe_layers) and all(len(s) == m.config.n_expert_used for s in steps)
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(lite.LiteError, match="bad.jsonl:1"):
+        RoutingTrace.load(tmp_path / "bad.jsonl")
