@@ -1,5 +1,5 @@
 """Expert-cache eviction policies on a recorded routing trace: hit rates of LRU, the
-frequency-aware LFU-with-aging and Belady's optimum (offline upper bound) at cache sizes of
+frequency-aware LFU-with-aging, the layer-cycle-aware policy and Belady's optimum (offline upper bound) at cache sizes of
 12.5%, 25% and 50% of all routed experts.
 
     python benchmarks/bench_policies.py --trace routing.jsonl
@@ -54,13 +54,15 @@ def main() -> int:
         layers = {k[0] for s in steps for k in s}
         total = len(layers) * (max(k[1] for s in steps for k in s) + 1)
     print(f"{len(steps)} layer-steps, {total} routed experts in all", file=sys.stderr)
-    print(f"{'cache':>7} {'slots':>6} {'lru':>7} {'lfu':>7} {'belady':>7} {'lru/opt':>8} {'lfu/opt':>8}")
+    names = ("lru", "lfu", "cycle")
+    print(f"{'cache':>7} {'slots':>6} " + " ".join(f"{n:>7}" for n in names) + f" {'belady':>7} "
+          + " ".join(f"{n + '/opt':>9}" for n in names))
     for frac in (0.125, 0.25, 0.5):
         cap = max(int(total * frac), max(len(s) for s in steps))
-        r = {p: simulate(steps, cap, p) for p in ("lru", "lfu", "belady")}
+        r = {p: simulate(steps, cap, p) for p in (*names, "belady")}
         opt = r["belady"] or float("nan")
-        print(f"{frac:>6.1%} {cap:>6} {r['lru']:>7.3f} {r['lfu']:>7.3f} {r['belady']:>7.3f} "
-              f"{r['lru'] / opt:>8.2f} {r['lfu'] / opt:>8.2f}")
+        print(f"{frac:>6.1%} {cap:>6} " + " ".join(f"{r[n]:>7.3f}" for n in names) + f" {r['belady']:>7.3f} "
+              + " ".join(f"{r[n] / opt:>9.2f}" for n in names))
     return 0
 
 

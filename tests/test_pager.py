@@ -123,8 +123,8 @@ def test_policies_on_a_trace():
                 ids.add(int(rng.choice(popular)) if rng.random() < 0.7 else int(rng.integers(64)))
             trace.append([(layer, e) for e in sorted(ids)])
     for cap in (32, 64, 128):
-        rates = {p: simulate(trace, cap, p) for p in ("lru", "lfu", "belady")}
-        assert rates["belady"] >= max(rates["lru"], rates["lfu"]) - 1e-12
+        rates = {p: simulate(trace, cap, p) for p in ("lru", "lfu", "cycle", "belady")}
+        assert rates["belady"] >= max(rates["lru"], rates["lfu"], rates["cycle"]) - 1e-12
         assert 0.0 < rates["lru"] < 1.0
     assert simulate(trace, 4 * 64, "lru") == pytest.approx(1 - len({k for s in trace for k in s}) / sum(map(len, trace)))
 

@@ -97,7 +97,7 @@ class ExpertPager:
         self._fd = os.open(mf.path, os.O_RDONLY)
         self._fd_direct = _open_direct(mf.path) if direct else None
         self._st = os.fstat(self._fd)
-        self._policy = make_policy(policy)
+        self._policy = make_policy(policy, cfg.n_layer)
         self.policy_name = policy
         self._slot_of: dict[tuple[int, int], int] = {}
         self._key_of: list[tuple[int, int] | None] = [None] * self.n_slots

@@ -60,17 +60,60 @@ class LFUAging:
         return min(candidates, key=lambda k: (self._count.get(k, 0.0), self._last.get(k, 0)))
 
 
-POLICIES = {"lru": LRU, "lfu": LFUAging}
+class LayerCycle:
+    """Layer-aware estimate of Belady's choice. Decode visits the MoE layers in a fixed cycle, so
+    a key of layer l is next needed `ahead(l)` layer-steps from now if its layer's next token
+    picks it, and each later token picks it with probability p ≈ its (aged) frequency among that
+    layer's visits. The expected time to its next use is `ahead + n_layers·(1/p − 1)`; evict the
+    key for which that is largest. LRU does the opposite on a cycle: it keeps the layer just
+    computed, whose experts are needed last."""
+
+    name = "cycle"
+
+    def __init__(self, n_layers: int, period: int = 4096, prior: float = 0.1) -> None:
+        self.n_layers = max(1, n_layers)
+        self.period, self.prior = period, prior
+        self._count: defaultdict[Key, float] = defaultdict(float)
+        self._visits: defaultdict[int, float] = defaultdict(float)
+        self.current = -1
+        self._clock = 0
+
+    def touch(self, key: Key) -> None:
+        layer = key[0]  # type: ignore[index]
+        if layer != self.current:
+            self._visits[layer] += 1.0
+            self.current = layer
+        self._count[key] += 1.0
+        self._clock += 1
+        if self._clock % self.period == 0:   # let old popularity fade
+            for k in self._count:
+                self._count[k] *= 0.5
+            for l in self._visits:
+                self._visits[l] *= 0.5
+
+    def forget(self, key: Key) -> None:
+        pass                                   # counts are the key's history, kept across evictions
+
+    def victim(self, candidates: Iterable[Key]) -> Key:
+        def expected_next_use(k: Key) -> float:
+            layer = k[0]  # type: ignore[index]
+            ahead = (layer - self.current - 1) % self.n_layers
+            p = (self._count.get(k, 0.0) + self.prior) / (self._visits.get(layer, 0.0) + 1.0)
+            return ahead + self.n_layers * (1.0 / min(p, 1.0) - 1.0)
+        return max(candidates, key=expected_next_use)
 
 
-def make_policy(name: str) -> LRU | LFUAging:
+POLICIES = {"lru": LRU, "lfu": LFUAging, "cycle": LayerCycle}
+
+
+def make_policy(name: str, n_layers: int = 1) -> LRU | LFUAging:
     from ..errors import LiteError
     if name not in POLICIES:
         raise LiteError(f"unknown expert cache policy {name!r}: choose {', '.join(POLICIES)}")
-    return POLICIES[name]()
+    return LayerCycle(n_layers) if name == "cycle" else POLICIES[name]()
 
 
-def simulate(trace: Sequence[Sequence[Key]], capacity: int, policy: str) -> float:
+def simulate(trace: Sequence[Sequence[Key]], capacity: int, policy: str, n_layers: int | None = None) -> float:
     """Hit rate of a cache of `capacity` experts over `trace`: a list of steps, each the keys one
     layer of one token needs at once (they are pinned together, as in the pager). `policy` is
     a name in POLICIES or "belady" (evict the key whose next use is farthest: the optimum)."""
@@ -80,7 +123,9 @@ def simulate(trace: Sequence[Sequence[Key]], capacity: int, policy: str) -> floa
     for i in range(len(flat) - 1, -1, -1):
         next_use[i] = seen.get(flat[i], 1 << 62)
         seen[flat[i]] = i
-    online = None if policy == "belady" else make_policy(policy)
+    if n_layers is None:
+        n_layers = max(k[0] for k in flat) + 1 if flat else 1   # type: ignore[index]
+    online = None if policy == "belady" else make_policy(policy, n_layers)
     cached: dict[Key, int] = {}          # key → index of its next use (for Belady)
     hits = total = 0
     i = 0
