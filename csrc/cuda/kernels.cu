@@ -1,0 +1,715 @@
+/* The CUDA kernels of lite: quantized matmul (weights decoded in registers, never a float copy),
+ * rmsnorm, rope, softmax, silu-mul, absorbed MLA attention, router (softmax + top-K) and the
+ * fused routed + shared expert FFN. Everything accumulates in float32; activations stay float32
+ * (no activation quantization), so results match the numpy reference to float rounding.
+ *
+ * Matmul layout: one warp per weight row, lanes striding over 32-weight chunks (each lane decodes
+ * a whole chunk: a Q4_0/Q8_0 block, or a 32-weight slice of a Q4_K/Q6_K super-block) and dotting
+ * it with TT token rows at once (TT = 1 for decode, 8 for batches), then a warp reduction.
+ * Float weight types (F32/F16/BF16) stride lanes over single weights instead (coalesced, any
+ * row length). Shape legend as in lite_cuda.h. */
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <math.h>
+#include <string.h>
+
+#include "internal.cuh"
+
+#define WARPS 4          /* warps (weight rows) per matmul block */
+#define TILE 8           /* tokens per warp in the batched matmul */
+#define MLA_NT 128       /* threads per (token, head) in attention */
+#define MLA_CH 128       /* positions per online-softmax chunk */
+#define MAX_GRID_Y 65535
+
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q8_0 = 8, T_Q4_K = 12, T_Q6_K = 14, T_BF16 = 30 };
+
+static int type_block(int type, int64_t *block, int64_t *size) {
+  switch (type) {
+    case T_F32: *block = 1; *size = 4; return 1;
+    case T_F16: case T_BF16: *block = 1; *size = 2; return 1;
+    case T_Q8_0: *block = 32; *size = 34; return 1;
+    case T_Q4_0: *block = 32; *size = 18; return 1;
+    case T_Q4_K: *block = 256; *size = 144; return 1;
+    case T_Q6_K: *block = 256; *size = 210; return 1;
+    default: return 0;
+  }
+}
+
+/* Validate (type, cols) and give the row size in bytes. */
+static int check_row(const char *fn, int type, int64_t cols, int64_t *row_bytes) {
+  int64_t block, size;
+  LC_REQUIRE(type_block(type, &block, &size), LITE_CUDA_ERR_TYPE, "unsupported block type %d", type);
+  LC_REQUIRE(cols > 0, LITE_CUDA_ERR_ARG, "row length must be > 0");
+  LC_REQUIRE(cols % block == 0, LITE_CUDA_ERR_BLOCK, "%s: row length %lld is not a multiple of %lld", fn,
+             (long long)cols, (long long)block);
+  /* Quantized rows are decoded in chunks of 32 weights. */
+  *row_bytes = cols / block * size;
+  return LITE_CUDA_OK;
+}
+
+LC_API int lite_cuda_row_bytes(int64_t *out, int type, int64_t cols) {
+  lc_clear();
+  LC_REQUIRE(out, LITE_CUDA_ERR_NULL, "out is NULL");
+  return check_row(__func__, type, cols, out);
+}
+
+/* ---- device helpers --------------------------------------------------------------------------- */
+__device__ __forceinline__ float f16_at(const uint8_t *p) {
+  return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+/* Sum (or max) over the block; every thread gets the result. */
+template <bool MAX>
+__device__ float block_reduce(float v) {
+  __shared__ float red[32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = MAX ? warp_max(v) : warp_sum(v);
+  __syncthreads(); /* red may still be read by a previous call */
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    v = lane < nw ? red[lane] : (MAX ? -INFINITY : 0.f);
+    v = MAX ? warp_max(v) : warp_sum(v);
+    if (lane == 0) red[0] = v;
+  }
+  __syncthreads();
+  return red[0];
+}
+
+/* One float weight of a float-typed row. */
+__device__ __forceinline__ float float_weight(int type, const uint8_t *row, int64_t i) {
+  if (type == T_F32) return __ldg((const float *)row + i);
+  unsigned short u = __ldg((const unsigned short *)row + i);
+  if (type == T_F16) return __half2float(__ushort_as_half(u));
+  return __uint_as_float((unsigned)u << 16); /* BF16 */
+}
+
+/* Decode weights 32c .. 32c+31 of a quantized row into v (same float32 operations as
+ * lite/kernels/dequant.py). */
+__device__ __forceinline__ void decode32(int type, const uint8_t *__restrict__ row, int64_t c, float v[32]) {
+  switch (type) {
+    case T_Q4_0: {
+      const uint8_t *b = row + c * 18;
+      const float d = f16_at(b);
+      const unsigned short *q = (const unsigned short *)(b + 2);
+#pragma unroll
+      for (int i = 0; i < 8; i++) {
+        unsigned short u = __ldg(q + i);
+        v[2 * i] = d * (float)((int)(u & 0xF) - 8);
+        v[2 * i + 1] = d * (float)((int)((u >> 8) & 0xF) - 8);
+        v[2 * i + 16] = d * (float)((int)((u >> 4) & 0xF) - 8);
+        v[2 * i + 17] = d * (float)((int)(u >> 12) - 8);
+      }
+      break;
+    }
+    case T_Q8_0: {
+      const uint8_t *b = row + c * 34;
+      const float d = f16_at(b);
+      const unsigned short *q = (const unsigned short *)(b + 2);
+#pragma unroll
+      for (int i = 0; i < 16; i++) {
+        unsigned short u = __ldg(q + i);
+        v[2 * i] = d * (float)(signed char)(u & 0xFF);
+        v[2 * i + 1] = d * (float)(signed char)(u >> 8);
+      }
+      break;
+    }
+    case T_Q4_K: {
+      const uint8_t *sb = row + (c >> 3) * 144;
+      const int j = (int)(c & 7);
+      const float d = f16_at(sb), dmin = f16_at(sb + 2);
+      const uint8_t *s = sb + 4;
+      int sc, mn;
+      if (j < 4) {
+        sc = s[j] & 63;
+        mn = s[j + 4] & 63;
+      } else {
+        sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+      }
+      const float scale = d * (float)sc, offset = dmin * (float)mn;
+      const uint4 *q = (const uint4 *)(sb + 16 + (j >> 1) * 32); /* 16-byte aligned: 144 = 9 * 16 */
+      const int shift = (j & 1) * 4;
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        uint4 u = __ldg(q + h);
+        unsigned w4[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int i = 0; i < 16; i++)
+          v[h * 16 + i] = scale * (float)((w4[i >> 2] >> (8 * (i & 3) + shift)) & 0xF) - offset;
+      }
+      break;
+    }
+    case T_Q6_K: {
+      const uint8_t *sb = row + (c >> 3) * 210;
+      const int j = (int)(c & 7), h = j >> 2, cc = j & 3;
+      const uint8_t *ql = sb + h * 64 + (cc & 1) * 32;
+      const uint8_t *qh = sb + 128 + h * 32;
+      const int lshift = (cc >> 1) * 4, hshift = 2 * cc;
+      const float d = f16_at(sb + 208);
+      const float s0 = d * (float)(signed char)sb[192 + 2 * j], s1 = d * (float)(signed char)sb[193 + 2 * j];
+#pragma unroll
+      for (int i = 0; i < 32; i++) {
+        int q = ((__ldg(ql + i) >> lshift) & 0xF) | (((__ldg(qh + i) >> hshift) & 3) << 4);
+        v[i] = (i < 16 ? s0 : s1) * (float)(q - 32);
+      }
+      break;
+    }
+    default:
+#pragma unroll
+      for (int i = 0; i < 32; i++) v[i] = 0.f;
+  }
+}
+
+/* acc[t] += <row, xs[t]> over this lane's share of the row (t < nt); reduce across the warp after. */
+template <int TT>
+__device__ __forceinline__ void dot_tile(float acc[TT], const uint8_t *__restrict__ row, int type, int64_t cols,
+                                         const float *const xs[TT], int nt, int lane) {
+  if (type == T_F32 || type == T_F16 || type == T_BF16) {
+    for (int64_t i = lane; i < cols; i += 32) {
+      const float w = float_weight(type, row, i);
+#pragma unroll
+      for (int t = 0; t < TT; t++)
+        if (t < nt) acc[t] += w * __ldg(xs[t] + i);
+    }
+    return;
+  }
+  const int64_t nch = cols >> 5;
+  for (int64_t c = lane; c < nch; c += 32) {
+    float v[32];
+    decode32(type, row, c, v);
+#pragma unroll
+    for (int t = 0; t < TT; t++) {
+      if (t < nt) {
+        const float4 *xp = (const float4 *)(xs[t] + c * 32);
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+          const float4 a = __ldg(xp + i);
+          s += v[4 * i] * a.x + v[4 * i + 1] * a.y + v[4 * i + 2] * a.z + v[4 * i + 3] * a.w;
+        }
+        acc[t] += s;
+      }
+    }
+  }
+}
+
+/* ---- matmul ----------------------------------------------------------------------------------- */
+template <int TT>
+__global__ void __launch_bounds__(WARPS * 32)
+k_matmul(float *__restrict__ out, const float *__restrict__ x, int64_t n_tok, int64_t cols,
+         const uint8_t *__restrict__ w, int64_t row_bytes, int type, int64_t n_rows) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5);
+  const int64_t t0 = (int64_t)blockIdx.y * TT;
+  if (row >= n_rows || t0 >= n_tok) return;
+  const int nt = (int)min((int64_t)TT, n_tok - t0);
+  const float *xs[TT];
+#pragma unroll
+  for (int t = 0; t < TT; t++) xs[t] = x + (t0 + (t < nt ? t : 0)) * cols;
+  float acc[TT];
+#pragma unroll
+  for (int t = 0; t < TT; t++) acc[t] = 0.f;
+  dot_tile<TT>(acc, w + row * row_bytes, type, cols, xs, nt, lane);
+#pragma unroll
+  for (int t = 0; t < TT; t++) {
+    const float s = warp_sum(acc[t]);
+    if (lane == 0 && t < nt) out[(t0 + t) * n_rows + row] = s;
+  }
+}
+
+LC_API int lite_cuda_matmul(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t cols,
+                            const uint8_t *w, int64_t w_bytes, int type, int64_t n_rows, void *stream) {
+  lc_clear();
+  int64_t rb = 0;
+  int rc = check_row(__func__, type, cols, &rb);
+  if (rc) return rc;
+  LC_REQUIRE(n_tok >= 0 && n_rows > 0, LITE_CUDA_ERR_ARG, "bad sizes T=%lld N=%lld", (long long)n_tok,
+             (long long)n_rows);
+  if (n_tok == 0) return LITE_CUDA_OK;
+  LC_REQUIRE(out && x && w, LITE_CUDA_ERR_NULL, "NULL buffer");
+  LC_REQUIRE(w_bytes >= n_rows * rb, LITE_CUDA_ERR_SIZE, "weight holds %lld bytes, needs %lld",
+             (long long)w_bytes, (long long)(n_rows * rb));
+  LC_REQUIRE(out_len >= n_tok * n_rows, LITE_CUDA_ERR_SIZE, "output holds %lld floats, needs %lld",
+             (long long)out_len, (long long)(n_tok * n_rows));
+  const int tt = n_tok == 1 ? 1 : TILE;
+  const int64_t gy = (n_tok + tt - 1) / tt, gx = (n_rows + WARPS - 1) / WARPS;
+  LC_REQUIRE(gy <= MAX_GRID_Y && gx < (1ll << 31), LITE_CUDA_ERR_ARG, "too many tokens or rows");
+  dim3 grid((unsigned)gx, (unsigned)gy);
+  if (tt == 1)
+    k_matmul<1><<<grid, WARPS * 32, 0, lc_stream(stream)>>>(out, x, n_tok, cols, w, rb, type, n_rows);
+  else
+    k_matmul<TILE><<<grid, WARPS * 32, 0, lc_stream(stream)>>>(out, x, n_tok, cols, w, rb, type, n_rows);
+  LC_LAUNCHED("matmul");
+  return LITE_CUDA_OK;
+}
+
+/* ---- small float ops -------------------------------------------------------------------------- */
+__global__ void k_rmsnorm(float *out, const float *x, const float *w, int64_t dim, float eps) {
+  const float *xr = x + blockIdx.x * dim;
+  float *o = out + blockIdx.x * dim;
+  float ss = 0.f;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+  ss = block_reduce<false>(ss);
+  const float den = sqrtf(ss / (float)dim + eps);
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = w[i] * (xr[i] / den);
+}
+
+LC_API int lite_cuda_rmsnorm_f32(float *out, const float *x, const float *w, int64_t n_rows, int64_t dim,
+                                 float eps, void *stream) {
+  lc_clear();
+  LC_REQUIRE(n_rows >= 0 && dim > 0 && eps >= 0.f && n_rows < (1ll << 31), LITE_CUDA_ERR_ARG, "bad sizes or eps");
+  if (n_rows == 0) return LITE_CUDA_OK;
+  LC_REQUIRE(out && x && w, LITE_CUDA_ERR_NULL, "NULL buffer");
+  k_rmsnorm<<<(unsigned)n_rows, 256, 0, lc_stream(stream)>>>(out, x, w, dim, eps);
+  LC_LAUNCHED("rmsnorm");
+  return LITE_CUDA_OK;
+}
+
+__global__ void k_rope(float *out, const float *x, const float *cs, const float *sn, int64_t n, int64_t n_head,
+                       int64_t half) {
+  const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= n) return;
+  const int64_t i = idx % half, th = idx / half, t = th / n_head;
+  const int64_t base = th * 2 * half + 2 * i;
+  const float c = cs[t * half + i], s = sn[t * half + i], e = x[base], o = x[base + 1];
+  out[base] = e * c - o * s;
+  out[base + 1] = e * s + o * c;
+}
+
+LC_API int lite_cuda_rope_f32(float *out, const float *x, const float *cos_t, const float *sin_t,
+                              int64_t n_tok, int64_t n_head, int64_t dim, void *stream) {
+  lc_clear();
+  LC_REQUIRE(n_tok >= 0 && n_head >= 0 && dim >= 0 && dim % 2 == 0, LITE_CUDA_ERR_ARG, "bad sizes");
+  const int64_t n = n_tok * n_head * (dim / 2);
+  if (n == 0) return LITE_CUDA_OK;
+  LC_REQUIRE(out && x && cos_t && sin_t, LITE_CUDA_ERR_NULL, "NULL buffer");
+  k_rope<<<(unsigned)((n + 255) / 256), 256, 0, lc_stream(stream)>>>(out, x, cos_t, sin_t, n, n_head, dim / 2);
+  LC_LAUNCHED("rope");
+  return LITE_CUDA_OK;
+}
+
+__global__ void k_softmax(float *out, const float *x, int64_t n) {
+  const float *xr = x + blockIdx.x * n;
+  float *o = out + blockIdx.x * n;
+  float m = -INFINITY;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, xr[i]);
+  m = block_reduce<true>(m);
+  float s = 0.f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += expf(xr[i] - m);
+  s = block_reduce<false>(s);
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) o[i] = expf(xr[i] - m) / s;
+}
+
+LC_API int lite_cuda_softmax_f32(float *out, const float *x, int64_t n_rows, int64_t n, void *stream) {
+  lc_clear();
+  LC_REQUIRE(n_rows >= 0 && n > 0 && n_rows < (1ll << 31), LITE_CUDA_ERR_ARG, "bad sizes");
+  if (n_rows == 0) return LITE_CUDA_OK;
+  LC_REQUIRE(out && x, LITE_CUDA_ERR_NULL, "NULL buffer");
+  k_softmax<<<(unsigned)n_rows, 256, 0, lc_stream(stream)>>>(out, x, n);
+  LC_LAUNCHED("softmax");
+  return LITE_CUDA_OK;
+}
+
+__device__ __forceinline__ float silu_mul1(float g, float u) { return g / (1.f + expf(-g)) * u; }
+
+__global__ void k_silu_mul(float *out, const float *g, const float *u, int64_t n) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = silu_mul1(g[i], u[i]);
+}
+
+LC_API int lite_cuda_silu_mul_f32(float *out, const float *g, const float *u, int64_t n, void *stream) {
+  lc_clear();
+  LC_REQUIRE(n >= 0, LITE_CUDA_ERR_ARG, "n < 0");
+  if (n == 0) return LITE_CUDA_OK;
+  LC_REQUIRE(out && g && u, LITE_CUDA_ERR_NULL, "NULL buffer");
+  k_silu_mul<<<(unsigned)((n + 255) / 256), 256, 0, lc_stream(stream)>>>(out, g, u, n);
+  LC_LAUNCHED("silu_mul");
+  return LITE_CUDA_OK;
+}
+
+/* ---- MLA attention ---------------------------------------------------------------------------- */
+/* One block per (token, head); online softmax over chunks of MLA_CH positions; each thread owns
+ * latent channels tid, tid + MLA_NT, ... of the output. */
+__global__ void __launch_bounds__(MLA_NT)
+k_mla(float *out, const float *q_lat, const float *q_pe, const float *ckv, const float *kpe, int64_t n_head,
+      int64_t C, int64_t R, int64_t start, float scale) {
+  extern __shared__ float sm[];
+  float *q = sm, *p = sm + C + R;
+  const int64_t th = blockIdx.x, t = th / n_head;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  for (int64_t i = tid; i < C; i += MLA_NT) q[i] = q_lat[th * C + i];
+  for (int64_t i = tid; i < R; i += MLA_NT) q[C + i] = q_pe[th * R + i];
+  __syncthreads();
+  const int64_t n_see = start + t + 1;
+  float acc[LITE_CUDA_MLA_MAX_C / MLA_NT];
+#pragma unroll
+  for (int i = 0; i < LITE_CUDA_MLA_MAX_C / MLA_NT; i++) acc[i] = 0.f;
+  float m = -INFINITY, l = 0.f;
+  for (int64_t s0 = 0; s0 < n_see; s0 += MLA_CH) {
+    const int n = (int)min((int64_t)MLA_CH, n_see - s0);
+    for (int j = warp; j < n; j += MLA_NT / 32) {
+      const float *kr = ckv + (s0 + j) * C, *pr = kpe + (s0 + j) * R;
+      float d = 0.f;
+      for (int64_t i = lane; i < C; i += 32) d += q[i] * kr[i];
+      for (int64_t i = lane; i < R; i += 32) d += q[C + i] * pr[i];
+      d = warp_sum(d);
+      if (lane == 0) p[j] = d * scale;
+    }
+    __syncthreads();
+    const float cm = block_reduce<true>(tid < n ? p[tid] : -INFINITY);
+    const float mn = fmaxf(m, cm), corr = expf(m - mn);
+    const float e = tid < n ? expf(p[tid] - mn) : 0.f;
+    __syncthreads();
+    if (tid < n) p[tid] = e;
+    l = l * corr + block_reduce<false>(e); /* block_reduce syncs: p is visible after it */
+#pragma unroll
+    for (int i = 0; i < LITE_CUDA_MLA_MAX_C / MLA_NT; i++) {
+      const int64_t c = tid + (int64_t)i * MLA_NT;
+      if (c < C) {
+        float a = acc[i] * corr;
+        for (int j = 0; j < n; j++) a += p[j] * ckv[(s0 + j) * C + c];
+        acc[i] = a;
+      }
+    }
+    m = mn;
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < LITE_CUDA_MLA_MAX_C / MLA_NT; i++) {
+    const int64_t c = tid + (int64_t)i * MLA_NT;
+    if (c < C) out[th * C + c] = acc[i] / l;
+  }
+}
+
+LC_API int lite_cuda_mla_attention(float *out, const float *q_lat, const float *q_pe, const float *ckv,
+                                   const float *kpe, int64_t n_tok, int64_t n_head, int64_t c_dim,
+                                   int64_t r_dim, int64_t n_pos, int64_t start, float scale, void *stream) {
+  lc_clear();
+  LC_REQUIRE(n_tok >= 0 && n_head > 0 && c_dim > 0 && r_dim >= 0 && start >= 0, LITE_CUDA_ERR_ARG, "bad sizes");
+  LC_REQUIRE(c_dim + r_dim <= LITE_CUDA_MLA_MAX_C, LITE_CUDA_ERR_ARG, "C + R = %lld exceeds %d",
+             (long long)(c_dim + r_dim), LITE_CUDA_MLA_MAX_C);
+  LC_REQUIRE(n_pos >= start + n_tok, LITE_CUDA_ERR_SIZE, "cache holds %lld positions, needs start + T = %lld",
+             (long long)n_pos, (long long)(start + n_tok));
+  if (n_tok == 0) return LITE_CUDA_OK;
+  LC_REQUIRE(out && q_lat && ckv && (r_dim == 0 || (q_pe && kpe)), LITE_CUDA_ERR_NULL, "NULL buffer");
+  LC_REQUIRE(n_tok * n_head < (1ll << 31), LITE_CUDA_ERR_ARG, "too many (token, head) pairs");
+  const size_t shm = (size_t)(c_dim + r_dim + MLA_CH) * sizeof(float);
+  k_mla<<<(unsigned)(n_tok * n_head), MLA_NT, shm, lc_stream(stream)>>>(out, q_lat, q_pe, ckv, kpe, n_head, c_dim,
+                                                                        r_dim, start, scale);
+  LC_LAUNCHED("mla_attention");
+  return LITE_CUDA_OK;
+}
+
+/* ---- router ----------------------------------------------------------------------------------- */
+/* One block per token: softmax in parallel, then group limiting and top-K by repeated argmax in
+ * one thread (E <= 1024, K <= 64: a few thousand comparisons). */
+__global__ void k_route(int32_t *ids, float *wts, float *probs, const float *logits, int E, int K, int G, int TG,
+                        int norm, float scale) {
+  extern __shared__ float sm[];
+  float *pr = sm, *sc = sm + E, *gs = sm + 2 * E;
+  const int64_t t = blockIdx.x;
+  const float *l = logits + t * E;
+  float m = -INFINITY;
+  for (int i = threadIdx.x; i < E; i += blockDim.x) m = fmaxf(m, l[i]);
+  m = block_reduce<true>(m);
+  float s = 0.f;
+  for (int i = threadIdx.x; i < E; i += blockDim.x) {
+    const float e = expf(l[i] - m);
+    pr[i] = e;
+    s += e;
+  }
+  s = block_reduce<false>(s);
+  for (int i = threadIdx.x; i < E; i += blockDim.x) {
+    pr[i] = pr[i] / s;
+    probs[t * E + i] = pr[i];
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  if (G > 1) {
+    const int per = E / G;
+    for (int g = 0; g < G; g++) {
+      float b = pr[g * per];
+      for (int i = 1; i < per; i++) b = fmaxf(b, pr[g * per + i]);
+      gs[g] = b;
+    }
+    for (int i = 0; i < E; i++) sc[i] = 0.f;
+    for (int k = 0; k < TG && k < G; k++) {
+      int best = 0;
+      for (int g = 1; g < G; g++)
+        if (gs[g] > gs[best]) best = g;
+      for (int i = 0; i < per; i++) sc[best * per + i] = pr[best * per + i];
+      gs[best] = -INFINITY;
+    }
+  } else {
+    for (int i = 0; i < E; i++) sc[i] = pr[i];
+  }
+  float sum = 0.f;
+  for (int k = 0; k < K; k++) {
+    int best = -1;
+    for (int i = 0; i < E; i++)
+      if (sc[i] >= 0.f && (best < 0 || sc[i] > sc[best])) best = i;
+    sc[best] = -1.f;
+    ids[t * K + k] = best;
+    wts[t * K + k] = pr[best];
+    sum += pr[best];
+  }
+  for (int k = 0; k < K; k++) {
+    float w = wts[t * K + k];
+    if (norm && K > 1) w = w / (sum + 1e-20f);
+    wts[t * K + k] = w * scale;
+  }
+}
+
+LC_API int lite_cuda_route(int32_t *ids, float *weights, float *probs, const float *logits, int64_t n_tok,
+                           int64_t n_exp, int64_t k, int64_t n_group, int64_t topk_group, int norm, float scale,
+                           void *stream) {
+  lc_clear();
+  LC_REQUIRE(n_tok >= 0 && n_exp > 0 && n_exp <= LITE_CUDA_ROUTE_MAX_E && k >= 0 && k <= n_exp &&
+                 k <= LITE_CUDA_ROUTE_MAX_K && n_tok < (1ll << 31),
+             LITE_CUDA_ERR_ARG, "bad sizes T=%lld E=%lld K=%lld", (long long)n_tok, (long long)n_exp, (long long)k);
+  const int64_t g = n_group > 1 ? n_group : 1;
+  LC_REQUIRE(n_exp % g == 0 && (g == 1 || (topk_group >= 1 && topk_group <= g)),
+             LITE_CUDA_ERR_ARG, "bad grouping: %lld experts, %lld groups, top %lld groups, K=%lld", (long long)n_exp,
+             (long long)n_group, (long long)topk_group, (long long)k);
+  if (n_tok == 0) return LITE_CUDA_OK;
+  LC_REQUIRE(ids && weights && probs && logits, LITE_CUDA_ERR_NULL, "NULL buffer");
+  const size_t shm = (size_t)(2 * n_exp + g) * sizeof(float);
+  k_route<<<(unsigned)n_tok, 128, shm, lc_stream(stream)>>>(ids, weights, probs, logits, (int)n_exp, (int)k, (int)g,
+                                                            (int)topk_group, norm, scale);
+  LC_LAUNCHED("route");
+  return LITE_CUDA_OK;
+}
+
+/* ---- mixture of experts ----------------------------------------------------------------------- */
+/* One table entry per expert of the call (the layout is shared by host and device). Pairs
+ * (token, entry) are grouped by entry: entry e owns pairs p0 .. p1-1. */
+struct Entry {
+  const uint8_t *w[3];
+  int64_t rb[3];
+  int32_t type[3];
+  int32_t pad;
+  int64_t ffn, p0, p1;
+};
+
+static inline int64_t align256(int64_t n) { return (n + 255) & ~(int64_t)255; }
+static inline int64_t hstride(int64_t max_ffn) { return (max_ffn + 31) & ~(int64_t)31; }
+
+struct MoeLayout {
+  int64_t ent, pair_tok, pair_w, tok_pairs, table, cursor, h, y, host, dev;
+};
+
+static MoeLayout moe_layout(int64_t T, int64_t D, int64_t K, int64_t max_ffn, int64_t n_exp) {
+  MoeLayout L;
+  const int64_t P = T * (K + 1);
+  L.ent = 0;
+  L.pair_tok = L.ent + align256(n_exp * (int64_t)sizeof(Entry));
+  L.pair_w = L.pair_tok + align256(P * 4);
+  L.tok_pairs = L.pair_w + align256(P * 4);
+  L.table = L.tok_pairs + align256(P * 4);
+  L.cursor = L.table;
+  L.host = L.cursor + align256(n_exp * 8);
+  L.h = L.table;
+  L.y = L.h + align256(P * hstride(max_ffn) * 4);
+  L.dev = L.y + align256(P * D * 4);
+  return L;
+}
+
+LC_API int lite_cuda_moe_scratch_bytes(int64_t *d_bytes, int64_t *h_bytes, int64_t n_tok, int64_t dim, int64_t k,
+                                       int64_t max_ffn, int64_t n_exp) {
+  lc_clear();
+  LC_REQUIRE(d_bytes && h_bytes, LITE_CUDA_ERR_NULL, "NULL output");
+  LC_REQUIRE(n_tok >= 0 && dim > 0 && k >= 0 && max_ffn > 0 && n_exp > 0, LITE_CUDA_ERR_ARG, "bad sizes");
+  MoeLayout L = moe_layout(n_tok, dim, k, max_ffn, n_exp);
+  *d_bytes = L.dev;
+  *h_bytes = L.host;
+  return LITE_CUDA_OK;
+}
+
+/* h[p, f] = silu(gate_f . x[tok p]) * (up_f . x[tok p]) for every entry (grid.z) and pair tile. */
+template <int TT>
+__global__ void __launch_bounds__(WARPS * 32)
+k_moe_gate_up(const Entry *__restrict__ ent, const float *__restrict__ x, int64_t D,
+              const int32_t *__restrict__ pair_tok, float *__restrict__ h, int64_t hs) {
+  const Entry &E = ent[blockIdx.z];
+  const int lane = threadIdx.x & 31;
+  const int64_t f = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5);
+  const int64_t p0 = E.p0 + (int64_t)blockIdx.y * TT;
+  if (f >= E.ffn || p0 >= E.p1) return;
+  const int nt = (int)min((int64_t)TT, E.p1 - p0);
+  const float *xs[TT];
+#pragma unroll
+  for (int t = 0; t < TT; t++) xs[t] = x + (int64_t)pair_tok[p0 + (t < nt ? t : 0)] * D;
+  float g[TT], u[TT];
+#pragma unroll
+  for (int t = 0; t < TT; t++) g[t] = u[t] = 0.f;
+  dot_tile<TT>(g, E.w[0] + f * E.rb[0], E.type[0], D, xs, nt, lane);
+  dot_tile<TT>(u, E.w[1] + f * E.rb[1], E.type[1], D, xs, nt, lane);
+#pragma unroll
+  for (int t = 0; t < TT; t++) {
+    const float gs = warp_sum(g[t]), us = warp_sum(u[t]);
+    if (lane == 0 && t < nt) h[(p0 + t) * hs + f] = silu_mul1(gs, us);
+  }
+}
+
+/* y[p, d] = weight[p] * (down_d . h[p]) */
+template <int TT>
+__global__ void __launch_bounds__(WARPS * 32)
+k_moe_down(const Entry *__restrict__ ent, const float *__restrict__ h, int64_t hs, int64_t D,
+           const float *__restrict__ pair_w, float *__restrict__ y) {
+  const Entry &E = ent[blockIdx.z];
+  const int lane = threadIdx.x & 31;
+  const int64_t d = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5);
+  const int64_t p0 = E.p0 + (int64_t)blockIdx.y * TT;
+  if (d >= D || p0 >= E.p1) return;
+  const int nt = (int)min((int64_t)TT, E.p1 - p0);
+  const float *xs[TT];
+#pragma unroll
+  for (int t = 0; t < TT; t++) xs[t] = h + (p0 + (t < nt ? t : 0)) * hs;
+  float acc[TT];
+#pragma unroll
+  for (int t = 0; t < TT; t++) acc[t] = 0.f;
+  dot_tile<TT>(acc, E.w[2] + d * E.rb[2], E.type[2], E.ffn, xs, nt, lane);
+#pragma unroll
+  for (int t = 0; t < TT; t++) {
+    const float s = warp_sum(acc[t]);
+    if (lane == 0 && t < nt) y[(p0 + t) * D + d] = s * pair_w[p0 + t];
+  }
+}
+
+/* out[t, d] = sum over t's pairs, in table order (shared first, then slot k ascending). */
+__global__ void k_moe_combine(float *out, const float *y, const int32_t *tok_pairs, int64_t T, int64_t D, int64_t KP) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= T * D) return;
+  const int64_t t = i / D, d = i % D;
+  float s = 0.f;
+  for (int64_t j = 0; j < KP; j++) {
+    const int32_t p = tok_pairs[t * KP + j];
+    if (p >= 0) s += y[(int64_t)p * D + d];
+  }
+  out[i] = s;
+}
+
+LC_API int lite_cuda_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t dim,
+                         const int32_t *h_slot, const float *h_weight, int64_t k,
+                         int64_t n_exp, const uint8_t **h_gate, const uint8_t **h_up, const uint8_t **h_down,
+                         const int32_t *h_types, const int64_t *h_nbytes, const int64_t *h_ffn, int64_t shared,
+                         uint8_t *d_scratch, int64_t d_bytes, uint8_t *h_scratch, int64_t h_bytes, void *stream) {
+  lc_clear();
+  LC_REQUIRE(n_tok >= 0 && dim > 0 && k >= 0 && n_exp > 0 && shared >= -1 && shared < n_exp, LITE_CUDA_ERR_ARG,
+             "bad sizes T=%lld D=%lld K=%lld entries=%lld shared=%lld", (long long)n_tok, (long long)dim,
+             (long long)k, (long long)n_exp, (long long)shared);
+  LC_REQUIRE(h_gate && h_up && h_down && h_types && h_nbytes && h_ffn, LITE_CUDA_ERR_NULL, "NULL expert table");
+  if (n_tok == 0) return LITE_CUDA_OK;
+  LC_REQUIRE(out && x && d_scratch && h_scratch && (k == 0 || (h_slot && h_weight)), LITE_CUDA_ERR_NULL,
+             "NULL buffer");
+  LC_REQUIRE(out_len >= n_tok * dim, LITE_CUDA_ERR_SIZE, "output too small");
+  int64_t max_ffn = 0;
+  for (int64_t e = 0; e < n_exp; e++) max_ffn = h_ffn[e] > max_ffn ? h_ffn[e] : max_ffn;
+  LC_REQUIRE(max_ffn > 0, LITE_CUDA_ERR_ARG, "expert widths must be > 0");
+  const MoeLayout L = moe_layout(n_tok, dim, k, max_ffn, n_exp);
+  LC_REQUIRE(d_bytes >= L.dev && h_bytes >= L.host, LITE_CUDA_ERR_SIZE, "scratch too small (device %lld < %lld "
+             "or host %lld < %lld)", (long long)d_bytes, (long long)L.dev, (long long)h_bytes, (long long)L.host);
+  Entry *ent = (Entry *)(h_scratch + L.ent);
+  int32_t *pair_tok = (int32_t *)(h_scratch + L.pair_tok);
+  float *pair_w = (float *)(h_scratch + L.pair_w);
+  int32_t *tok_pairs = (int32_t *)(h_scratch + L.tok_pairs);
+  int64_t *cursor = (int64_t *)(h_scratch + L.cursor);
+  memset(ent, 0, (size_t)n_exp * sizeof(Entry));
+  for (int64_t e = 0; e < n_exp; e++) {
+    const int64_t f = h_ffn[e];
+    LC_REQUIRE(f > 0 && h_gate[e] && h_up[e] && h_down[e], LITE_CUDA_ERR_ARG, "entry %lld: bad width or NULL weight",
+               (long long)e);
+    const int64_t rows[3] = {f, f, dim}, cols[3] = {dim, dim, f};
+    const uint8_t *ptr[3] = {h_gate[e], h_up[e], h_down[e]};
+    for (int j = 0; j < 3; j++) {
+      int64_t rb = 0;
+      int rc = check_row(__func__, h_types[3 * e + j], cols[j], &rb);
+      if (rc) return rc;
+      LC_REQUIRE(h_nbytes[3 * e + j] >= rows[j] * rb, LITE_CUDA_ERR_SIZE,
+                 "entry %lld part %d holds %lld bytes, needs %lld", (long long)e, j,
+                 (long long)h_nbytes[3 * e + j], (long long)(rows[j] * rb));
+      ent[e].w[j] = ptr[j];
+      ent[e].rb[j] = rb;
+      ent[e].type[j] = h_types[3 * e + j];
+    }
+    ent[e].ffn = f;
+    cursor[e] = 0;
+  }
+  /* Count pairs per entry, then lay them out entry by entry. */
+  for (int64_t i = 0; i < n_tok * k; i++) {
+    LC_REQUIRE(h_slot[i] >= -1 && h_slot[i] < n_exp, LITE_CUDA_ERR_ARG, "slot %lld = %d is out of range",
+               (long long)i, h_slot[i]);
+    if (h_slot[i] >= 0) cursor[h_slot[i]]++;
+  }
+  if (shared >= 0) cursor[shared] += n_tok;
+  int64_t p = 0, max_pairs = 0;
+  for (int64_t e = 0; e < n_exp; e++) {
+    ent[e].p0 = ent[e].p1 = p;
+    p += cursor[e];
+    max_pairs = cursor[e] > max_pairs ? cursor[e] : max_pairs;
+  }
+  const int64_t KP = k + 1;
+  for (int64_t t = 0; t < n_tok; t++) {
+    int32_t *tp = tok_pairs + t * KP;
+    if (shared >= 0) {
+      const int64_t q = ent[shared].p1++;
+      pair_tok[q] = (int32_t)t;
+      pair_w[q] = 1.f;
+      tp[0] = (int32_t)q;
+    } else {
+      tp[0] = -1;
+    }
+    for (int64_t j = 0; j < k; j++) {
+      const int64_t e = h_slot[t * k + j];
+      if (e < 0) {
+        tp[1 + j] = -1;
+        continue;
+      }
+      const int64_t q = ent[e].p1++;
+      pair_tok[q] = (int32_t)t;
+      pair_w[q] = h_weight[t * k + j];
+      tp[1 + j] = (int32_t)q;
+    }
+  }
+  if (p == 0) return lite_cuda_memset(out, 0, n_tok * dim * 4, stream);
+  cudaStream_t st = lc_stream(stream);
+  LC_CK(cudaMemcpyAsync(d_scratch, h_scratch, (size_t)L.table, cudaMemcpyHostToDevice, st));
+  const Entry *d_ent = (const Entry *)(d_scratch + L.ent);
+  const int32_t *d_pair_tok = (const int32_t *)(d_scratch + L.pair_tok);
+  const float *d_pair_w = (const float *)(d_scratch + L.pair_w);
+  const int32_t *d_tok_pairs = (const int32_t *)(d_scratch + L.tok_pairs);
+  float *d_h = (float *)(d_scratch + L.h), *d_y = (float *)(d_scratch + L.y);
+  const int64_t hs = hstride(max_ffn);
+  const int tt = max_pairs == 1 ? 1 : TILE;
+  const int64_t gy = (max_pairs + tt - 1) / tt;
+  LC_REQUIRE(gy <= MAX_GRID_Y && n_exp <= MAX_GRID_Y, LITE_CUDA_ERR_ARG, "too many tokens or experts in one call");
+  dim3 g1((unsigned)((max_ffn + WARPS - 1) / WARPS), (unsigned)gy, (unsigned)n_exp);
+  dim3 g2((unsigned)((dim + WARPS - 1) / WARPS), (unsigned)gy, (unsigned)n_exp);
+  if (tt == 1) {
+    k_moe_gate_up<1><<<g1, WARPS * 32, 0, st>>>(d_ent, x, dim, d_pair_tok, d_h, hs);
+    LC_LAUNCHED("moe gate/up");
+    k_moe_down<1><<<g2, WARPS * 32, 0, st>>>(d_ent, d_h, hs, dim, d_pair_w, d_y);
+  } else {
+    k_moe_gate_up<TILE><<<g1, WARPS * 32, 0, st>>>(d_ent, x, dim, d_pair_tok, d_h, hs);
+    LC_LAUNCHED("moe gate/up");
+    k_moe_down<TILE><<<g2, WARPS * 32, 0, st>>>(d_ent, d_h, hs, dim, d_pair_w, d_y);
+  }
+  LC_LAUNCHED("moe down");
+  const int64_t n = n_tok * dim;
+  k_moe_combine<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(out, d_y, d_tok_pairs, n_tok, dim, KP);
+  LC_LAUNCHED("moe combine");
+  return LITE_CUDA_OK;
+}

@@ -1,0 +1,886 @@
+"""The CUDA backend: the kernels of csrc/cuda/ (liblite_cuda.so, ABI header lite_cuda.h), opened
+with cffi in ABI mode, plus device buffers with explicit lifetimes and a VRAM-budgeted weight
+cache.
+
+Importing this module raises ImportError with a one-line reason when the library is missing
+(`LITE_CUDA_LIB`, else `<p>/_native/liblite_cuda.so` for p in `lite.__path__`), stale (ABI
+version or symbol mismatch) or when no GPU is usable (no driver: the CUDA runtime is linked
+statically and opens libcuda.so lazily, so its absence is a status code, not a crash; or zero
+devices). `get_backend` then falls back to the CPU backends without a word.
+
+Shapes follow base.py: T tokens, S cached positions, D hidden, H heads, C latent dims, R rope
+dims, K experts per token, F expert width, N weight rows, E experts. Every argument is validated
+here before the library sees it (the library validates again); failures raise BackendError with
+the library's message. Activations are float32 and are not quantized on the GPU: results match
+the numpy reference to float rounding (much tighter than the C backend's int8 activations).
+
+Placement (weights on the device under `vram_budget`)
+------------------------------------------------------
+Today every activation is copied to the device per call and back (a later step keeps the hidden
+state, latent cache and routing on the device: the kernels already take device pointers, and
+`route`, `mla_attention` and `moe` are whole-step calls). Weights are uploaded once and cached:
+
+1. Budget. `vram_budget` (constructor argument, or `LITE_VRAM_BUDGET` such as "6GB"; default:
+   free device memory at start minus a reserve for scratch) bounds the bytes of cached weights.
+2. Resident tensors first. Non-expert weights (attention, shared experts, dense MLP, router,
+   embeddings' output projection) are admitted whenever they fit, evicting cached experts if
+   needed; they are never evicted for experts. A resident tensor that cannot fit is streamed
+   (copied into a per-call arena) - correct, slow, and visible in `stats.streamed_bytes`.
+3. A GPU expert cache in the remainder: routed experts (names `blk.L.ffn_*_exps.weight[e]`),
+   least-recently-used eviction, never evicting an expert the current call uses. Experts that
+   come from the memory map (read-only views) are keyed by address; experts handed out by the
+   host pager (`lite/weights/pager.py`, writable slot views) are keyed by (pager pool, tensor
+   name), which names the same bytes wherever the pager put them. So the host pager feeds the GPU
+   cache: disk → pager slot (RAM budget) → device (VRAM budget).
+4. Copies of missing experts go on a separate copy stream; the compute stream waits on an
+   event, so copies overlap with the kernels already queued (and, with `pin(pager pool)`, with
+   Python). `prefetch(experts)` starts such copies early: the model can call it with the next
+   layer's predicted experts, exactly as it calls the host pager's prefetch today.
+5. A miss may be computed on the CPU instead (`miss_policy`: "copy" always copies, "cpu" never
+   copies a missing expert and runs it on the CPU backend, "auto" decides per expert). The
+   decision compares two measured quantities for the expert's byte size B and its token count
+   T_e: copy time B / bw_h2d (bandwidth measured once at first use with a 64 MiB host-to-device
+   copy, pinned when the pool is pinned) against CPU time B · s_cpu · max(1, T_e / 8), where
+   s_cpu (seconds per weight byte for a memory-bound matvec; up to ~8 tokens share one read of
+   the weights) is an exponential average over the CPU expert computations actually done (the
+   first miss goes to the CPU to measure it). Decode (T_e = 1) on a fast PCIe link copies;
+   a slow link or a weak GPU link with a fast CPU computes misses on the CPU and copies them in
+   the background for next time (when the budget has room).
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+from gguf.constants import GGML_QUANT_SIZES
+
+from ..errors import BackendError
+from .base import FFNWeights, QTensor, QType, check_f32
+
+SUPPORTED = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
+_STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
+           -4: "buffer too small for the shapes", -5: "row length not a multiple of the block size",
+           -7: "CUDA error", -8: "no CUDA device", -9: "out of device memory"}
+MLA_MAX_C = 1024
+ROUTE_MAX_E, ROUTE_MAX_K = 1024, 64
+MAX_TOKENS = 65535 * 8
+RESERVE_BYTES = 1536 << 20          # kept free for scratch when no budget is given
+_EXPERT_NAME = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.weight\[\d+\]$")
+
+
+# ---- the library ---------------------------------------------------------------------------------
+
+def _library_path() -> str:
+    env = os.environ.get("LITE_CUDA_LIB")
+    if env:
+        if not os.path.isfile(env):
+            raise ImportError(f"LITE_CUDA_LIB={env} does not exist")
+        return env
+    import lite
+    for p in lite.__path__:
+        cand = os.path.join(p, "_native", "liblite_cuda.so")
+        if os.path.isfile(cand):
+            return cand
+    raise ImportError("liblite_cuda.so is not built (needs nvcc at install time)")
+
+
+def _header_path(lib_path: str) -> str:
+    here = os.path.join(os.path.dirname(lib_path), "lite_cuda.h")
+    if os.path.isfile(here):
+        return here
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "cuda", "lite_cuda.h")
+    if os.path.isfile(src):
+        return os.path.normpath(src)
+    raise ImportError(f"lite_cuda.h not found beside {lib_path}")
+
+
+def _cdef_source(text: str) -> str:
+    """Keep what cffi understands: declarations and `#define NAME <integer>`."""
+    keep = []
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("#"):
+            if re.match(r"#define\s+\w+\s+-?\d+\b", s):
+                keep.append(re.sub(r"/\*.*?\*/", "", s))
+            continue
+        keep.append(line)
+    return "\n".join(keep)
+
+
+def open_library():
+    """(ffi, lib, path) of liblite_cuda.so, checked for staleness; needs no GPU."""
+    from cffi import FFI
+
+    path = _library_path()
+    header = open(_header_path(path)).read()
+    want = re.search(r"#define\s+LITE_CUDA_ABI_VERSION\s+(\d+)", header)
+    if not want:
+        raise ImportError("lite_cuda.h has no LITE_CUDA_ABI_VERSION")
+    ffi = FFI()
+    ffi.cdef(_cdef_source(header))
+    try:
+        lib = ffi.dlopen(path)
+    except OSError as e:
+        raise ImportError(f"cannot open {path}: {str(e).splitlines()[0]}") from None
+    for name in re.findall(r"\b(lite_cuda_\w+)\s*\(", header):
+        try:
+            getattr(lib, name)
+        except AttributeError:
+            raise ImportError(f"{path} lacks {name} (stale build: reinstall)") from None
+    got = lib.lite_cuda_abi_version()
+    if got != int(want.group(1)):
+        raise ImportError(f"{path} has ABI version {got}, lite_cuda.h wants {want.group(1)} "
+                          "(stale build: reinstall)")
+    return ffi, lib, path
+
+
+def _last_error(ffi, lib) -> str:
+    buf = ffi.new("char[512]")
+    lib.lite_cuda_last_error(buf, 512)
+    return ffi.string(buf).decode(errors="replace")
+
+
+def device_count(ffi, lib) -> tuple[int, str]:
+    """(number of devices, reason when 0) without raising."""
+    n = ffi.new("int *")
+    rc = lib.lite_cuda_device_count(n)
+    if rc != 0 or n[0] == 0:
+        return 0, _last_error(ffi, lib) or _STATUS.get(rc, str(rc))
+    return int(n[0]), ""
+
+
+_ffi, _lib, LIB_PATH = open_library()
+_n_dev, _why = device_count(_ffi, _lib)
+if _n_dev == 0:
+    raise ImportError(f"no usable CUDA device ({_why})")
+
+
+def _check(rc: int, op: str, what: str = "") -> None:
+    if rc != 0:
+        msg = _last_error(_ffi, _lib)
+        raise BackendError(f"{op}: the CUDA library failed ({_STATUS.get(rc, rc)})"
+                           + (f": {what}" if what else "") + (f" [{msg}]" if msg else ""))
+
+
+def _row_bytes(qtype: QType, cols: int) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return cols // block * size
+
+
+def _owner(a: np.ndarray) -> np.ndarray:
+    """The outermost ndarray that owns `a`'s memory (a memmap, a pager pool, a test array)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+# ---- device buffers ------------------------------------------------------------------------------
+
+class DeviceBuffer:
+    """`nbytes` of device memory with an explicit lifetime: `free()` (idempotent), or use as a
+    context manager. Freed on garbage collection as a last resort."""
+
+    def __init__(self, nbytes: int) -> None:
+        if nbytes <= 0:
+            raise BackendError(f"DeviceBuffer: size must be positive, got {nbytes}")
+        p = _ffi.new("void **")
+        _check(_lib.lite_cuda_malloc(p, int(nbytes)), "cuda malloc", f"{nbytes} bytes")
+        self._ptr = p[0]
+        self.nbytes = int(nbytes)
+
+    @property
+    def ptr(self):
+        if self._ptr is None:
+            raise BackendError("DeviceBuffer: used after free()")
+        return self._ptr
+
+    @property
+    def address(self) -> int:
+        return int(_ffi.cast("uintptr_t", self.ptr))
+
+    def typed(self, ctype: str = "float *", offset: int = 0):
+        return _ffi.cast(ctype, _ffi.cast("uint8_t *", self.ptr) + offset)
+
+    def upload(self, a: np.ndarray, stream=None, offset: int = 0) -> None:
+        """Copy a C-contiguous host array in (ordered on `stream`; pageable sources are staged
+        before this returns, so `a` may be reused at once)."""
+        a = np.ascontiguousarray(a)
+        if offset < 0 or offset + a.nbytes > self.nbytes:
+            raise BackendError(f"DeviceBuffer.upload: {a.nbytes} bytes at {offset} exceed {self.nbytes}")
+        if a.nbytes:
+            _check(_lib.lite_cuda_memcpy_h2d_async(self.typed("void *", offset), _ffi.from_buffer(a), a.nbytes,
+                                                   stream if stream is not None else _ffi.NULL), "cuda upload")
+
+    def download(self, out: np.ndarray, stream=None, offset: int = 0) -> np.ndarray:
+        """Copy into the C-contiguous host array `out` and wait for it."""
+        if not out.flags.c_contiguous or offset < 0 or offset + out.nbytes > self.nbytes:
+            raise BackendError("DeviceBuffer.download: output must be C-contiguous and fit the buffer")
+        if out.nbytes:
+            s = stream if stream is not None else _ffi.NULL
+            _check(_lib.lite_cuda_memcpy_d2h_async(_ffi.from_buffer(out), self.typed("void *", offset), out.nbytes, s),
+                   "cuda download")
+            _check(_lib.lite_cuda_stream_sync(s), "cuda download")
+        return out
+
+    def free(self) -> None:
+        if self._ptr is not None:
+            p, self._ptr = self._ptr, None
+            _check(_lib.lite_cuda_free(p), "cuda free")
+
+    def __enter__(self) -> "DeviceBuffer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.free()
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:
+            pass
+
+
+class Stream:
+    def __init__(self) -> None:
+        p = _ffi.new("void **")
+        _check(_lib.lite_cuda_stream_create(p), "cuda stream")
+        self.handle = p[0]
+
+    def sync(self) -> None:
+        _check(_lib.lite_cuda_stream_sync(self.handle), "cuda stream sync")
+
+    def destroy(self) -> None:
+        if self.handle is not None:
+            h, self.handle = self.handle, None
+            _check(_lib.lite_cuda_stream_destroy(h), "cuda stream destroy")
+
+
+class Event:
+    def __init__(self) -> None:
+        p = _ffi.new("void **")
+        _check(_lib.lite_cuda_event_create(p), "cuda event")
+        self.handle = p[0]
+
+    def record(self, stream: Stream) -> None:
+        _check(_lib.lite_cuda_event_record(self.handle, stream.handle), "cuda event record")
+
+    def wait_in(self, stream: Stream) -> None:
+        _check(_lib.lite_cuda_stream_wait_event(stream.handle, self.handle), "cuda stream wait")
+
+    def __del__(self) -> None:
+        try:
+            if self.handle is not None:
+                _lib.lite_cuda_event_destroy(self.handle)
+                self.handle = None
+        except Exception:
+            pass
+
+
+def device_properties(device: int = 0) -> dict[str, Any]:
+    name = _ffi.new("char[256]")
+    total, free = _ffi.new("int64_t *"), _ffi.new("int64_t *")
+    major, minor, sms = _ffi.new("int *"), _ffi.new("int *"), _ffi.new("int *")
+    _check(_lib.lite_cuda_device_props(name, 256, total, free, major, minor, sms, device), "device properties")
+    return {"name": _ffi.string(name).decode(), "total_bytes": int(total[0]), "free_bytes": int(free[0]),
+            "compute_capability": (int(major[0]), int(minor[0])), "multiprocessors": int(sms[0]),
+            "device": device, "count": _n_dev}
+
+
+# ---- the weight cache ----------------------------------------------------------------------------
+
+@dataclass
+class CudaStats:
+    resident_bytes: int = 0          # cached non-expert weights
+    expert_bytes: int = 0            # cached experts
+    uploads: int = 0
+    uploaded_bytes: int = 0
+    streamed_bytes: int = 0          # weights copied for one call only (did not fit / not cacheable)
+    expert_hits: int = 0
+    expert_misses: int = 0
+    expert_evictions: int = 0
+    cpu_experts: int = 0             # misses computed on the CPU backend
+    h2d_gbs: float | None = None     # measured host-to-device bandwidth
+    cpu_s_per_byte: float | None = None
+
+
+@dataclass
+class _Entry:
+    buf: DeviceBuffer
+    owner: weakref.ref
+    expert: bool
+    ready: Event | None = None       # set while an async copy is in flight
+
+
+@dataclass
+class _Plan:
+    """Where each weight of one call comes from: cached device pointers, or arena offsets."""
+    ptrs: list = field(default_factory=list)
+    stream: list = field(default_factory=list)   # (index, host array)
+    arena_bytes: int = 0
+
+
+class CudaBackend:
+    """Backend protocol on the CUDA library. One instance may be shared by threads (calls are
+    serialised by a lock); one device."""
+
+    name = "cuda"
+
+    def __init__(self, device: int = 0, vram_budget: int | str | None = None,
+                 miss_policy: str | None = None) -> None:
+        from ..weights.pager import parse_size
+
+        self.ffi, self.lib = _ffi, _lib
+        _check(_lib.lite_cuda_set_device(int(device)), "set device", f"device {device}")
+        self.device = int(device)
+        self.props = device_properties(self.device)
+        budget = vram_budget if vram_budget is not None else os.environ.get("LITE_VRAM_BUDGET")
+        self.vram_budget = (parse_size(budget) if budget not in (None, "")
+                            else max(0, self.props["free_bytes"] - RESERVE_BYTES))
+        self.miss_policy = miss_policy or os.environ.get("LITE_CUDA_MISS") or "copy"
+        if self.miss_policy not in ("copy", "cpu", "auto"):
+            raise BackendError(f"cuda: miss_policy must be copy, cpu or auto, got {self.miss_policy!r}")
+        self._lock = threading.RLock()
+        self._stream = Stream()            # compute
+        self._copy = Stream()              # expert copies
+        self._scratch: dict[str, DeviceBuffer] = {}
+        self._host: dict[str, np.ndarray] = {}
+        self._cache: OrderedDict[tuple, _Entry] = OrderedDict()
+        self._used = 0
+        self._in_use: set[tuple] = set()
+        self._waited: list[_Entry] = []     # entries whose copy event the compute stream waited on
+        self._cpu = None
+        self.stats = CudaStats()
+
+    # ---- lifetime ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free every device buffer this backend holds (it stays usable: buffers come back)."""
+        with self._lock:
+            self._stream.sync()
+            self._copy.sync()
+            for e in self._cache.values():
+                e.buf.free()
+            for b in self._scratch.values():
+                b.free()
+            self._cache.clear()
+            self._scratch.clear()
+            self._used = self.stats.resident_bytes = self.stats.expert_bytes = 0
+
+    def synchronize(self) -> None:
+        self._stream.sync()
+        self._copy.sync()
+
+    def pin(self, a: np.ndarray) -> None:
+        """Page-lock a long-lived host array (e.g. the pager's slot pool) so copies from it are
+        truly asynchronous. Unpin with `unpin` before the array is freed."""
+        _check(_lib.lite_cuda_host_register(_ffi.from_buffer(a), a.nbytes), "pin")
+
+    def unpin(self, a: np.ndarray) -> None:
+        _check(_lib.lite_cuda_host_unregister(_ffi.from_buffer(a)), "unpin")
+
+    # ---- scratch -----------------------------------------------------------------------------------
+    def _buf(self, role: str, nbytes: int) -> DeviceBuffer:
+        """A grow-only device scratch buffer per role (ops on one stream reuse it in order)."""
+        b = self._scratch.get(role)
+        if b is None or b.nbytes < nbytes:
+            if b is not None:
+                self._stream.sync()        # queued work may still read the old one
+                b.free()
+            b = self._scratch[role] = DeviceBuffer(max(int(nbytes), 1 << 16))
+        return b
+
+    def _put(self, role: str, a: np.ndarray) -> DeviceBuffer:
+        b = self._buf(role, a.nbytes)
+        b.upload(a, self._stream.handle)
+        return b
+
+    def _get(self, b: DeviceBuffer, out: np.ndarray) -> np.ndarray:
+        return b.download(out, self._stream.handle)
+
+    def _hostbuf(self, role: str, nbytes: int) -> np.ndarray:
+        h = self._host.get(role)
+        if h is None or h.nbytes < nbytes:
+            h = self._host[role] = np.empty(max(int(nbytes), 1 << 12), np.uint8)
+        return h
+
+    # ---- weights -----------------------------------------------------------------------------------
+    @staticmethod
+    def _check_weight(op: str, w: QTensor, rows: int | None, cols: int | None) -> None:
+        if not isinstance(w, QTensor):
+            raise BackendError(f"{op}: weight must be a QTensor, got {type(w).__name__}")
+        if w.qtype not in SUPPORTED:
+            raise BackendError(f"{op}: weight {w.name} has unsupported type {QType(w.qtype).name} "
+                               f"(supported: {', '.join(t.name for t in SUPPORTED)})")
+        if len(w.shape) != 2:
+            raise BackendError(f"{op}: weight {w.name} must be 2-D, got shape {w.shape}")
+        n, c = w.shape
+        if (rows is not None and n != rows) or (cols is not None and c != cols):
+            raise BackendError(f"{op}: weight {w.name} has shape {w.shape}, expected "
+                               f"[{rows if rows is not None else 'N'}, {cols if cols is not None else 'cols'}]")
+        block = GGML_QUANT_SIZES[w.qtype][0]
+        if c % block or (block > 1 and c % 32):
+            raise BackendError(f"{op}: weight {w.name} row length {c} is not a multiple of the "
+                               f"{w.qtype.name} block size {block}")
+        d = w.data
+        if not isinstance(d, np.ndarray) or d.dtype != np.uint8 or not d.flags.c_contiguous:
+            raise BackendError(f"{op}: weight {w.name} data must be C-contiguous uint8")
+        if d.nbytes != n * _row_bytes(w.qtype, c):
+            raise BackendError(f"{op}: weight {w.name} data holds {d.nbytes} bytes, {w.qtype.name} "
+                               f"{w.shape} needs {n * _row_bytes(w.qtype, c)}")
+
+    @staticmethod
+    def _key(w: QTensor) -> tuple | None:
+        """Cache key of a weight, or None when its bytes may change under the same identity."""
+        d = w.data
+        if not d.flags.writeable:           # read-only (the memory map): the address names the bytes
+            return ("ro", d.ctypes.data, d.nbytes, int(w.qtype), w.shape)
+        if _EXPERT_NAME.match(w.name):      # a pager slot view: (pool, tensor) names the bytes
+            return ("exp", id(_owner(d)), w.name, int(w.qtype), w.shape)
+        return None
+
+    def _lookup(self, key: tuple | None, w: QTensor) -> _Entry | None:
+        if key is None:
+            return None
+        e = self._cache.get(key)
+        if e is None:
+            return None
+        if e.owner() is not _owner(w.data):  # the owner died and its id/address was reused
+            self._drop(key)
+            return None
+        self._cache.move_to_end(key)
+        return e
+
+    def _drop(self, key: tuple) -> None:
+        e = self._cache.pop(key)
+        if e.ready is not None:
+            self._copy.sync()
+        self._stream.sync()                 # queued kernels may still read it
+        e.buf.free()
+        self._used -= e.buf.nbytes
+        if e.expert:
+            self.stats.expert_bytes -= e.buf.nbytes
+        else:
+            self.stats.resident_bytes -= e.buf.nbytes
+
+    def _sweep(self) -> None:
+        """Free entries whose host owner is gone (a closed model, a dropped test array)."""
+        for k in [k for k, e in self._cache.items() if e.owner() is None]:
+            self._drop(k)
+
+    def _make_room(self, nbytes: int, for_expert: bool) -> bool:
+        if self._used + nbytes <= self.vram_budget:
+            return True
+        self._sweep()
+        for k in [k for k, e in self._cache.items() if e.expert and k not in self._in_use]:
+            if self._used + nbytes <= self.vram_budget:
+                break
+            self._drop(k)
+            self.stats.expert_evictions += 1
+        return self._used + nbytes <= self.vram_budget
+
+    def _admit(self, key: tuple, w: QTensor, expert: bool, stream: Stream) -> _Entry | None:
+        """Upload `w` into the cache (on `stream`), or None when the budget has no room."""
+        n = w.data.nbytes
+        if not self._make_room(n, expert):
+            return None
+        buf = DeviceBuffer(n)
+        buf.upload(w.data, stream.handle)
+        e = _Entry(buf, weakref.ref(_owner(w.data)), expert)
+        self._cache[key] = e
+        self._used += n
+        self.stats.uploads += 1
+        self.stats.uploaded_bytes += n
+        if expert:
+            self.stats.expert_bytes += n
+        else:
+            self.stats.resident_bytes += n
+        return e
+
+    def _mark_copy(self, e: _Entry) -> None:
+        e.ready = Event()
+        e.ready.record(self._copy)
+
+    def _plan(self, op: str, weights: list[tuple[QTensor, int | None, int | None]]) -> _Plan:
+        """Validate weights and find each one's device pointer: a cache hit, a new cache entry
+        (copied on the copy stream for experts), or a slot in this call's arena."""
+        plan = _Plan()
+        self._in_use = {k for k in (self._key(w) for w, _, _ in weights) if k is not None}
+        waits: list[Event] = []
+        for i, (w, rows, cols) in enumerate(weights):
+            self._check_weight(op, w, rows, cols)
+            key = self._key(w)
+            expert = bool(_EXPERT_NAME.match(w.name))
+            e = self._lookup(key, w)
+            if expert:
+                if e is not None:
+                    self.stats.expert_hits += 1
+                else:
+                    self.stats.expert_misses += 1
+            if e is None and key is not None:
+                e = self._admit(key, w, expert, self._copy if expert else self._stream)
+                if e is not None and expert:
+                    self._mark_copy(e)
+            if e is not None:
+                if e.ready is not None:
+                    waits.append(e.ready)
+                    self._waited.append(e)
+                plan.ptrs.append(_ffi.cast("const uint8_t *", e.buf.ptr))
+            else:
+                plan.ptrs.append(None)
+                plan.stream.append((i, w.data, plan.arena_bytes))
+                plan.arena_bytes += (w.data.nbytes + 255) & ~255
+        for ev in waits:
+            ev.wait_in(self._stream)
+        if plan.arena_bytes:
+            arena = self._buf("arena", plan.arena_bytes)
+            for i, data, off in plan.stream:
+                arena.upload(data, self._stream.handle, off)
+                plan.ptrs[i] = arena.typed("const uint8_t *", off)
+                self.stats.streamed_bytes += data.nbytes
+        return plan
+
+    def _end_call(self) -> None:
+        # The compute stream waited on these copies' events before the kernels that read them;
+        # the caller synchronised it, so the events are spent.
+        for e in self._waited:
+            e.ready = None
+        self._waited = []
+        self._in_use = set()
+
+    # ---- ops -----------------------------------------------------------------------------------------
+    def matmul(self, x: np.ndarray, w: QTensor) -> np.ndarray:
+        x = check_f32("matmul input", x, 2)
+        t, cols = x.shape
+        if t > MAX_TOKENS:
+            raise BackendError(f"matmul: {t} tokens exceed the kernel's limit {MAX_TOKENS}")
+        with self._lock:
+            plan = self._plan("matmul", [(w, None, cols)])
+            n = w.shape[0]
+            out = np.empty((t, n), np.float32)
+            if t == 0:
+                self._end_call()
+                return out
+            dx, dout = self._put("x", x), self._buf("out", out.nbytes)
+            rc = self.lib.lite_cuda_matmul(dout.typed(), out.size, dx.typed(), t, cols, plan.ptrs[0],
+                                           w.data.nbytes, int(w.qtype), n, self._stream.handle)
+            _check(rc, "matmul", f"weight {w.name} {w.qtype.name} {w.shape}, input {x.shape}")
+            self._get(dout, out)
+            self._end_call()
+        return out
+
+    def matmul_heads(self, x: np.ndarray, w: QTensor) -> np.ndarray:
+        """Optional op: x `[T, H, cols]` times each head's weight `w[h]` `[N, cols]` → `[T, H, N]`;
+        the 3-D weight `[H, N, cols]` is cached as one buffer, one launch per head."""
+        x = check_f32("matmul_heads input", x, 3)
+        t, h, cols = x.shape
+        if not isinstance(w, QTensor) or len(w.shape) != 3 or w.shape[0] != h or w.shape[2] != cols:
+            raise BackendError(f"matmul_heads: input {x.shape} does not fit weight "
+                               f"{getattr(w, 'name', w)} {getattr(w, 'shape', '')}")
+        n = w.shape[1]
+        flat = QTensor(w.name, w.qtype, (h * n, cols), w.data.reshape(h * n, -1)) \
+            if isinstance(w.data, np.ndarray) and w.data.ndim == 3 else w
+        with self._lock:
+            plan = self._plan("matmul_heads", [(flat, h * n, cols)])
+            out = np.empty((h, t, n), np.float32)
+            if t == 0 or h == 0:
+                self._end_call()
+                return out.transpose(1, 0, 2).copy()
+            dx, dout = self._put("x", np.ascontiguousarray(x.transpose(1, 0, 2))), self._buf("out", out.nbytes)
+            head_bytes = flat.data.nbytes // h
+            for i in range(h):
+                rc = self.lib.lite_cuda_matmul(dout.typed("float *", i * t * n * 4), t * n,
+                                               dx.typed("float *", i * t * cols * 4), t, cols,
+                                               plan.ptrs[0] + i * head_bytes, head_bytes, int(w.qtype), n,
+                                               self._stream.handle)
+                _check(rc, "matmul_heads", f"weight {w.name} {w.qtype.name} {w.shape}, head {i}")
+            self._get(dout, out)
+            self._end_call()
+        return np.ascontiguousarray(out.transpose(1, 0, 2))
+
+    def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+        x = check_f32("rmsnorm input", x, 2)
+        w = check_f32("rmsnorm weight", w, 1)
+        if w.shape != (x.shape[1],):
+            raise BackendError(f"rmsnorm: weight shape {w.shape} does not match hidden size {x.shape[1]}")
+        if not eps >= 0:
+            raise BackendError(f"rmsnorm: eps must be >= 0, got {eps}")
+        out = np.empty_like(x)
+        if x.size:
+            with self._lock:
+                dx, dw, do = self._put("x", x), self._put("w", w), self._buf("out", x.nbytes)
+                _check(self.lib.lite_cuda_rmsnorm_f32(do.typed(), dx.typed(), dw.typed(), x.shape[0], x.shape[1],
+                                                      float(eps), self._stream.handle), "rmsnorm")
+                self._get(do, out)
+        return out
+
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        x = check_f32("rope input", x, 3)
+        cos, sin = check_f32("rope cos", cos, 2), check_f32("rope sin", sin, 2)
+        t, h, r = x.shape
+        if r % 2 or cos.shape != (t, r // 2) or sin.shape != (t, r // 2):
+            raise BackendError(f"rope: tables {cos.shape}/{sin.shape} do not fit input {x.shape}")
+        out = np.empty_like(x)
+        if x.size:
+            with self._lock:
+                dx, dc, ds = self._put("x", x), self._put("cos", cos), self._put("sin", sin)
+                do = self._buf("out", x.nbytes)
+                _check(self.lib.lite_cuda_rope_f32(do.typed(), dx.typed(), dc.typed(), ds.typed(), t, h, r,
+                                                   self._stream.handle), "rope")
+                self._get(do, out)
+        return out
+
+    def softmax(self, x: np.ndarray) -> np.ndarray:
+        x = check_f32("softmax input", x, 2)
+        out = np.empty_like(x)
+        if x.size:
+            with self._lock:
+                dx, do = self._put("x", x), self._buf("out", x.nbytes)
+                _check(self.lib.lite_cuda_softmax_f32(do.typed(), dx.typed(), x.shape[0], x.shape[1],
+                                                      self._stream.handle), "softmax")
+                self._get(do, out)
+        return out
+
+    def silu_mul(self, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+        if not isinstance(g, np.ndarray) or not isinstance(u, np.ndarray) or g.shape != u.shape:
+            raise BackendError(f"silu_mul: shapes {getattr(g, 'shape', g)} and {getattr(u, 'shape', u)} differ")
+        g, u = check_f32("silu_mul gate", g, g.ndim), check_f32("silu_mul up", u, u.ndim)
+        out = np.empty_like(g)
+        if g.size:
+            with self._lock:
+                dg, du, do = self._put("x", g), self._put("w", u), self._buf("out", g.nbytes)
+                _check(self.lib.lite_cuda_silu_mul_f32(do.typed(), dg.typed(), du.typed(), g.size,
+                                                       self._stream.handle), "silu_mul")
+                self._get(do, out)
+        return out
+
+    def mla_attention(self, q_lat: np.ndarray, q_pe: np.ndarray, ckv: np.ndarray, kpe: np.ndarray,
+                      scale: float, start: int) -> np.ndarray:
+        q_lat = check_f32("mla q_lat", q_lat, 3)
+        q_pe = check_f32("mla q_pe", q_pe, 3)
+        ckv, kpe = check_f32("mla ckv", ckv, 2), check_f32("mla kpe", kpe, 2)
+        t, h, c = q_lat.shape
+        s, r = ckv.shape[0], q_pe.shape[2]
+        start = int(start)
+        if (q_pe.shape[:2] != (t, h) or ckv.shape[1] != c or kpe.shape != (s, r) or start < 0
+                or s < start + t or h == 0 or c == 0):
+            raise BackendError(f"mla_attention: inconsistent shapes q_lat {q_lat.shape} q_pe {q_pe.shape} "
+                               f"ckv {ckv.shape} kpe {kpe.shape} start {start}")
+        if c + r > MLA_MAX_C:
+            raise BackendError(f"mla_attention: latent + rope size {c + r} exceeds the kernel's limit {MLA_MAX_C}")
+        out = np.empty_like(q_lat)
+        if t == 0:
+            return out
+        with self._lock:
+            null = self.ffi.NULL
+            dq, dc = self._put("x", q_lat), self._put("ckv", ckv)
+            dp = self._put("w", q_pe) if r else None
+            dk = self._put("kpe", kpe) if r else None
+            do = self._buf("out", out.nbytes)
+            rc = self.lib.lite_cuda_mla_attention(do.typed(), dq.typed(), dp.typed() if dp else null, dc.typed(),
+                                                  dk.typed() if dk else null, t, h, c, r, s, start, float(scale),
+                                                  self._stream.handle)
+            _check(rc, "mla_attention")
+            self._get(do, out)
+        return out
+
+    def route(self, logits: np.ndarray, k: int, n_group: int = 1, topk_group: int = 1, norm: bool = False,
+              scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Router on the device: logits `[T, E]` → (ids int32 `[T, K]`, weights `[T, K]`, probs
+        `[T, E]`), the semantics of lite/model/moe.py:route on softmax(logits)."""
+        logits = check_f32("route logits", logits, 2)
+        t, e = logits.shape
+        if not (0 < e <= ROUTE_MAX_E and 0 <= k <= min(e, ROUTE_MAX_K)):
+            raise BackendError(f"route: E={e}, K={k} outside 1..{ROUTE_MAX_E} / 0..min(E, {ROUTE_MAX_K})")
+        if n_group > 1 and (e % n_group or not 1 <= topk_group <= n_group):
+            raise BackendError(f"route: {e} experts do not split into {n_group} groups (top {topk_group})")
+        ids, w, probs = np.empty((t, k), np.int32), np.empty((t, k), np.float32), np.empty((t, e), np.float32)
+        if t == 0:
+            return ids, w, probs
+        with self._lock:
+            dl = self._put("x", logits)
+            di, dw, dp = self._buf("ids", max(ids.nbytes, 4)), self._buf("w", max(w.nbytes, 4)), self._buf("out", probs.nbytes)
+            _check(self.lib.lite_cuda_route(di.typed("int32_t *"), dw.typed(), dp.typed(), dl.typed(), t, e, k,
+                                            int(n_group), int(topk_group), int(bool(norm)), float(scale),
+                                            self._stream.handle), "route")
+            self._get(di, ids)
+            self._get(dw, w)
+            self._get(dp, probs)
+        return ids, w, probs
+
+    # ---- MoE -------------------------------------------------------------------------------------------
+    def _cpu_backend(self):
+        if self._cpu is None:
+            from ..errors import LiteError
+            from . import get_backend
+            for name in ("c", "numba", "reference"):
+                try:
+                    self._cpu = get_backend(name)
+                    break
+                except LiteError:
+                    continue
+        return self._cpu
+
+    def _measure_h2d(self) -> float:
+        if self.stats.h2d_gbs is None:
+            host = np.ones(64 << 20, np.uint8)
+            with DeviceBuffer(host.nbytes) as b:
+                b.upload(host, self._copy.handle)
+                self._copy.sync()
+                t0 = time.perf_counter()
+                for _ in range(2):
+                    b.upload(host, self._copy.handle)
+                self._copy.sync()
+                self.stats.h2d_gbs = 2 * host.nbytes / (time.perf_counter() - t0) / 1e9
+        return self.stats.h2d_gbs
+
+    def _on_cpu(self, ffn: FFNWeights, n_tok: int) -> bool:
+        """Whether a missing routed expert is better computed on the CPU (see the module doc)."""
+        if self.miss_policy == "copy":
+            return False
+        keys = [self._key(w) for w in (ffn.gate, ffn.up, ffn.down)]
+        if all(k is not None and k in self._cache for k in keys):
+            return False                    # resident: the GPU wins
+        if self.miss_policy == "cpu":
+            return True
+        spb = self.stats.cpu_s_per_byte
+        if spb is None:
+            return True                     # measure the CPU once
+        nbytes = sum(w.data.nbytes for w in (ffn.gate, ffn.up, ffn.down))
+        copy_s = nbytes / (self._measure_h2d() * 1e9)
+        return nbytes * spb * max(1.0, n_tok / 8) < copy_s
+
+    def moe(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+            experts: Mapping[int, FFNWeights], shared: FFNWeights | None) -> np.ndarray:
+        x = check_f32("moe input", x, 2)
+        t, d = x.shape
+        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise BackendError(f"moe: ids must be an integer array [T, K], got "
+                               f"{getattr(ids, 'dtype', type(ids).__name__)} {getattr(ids, 'shape', '')}")
+        weights = check_f32("moe weights", weights, 2)
+        if ids.shape != weights.shape or ids.shape[0] != t:
+            raise BackendError(f"moe: ids {ids.shape} / weights {weights.shape} do not fit input {x.shape}")
+        if t > MAX_TOKENS:
+            raise BackendError(f"moe: {t} tokens exceed the kernel's limit {MAX_TOKENS}")
+        k = ids.shape[1]
+        uniq, inv = np.unique(ids, return_inverse=True)
+        inv = inv.reshape(t, k).astype(np.int32)
+        table: list[FFNWeights] = []
+        labels: list[str] = []
+        for e in uniq.tolist():
+            f = experts.get(int(e)) if hasattr(experts, "get") else None
+            if f is None:
+                raise BackendError(f"moe: expert {int(e)} was routed to but not supplied")
+            table.append(f)
+            labels.append(f"expert {int(e)}")
+        n_routed = len(table)
+        if shared is not None:
+            table.append(shared)
+            labels.append("shared")
+        specs = []
+        for f, label in zip(table, labels):
+            if not isinstance(f, FFNWeights):
+                raise BackendError(f"moe: {label} must be FFNWeights, got {type(f).__name__}")
+            width = f.gate.shape[0] if isinstance(f.gate, QTensor) and len(f.gate.shape) == 2 else None
+            specs += [(f"moe {label} gate", f.gate, None, d), (f"moe {label} up", f.up, width, d),
+                      (f"moe {label} down", f.down, d, width)]
+        for op, w, r, c in specs:
+            self._check_weight(op, w, r, c)
+        out = np.zeros((t, d), np.float32)
+        if t == 0 or not table:
+            return out
+        with self._lock:
+            try:
+                # Routed experts missing from the GPU cache may run on the CPU (miss_policy).
+                counts = np.bincount(inv.reshape(-1), minlength=n_routed)
+                on_cpu = [i for i in range(n_routed) if self._on_cpu(table[i], int(counts[i]))]
+                on_gpu = [i for i in range(len(table)) if i not in set(on_cpu)]
+                dout = None
+                if on_gpu:
+                    plan = self._plan("moe", [(w, r, c) for i in on_gpu for _, w, r, c in specs[3 * i:3 * i + 3]])
+                    remap = np.full(len(table), -1, np.int32)
+                    remap[on_gpu] = np.arange(len(on_gpu), dtype=np.int32)
+                    sh = int(remap[n_routed]) if shared is not None else -1
+                    dout = self._moe_gpu(x, remap[inv], weights, [table[i] for i in on_gpu], sh, plan)
+                if on_cpu:
+                    self._moe_cpu(out, x, inv, weights, table, on_cpu, uniq)
+                if dout is not None:
+                    if on_cpu:
+                        out += self._get(dout, np.empty((t, d), np.float32))
+                    else:
+                        self._get(dout, out)
+            finally:
+                self._end_call()
+        return out
+
+    def _moe_gpu(self, x: np.ndarray, slots: np.ndarray, weights: np.ndarray, entries: list[FFNWeights],
+                 shared: int, plan: _Plan) -> DeviceBuffer:
+        """Queue the fused expert FFN for the entries that run here; slots -1 are skipped."""
+        t, d = x.shape
+        k, n = slots.shape[1], len(entries)
+        widths = np.array([f.gate.shape[0] for f in entries], np.int64)
+        types = np.array([int(q.qtype) for f in entries for q in (f.gate, f.up, f.down)], np.int32)
+        nbytes = np.array([q.data.nbytes for f in entries for q in (f.gate, f.up, f.down)], np.int64)
+        ffi = self.ffi
+        gp = ffi.new("const uint8_t *[]", plan.ptrs[0::3])
+        up = ffi.new("const uint8_t *[]", plan.ptrs[1::3])
+        dp = ffi.new("const uint8_t *[]", plan.ptrs[2::3])
+        db, hb = ffi.new("int64_t *"), ffi.new("int64_t *")
+        _check(self.lib.lite_cuda_moe_scratch_bytes(db, hb, t, d, k, int(widths.max()), n), "moe", "scratch size")
+        dscr, hscr = self._buf("moe_scratch", int(db[0])), self._hostbuf("moe", int(hb[0]))
+        dx, dout = self._put("x", x), self._buf("moe_out", t * d * 4)
+        slots = np.ascontiguousarray(slots, np.int32)
+        rc = self.lib.lite_cuda_moe(dout.typed(), t * d, dx.typed(), t, d, ffi.from_buffer("int32_t[]", slots),
+                                    ffi.from_buffer("float[]", weights) if k else ffi.NULL, k, n, gp, up, dp,
+                                    ffi.from_buffer("int32_t[]", types), ffi.from_buffer("int64_t[]", nbytes),
+                                    ffi.from_buffer("int64_t[]", widths), shared, dscr.typed("uint8_t *"),
+                                    dscr.nbytes, ffi.from_buffer("uint8_t[]", hscr), hscr.nbytes,
+                                    self._stream.handle)
+        _check(rc, "moe", f"T={t} D={d} K={k} experts={n}")
+        return dout
+
+    def _moe_cpu(self, out: np.ndarray, x: np.ndarray, inv: np.ndarray, weights: np.ndarray,
+                 table: list[FFNWeights], on_cpu: list[int], uniq: np.ndarray) -> None:
+        """Missing routed experts on the CPU backend while the GPU works on the rest; with
+        miss_policy auto each is also copied into the GPU cache (copy stream) for next time."""
+        cpu = self._cpu_backend()
+        rows, slots = np.nonzero(np.isin(inv, on_cpu))
+        sub = {int(uniq[i]): table[i] for i in on_cpu}
+        nbytes = sum(q.data.nbytes for i in on_cpu for q in (table[i].gate, table[i].up, table[i].down))
+        t0 = time.perf_counter()
+        y = cpu.moe(np.ascontiguousarray(x[rows]), uniq[inv[rows, slots]][:, None].astype(np.int32),
+                    np.ascontiguousarray(weights[rows, slots][:, None]), sub, None)
+        dt = time.perf_counter() - t0
+        np.add.at(out, rows, y)
+        spb = dt / (nbytes * max(1.0, len(rows) / len(on_cpu) / 8))
+        old = self.stats.cpu_s_per_byte
+        self.stats.cpu_s_per_byte = spb if old is None else 0.8 * old + 0.2 * spb
+        self.stats.cpu_experts += len(on_cpu)
+        if self.miss_policy == "auto":
+            for i in on_cpu:
+                for q in (table[i].gate, table[i].up, table[i].down):
+                    key = self._key(q)
+                    if key is not None and key not in self._cache:
+                        e = self._admit(key, q, True, self._copy)
+                        if e is None:
+                            return
+                        self._mark_copy(e)
+
+    def prefetch(self, experts: Mapping[int, FFNWeights]) -> None:
+        """Start copying routed experts into the GPU cache on the copy stream (a hint: experts
+        that do not fit the budget are skipped)."""
+        with self._lock:
+            for f in experts.values():
+                for q in (f.gate, f.up, f.down):
+                    self._check_weight("prefetch", q, None, None)
+                    key = self._key(q)
+                    if key is not None and self._lookup(key, q) is None:
+                        e = self._admit(key, q, bool(_EXPERT_NAME.match(q.name)), self._copy)
+                        if e is None:
+                            return
+                        self._mark_copy(e)
