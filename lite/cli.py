@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_flags(s)
     s.set_defaults(func=_serve)
 
+    s = sub.add_parser("bench", help="prefill/decode speed, load time, peak RSS, the decode roofline "
+                                     "and expert-pager statistics")
+    from . import bench
+    bench.add_arguments(s)
+    s.set_defaults(func=bench.main)
+
     s = sub.add_parser("perplexity", help="perplexity of a model on a text file")
     s.add_argument("model", nargs="?")
     s.add_argument("--file", dest="text", required=True, help="text file to score")

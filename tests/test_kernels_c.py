@@ -172,6 +172,63 @@ def test_matmul_large_tiles(cb):
     assert rel(cb.matmul(x, w), tight) < 1e-5
 
 
+@pytest.mark.parametrize("qtype", (QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.F32, QType.F16), ids=lambda q: q.name)
+@pytest.mark.parametrize("t", [1, 5, 70])
+def test_matmul_heads(cb, qtype, t):
+    """All heads in one call equals one matmul per head (MLA's W_UK [H, C, N] / W_UV [H, V, C])."""
+    h, n = 3, 10
+    cols = 256 if qtype == QType.Q4_K else 96
+    ws = [make_weight(qtype, n, cols, seed=30 + i) for i in range(h)]
+    w3 = QTensor("heads", qtype, (h, n, cols), np.stack([w.data for w in ws]))
+    x = rng(t).standard_normal((t, h, cols)).astype(np.float32)
+    got = cb.matmul_heads(x, w3)
+    assert got.shape == (t, h, n)
+    for i in range(h):
+        want = cb.matmul(np.ascontiguousarray(x[:, i]), ws[i])
+        np.testing.assert_allclose(got[:, i], want, rtol=0, atol=0)
+    np.testing.assert_array_equal(cb.matmul_heads(x, w3), got)     # cached weight path
+
+
+def test_matmul_heads_model_path():
+    """mla.per_head takes the batched op and matches the per-head loop."""
+    from lite.model.mla import per_head
+    w3 = QTensor("k_b", QType.Q8_0, (4, 16, 64),
+                 np.stack([make_weight(QType.Q8_0, 16, 64, seed=i).data for i in range(4)]))
+    x = rng(3).standard_normal((2, 4, 64)).astype(np.float32)
+    want = np.stack([REF.matmul(np.ascontiguousarray(x[:, i]), w3.expert(i)) for i in range(4)], axis=1)
+    assert rel(per_head(CB, x, w3), want) < 2e-2
+
+
+def test_matmul_heads_bad_input():
+    w3 = QTensor("k_b", QType.Q8_0, (4, 16, 64),
+                 np.stack([make_weight(QType.Q8_0, 16, 64, seed=i).data for i in range(4)]))
+    with pytest.raises(BackendError):
+        CB.matmul_heads(np.ones((2, 3, 64), np.float32), w3)          # head count
+    with pytest.raises(BackendError):
+        CB.matmul_heads(np.ones((2, 4, 32), np.float32), w3)          # cols
+    with pytest.raises(BackendError):
+        CB.matmul_heads(np.ones((2, 4, 64), np.float32), make_weight(QType.Q8_0, 16, 64))   # 2-D weight
+    lib, ffi = CB.lib, CB.ffi
+    x = np.ones((1, 4, 64), np.float32)
+    out = np.empty((1, 4, 16), np.float32)
+    scratch = np.empty(4096, np.uint8)
+    call = lambda wb, ob: lib.lite_matmul_heads(ffi.from_buffer("float[]", out), ob, ffi.from_buffer("float[]", x),
+                                                1, 4, 64, ffi.from_buffer("uint8_t[]", w3.data), wb, 8, 16,
+                                                ffi.from_buffer("uint8_t[]", scratch), scratch.nbytes)
+    assert call(w3.data.nbytes, out.size) == 0
+    assert call(w3.data.nbytes - 1, out.size) == lib.LITE_ERR_SIZE
+    assert call(w3.data.nbytes, out.size - 1) == lib.LITE_ERR_SIZE
+
+
+def test_read_bytes():
+    from lite.kernels.c import read_bytes
+    b = rng(1).integers(0, 2**63, 100003, dtype=np.uint64)
+    for th in (1, 2):
+        assert read_bytes(b, th) == int(np.bitwise_xor.reduce(b))
+    with pytest.raises(BackendError):
+        read_bytes(np.ones(3, np.uint8))
+
+
 # ---- small float ops ---------------------------------------------------------------------------
 
 def test_rmsnorm(cb):

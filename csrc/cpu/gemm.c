@@ -26,8 +26,8 @@ void lite_gemm_quantize(uint8_t *act, int64_t astride, int kind, const float *x,
     for (int64_t t = 0; t < n_tok; t++) q(act + t * astride, astride, x + t * cols, 1, cols);
 }
 
-void lite_gemm_compute(float *out, const uint8_t *w, int64_t row_bytes, int64_t n_rows, int kind,
-                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols) {
+void lite_gemm_compute_ld(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t n_rows,
+                          int kind, const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols) {
     tile_fn f = lite_active_kernels()->tile[kind];
     int64_t n_rt = (n_rows + TILE_R - 1) / TILE_R;
     for (int64_t t0 = 0; t0 < n_tok; t0 += TOKEN_CHUNK) {
@@ -38,11 +38,16 @@ void lite_gemm_compute(float *out, const uint8_t *w, int64_t row_bytes, int64_t 
             int nr = (int)(n_rows - r0 < TILE_R ? n_rows - r0 : TILE_R);
             for (int64_t t = t0; t < t1; t += TILE_T) {
                 int nt = (int)(t1 - t < TILE_T ? t1 - t : TILE_T);
-                f(out + t * n_rows + r0, n_rows, w + r0 * row_bytes, row_bytes, nr, act + t * astride,
+                f(out + t * ldo + r0, ldo, w + r0 * row_bytes, row_bytes, nr, act + t * astride,
                   astride, nt, cols);
             }
         }
     }
+}
+
+void lite_gemm_compute(float *out, const uint8_t *w, int64_t row_bytes, int64_t n_rows, int kind,
+                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols) {
+    lite_gemm_compute_ld(out, n_rows, w, row_bytes, n_rows, kind, act, astride, n_tok, cols);
 }
 
 int lite_matmul_scratch_bytes(int64_t *out, int type, int64_t n_tok, int64_t cols) {
@@ -82,5 +87,98 @@ int lite_matmul(float *out, int64_t out_len, const float *x, int64_t n_tok, int6
         lite_gemm_quantize(scratch, astride, kind, x, n_tok, cols);
         lite_gemm_compute(out, w, rb, n_rows, kind, act, astride, n_tok, cols);
     }
+    return LITE_OK;
+}
+
+/* ---- all heads in one call ------------------------------------------------------------------- */
+
+int lite_matmul_heads_scratch_bytes(int64_t *out, int type, int64_t n_tok, int64_t n_head, int64_t cols) {
+    if (!out) return LITE_ERR_NULL;
+    if (n_head <= 0 || n_tok < 0) return LITE_ERR_ARG;
+    if (n_tok > INT64_MAX / n_head) return LITE_ERR_ARG;
+    return lite_matmul_scratch_bytes(out, type, n_tok * n_head, cols);
+}
+
+int lite_matmul_heads(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t n_head,
+                      int64_t cols, const uint8_t *w, int64_t w_bytes, int type, int64_t n_rows,
+                      uint8_t *scratch, int64_t scratch_bytes) {
+    if (!out || !x || !w) return LITE_ERR_NULL;
+    int kind = lite_kind_of(type);
+    if (kind < 0) return LITE_ERR_TYPE;
+    if (n_tok < 0 || n_head <= 0 || cols <= 0 || n_rows <= 0 || out_len < 0 || w_bytes < 0 ||
+        scratch_bytes < 0)
+        return LITE_ERR_ARG;
+    int64_t rb = lite_row_bytes_of(type, cols);
+    if (rb < 0) return LITE_ERR_BLOCK;
+    if (w_bytes / rb / n_head < n_rows) return LITE_ERR_SIZE;
+    if (n_tok && out_len / n_tok / n_head < n_rows) return LITE_ERR_SIZE;
+    if (n_tok == 0) return LITE_OK;
+    int quant = is_quant(kind);
+    int64_t astride = lite_act_stride(kind, cols);
+    if (quant) {
+        if (!scratch) return LITE_ERR_NULL;
+        if (scratch_bytes / astride / n_head < n_tok || ((uintptr_t)scratch & 3)) return LITE_ERR_SIZE;
+    }
+    const kernel_table *kt = lite_active_kernels();
+    tile_fn f = kt->tile[kind];
+    quant_fn q = (kind == K_Q4_0 || kind == K_Q8_0) ? kt->quant_a8 : kt->quant_a8k;
+    /* Activations of head h, token t: quantized rows at scratch + (h*T + t)*astride (each head's
+     * tokens contiguous), or the float input itself, rows H*cols apart. */
+    int64_t tstride = quant ? astride : n_head * cols * 4;
+    int64_t n_rt = (n_rows + TILE_R - 1) / TILE_R, ldo = n_head * n_rows;
+    int64_t n_items = n_head * n_rt;
+    int nth = lite_num_threads();
+    if (nth > n_items) nth = (int)n_items;
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        if (quant) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < n_tok * n_head; i++) {
+                int64_t t = i / n_head, h = i % n_head;
+                q(scratch + (h * n_tok + t) * astride, astride, x + i * cols, 1, cols);
+            }
+        }
+        for (int64_t t0 = 0; t0 < n_tok; t0 += TOKEN_CHUNK) {
+            int64_t t1 = t0 + TOKEN_CHUNK < n_tok ? t0 + TOKEN_CHUNK : n_tok;
+#pragma omp for schedule(static)
+            for (int64_t it = 0; it < n_items; it++) {
+                int64_t h = it / n_rt, r0 = (it % n_rt) * TILE_R;
+                int nr = (int)(n_rows - r0 < TILE_R ? n_rows - r0 : TILE_R);
+                const uint8_t *wh = w + (h * n_rows + r0) * rb;
+                const uint8_t *ah = quant ? scratch + h * n_tok * astride : (const uint8_t *)(x + h * cols);
+                for (int64_t t = t0; t < t1; t += TILE_T) {
+                    int nt = (int)(t1 - t < TILE_T ? t1 - t : TILE_T);
+                    f(out + t * ldo + h * n_rows + r0, ldo, wh, rb, nr, ah + t * tstride, tstride, nt, cols);
+                }
+            }
+        }
+    }
+    return LITE_OK;
+}
+
+/* ---- bandwidth probe -------------------------------------------------------------------------- */
+
+int lite_read_bytes(uint64_t *out, const uint8_t *buf, int64_t n_bytes) {
+    if (!out || !buf) return LITE_ERR_NULL;
+    if (n_bytes < 0 || n_bytes % 8) return LITE_ERR_ARG;
+    const uint64_t *p = (const uint64_t *)buf;
+    int64_t n = n_bytes / 8;
+    uint64_t acc = 0;
+    int nth = lite_num_threads();
+#pragma omp parallel for schedule(static) reduction(^ : acc) num_threads(nth) if (nth > 1)
+    for (int64_t c = 0; c < (n + 4095) / 4096; c++) {
+        int64_t i0 = c * 4096, i1 = i0 + 4096 < n ? i0 + 4096 : n;
+        uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        int64_t i = i0;
+        for (; i + 4 <= i1; i += 4) {
+            a0 ^= p[i];
+            a1 ^= p[i + 1];
+            a2 ^= p[i + 2];
+            a3 ^= p[i + 3];
+        }
+        for (; i < i1; i++) a0 ^= p[i];
+        acc ^= a0 ^ a1 ^ a2 ^ a3;
+    }
+    *out = acc;
     return LITE_OK;
 }

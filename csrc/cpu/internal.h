@@ -110,6 +110,9 @@ int64_t lite_row_bytes_of(int type, int64_t cols);
 void lite_gemm_quantize(uint8_t *act, int64_t astride, int kind, const float *x, int64_t n_tok, int64_t cols);
 void lite_gemm_compute(float *out, const uint8_t *w, int64_t row_bytes, int64_t n_rows, int kind,
                        const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols);
+/* The same with an explicit output row stride (ldo floats between tokens). */
+void lite_gemm_compute_ld(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t n_rows,
+                          int kind, const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols);
 /* Scratch bytes for the activations of n_tok rows (0 for float weights). */
 int64_t lite_act_stride(int kind, int64_t cols);
 

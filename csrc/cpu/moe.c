@@ -18,20 +18,22 @@ static int64_t act_row_max(int64_t cols) {
     return a > b ? a : b;
 }
 
-typedef struct { int64_t tok, act, g, u, y, idx, wt, total; } moe_layout;
+/* Scratch regions, one row per assignment (a (token, entry) pair; at most T*(K+1) with a shared
+ * entry). `y` reuses `xg`: the gathered inputs are dead once gate/up are done. */
+typedef struct { int64_t arow, xg, act, act2, g, u, idx, wt, total; } moe_layout;
 
 static moe_layout layout(int64_t n_tok, int64_t dim, int64_t k, int64_t max_ffn) {
     moe_layout L;
     int64_t n_assign = n_tok * (k + 1);
-    int64_t amax = act_row_max(dim > max_ffn ? dim : max_ffn);
-    L.tok = 0;                                           /* gathered x: T x D floats */
-    L.act = L.tok + align64(n_tok * dim * 4);            /* quantized activations */
-    L.g = L.act + align64(n_tok * amax);                 /* gate / hidden: T x F */
-    L.u = L.g + align64(n_tok * max_ffn * 4);            /* up: T x F */
-    L.y = L.u + align64(n_tok * max_ffn * 4);            /* down output: T x D */
-    L.idx = L.y + align64(n_tok * dim * 4);              /* token index per assignment */
-    L.wt = L.idx + align64(n_assign * 4);                /* weight per assignment */
-    L.total = L.wt + align64(n_assign * 4) + 64;         /* + 64: alignment slack */
+    L.arow = act_row_max(dim > max_ffn ? dim : max_ffn);  /* quantized row stride, any type */
+    L.xg = 0;                                             /* gathered x (later y): A x D floats */
+    L.act = L.xg + align64(n_assign * dim * 4);           /* gate activations, later down's */
+    L.act2 = L.act + align64(n_assign * L.arow);          /* up activations when their class differs */
+    L.g = L.act2 + align64(n_assign * L.arow);            /* gate -> hidden: A x F_max */
+    L.u = L.g + align64(n_assign * max_ffn * 4);          /* up: A x F_max */
+    L.idx = L.u + align64(n_assign * max_ffn * 4);        /* token of each assignment */
+    L.wt = L.idx + align64(n_assign * 4);                 /* weight of each assignment */
+    L.total = L.wt + align64(n_assign * 4) + 64;          /* + 64: alignment slack */
     return L;
 }
 
@@ -82,9 +84,10 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
 
     uint8_t *base = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     moe_layout L = layout(n_tok, dim, k, max_ffn);
-    float *xg = (float *)(base + L.tok), *g = (float *)(base + L.g), *u = (float *)(base + L.u);
-    float *y = (float *)(base + L.y);
-    uint8_t *act = base + L.act;
+    float *xg = (float *)(base + L.xg), *g = (float *)(base + L.g), *u = (float *)(base + L.u);
+    float *y = xg;
+    uint8_t *act = base + L.act, *act2 = base + L.act2;
+    const int64_t arow = L.arow;
     int32_t *idx = (int32_t *)(base + L.idx);
     float *wt = (float *)(base + L.wt);
 
@@ -109,48 +112,115 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
             }
         }
     }
+    const int64_t n_assign = off[n_exp];
+
+    /* Work items of the two matmul phases: every entry's row tiles (gate and up tiles together,
+     * then down tiles), numbered consecutively so one work-sharing loop covers all experts with
+     * a single barrier. iu[e] / id[e]: first item of entry e. */
+    int64_t iu[MOE_MAX_ENTRIES + 1], idn[MOE_MAX_ENTRIES + 1];
+    int kg[MOE_MAX_ENTRIES], ku[MOE_MAX_ENTRIES], kd[MOE_MAX_ENTRIES];
+    iu[0] = idn[0] = 0;
+    for (int64_t e = 0; e < n_exp; e++) {
+        int has = off[e + 1] > off[e];
+        int64_t rt_f = (ffn[e] + TILE_R - 1) / TILE_R, rt_d = (dim + TILE_R - 1) / TILE_R;
+        iu[e + 1] = iu[e] + (has ? 2 * rt_f : 0);
+        idn[e + 1] = idn[e] + (has ? rt_d : 0);
+        kg[e] = lite_kind_of(types[3 * e]);
+        ku[e] = lite_kind_of(types[3 * e + 1]);
+        kd[e] = lite_kind_of(types[3 * e + 2]);
+    }
+    const kernel_table *kt = lite_active_kernels();
 
     int nth = lite_num_threads();
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
-#pragma omp for schedule(static)
+        /* 1: zero the output; gather each assignment's input row and quantize it for gate (and
+         * for up when up needs another activation class). */
+#pragma omp for schedule(static) nowait
         for (int64_t i = 0; i < n_tok * dim; i++) out[i] = 0.0f;
-        for (int64_t e = 0; e < n_exp; e++) {
-            int64_t n = off[e + 1] - off[e];
-            if (n == 0) continue;
-            const int32_t *ti = idx + off[e];
-            const float *tw = wt + off[e];
-            int64_t f = ffn[e];
-            int kg = lite_kind_of(types[3 * e]), ku = lite_kind_of(types[3 * e + 1]);
-            int kd = lite_kind_of(types[3 * e + 2]);
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < n; i++) memcpy(xg + i * dim, x + (int64_t)ti[i] * dim, sizeof(float) * dim);
-            int64_t sg = lite_act_stride(kg, dim), su = lite_act_stride(ku, dim);
-            lite_gemm_quantize(act, sg, kg, xg, n, dim);
-            lite_gemm_compute(g, gate[e], lite_row_bytes_of(types[3 * e], dim), f, kg,
-                              act_class(kg) == 2 ? (const uint8_t *)xg : act, sg, n, dim);
-            if (act_class(ku) != act_class(kg)) {
-#pragma omp barrier
-                lite_gemm_quantize(act, su, ku, xg, n, dim);
+        for (int64_t a = 0; a < n_assign; a++) {
+            int64_t e = 0;
+            while (off[e + 1] <= a) e++;
+            float *xa = xg + a * dim;
+            memcpy(xa, x + (int64_t)idx[a] * dim, sizeof(float) * dim);
+            int cg = act_class(kg[e]), cu = act_class(ku[e]);
+            if (cg < 2) (cg == 0 ? kt->quant_a8 : kt->quant_a8k)(act + a * arow, arow, xa, 1, dim);
+            if (cu < 2 && cu != cg) (cu == 0 ? kt->quant_a8 : kt->quant_a8k)(act2 + a * arow, arow, xa, 1, dim);
+        }
+        /* 2: gate and up row tiles of every entry, each over all of the entry's tokens. */
+#pragma omp for schedule(guided)
+        for (int64_t it = 0; it < iu[n_exp]; it++) {
+            int64_t lo = 0, hi = n_exp;                       /* entry e with iu[e] <= it < iu[e+1] */
+            while (hi - lo > 1) {
+                int64_t mid = (lo + hi) / 2;
+                if (iu[mid] <= it) lo = mid; else hi = mid;
             }
-            lite_gemm_compute(u, up[e], lite_row_bytes_of(types[3 * e + 1], dim), f, ku,
-                              act_class(ku) == 2 ? (const uint8_t *)xg : act, su, n, dim);
+            int64_t e = lo, f = ffn[e], rt_f = (f + TILE_R - 1) / TILE_R, j = it - iu[e];
+            int is_up = j >= rt_f;
+            int64_t r0 = (is_up ? j - rt_f : j) * TILE_R;
+            int nr = (int)(f - r0 < TILE_R ? f - r0 : TILE_R);
+            int kind = is_up ? ku[e] : kg[e];
+            int cls = act_class(kind);
+            int64_t rb = lite_row_bytes_of(types[3 * e + is_up], dim);
+            const uint8_t *w = (is_up ? up[e] : gate[e]) + r0 * rb;
+            const uint8_t *a0;
+            int64_t as;
+            if (cls == 2) { a0 = (const uint8_t *)(xg + off[e] * dim); as = dim * 4; }
+            else { a0 = (is_up && cls != act_class(kg[e]) ? act2 : act) + off[e] * arow; as = arow; }
+            float *o = (is_up ? u : g) + off[e] * max_ffn + r0;
+            tile_fn fn = kt->tile[kind];
+            int64_t n = off[e + 1] - off[e];
+            for (int64_t t = 0; t < n; t += TILE_T) {
+                int nt = (int)(n - t < TILE_T ? n - t : TILE_T);
+                fn(o + t * max_ffn, max_ffn, w, rb, nr, a0 + t * as, as, nt, dim);
+            }
+        }
+        /* 3: hidden = silu(gate) * up, quantized for down. */
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < n * f; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-            int64_t sd = lite_act_stride(kd, f);
-            lite_gemm_quantize(act, sd, kd, g, n, f);
-            lite_gemm_compute(y, down[e], lite_row_bytes_of(types[3 * e + 2], f), dim, kd,
-                              act_class(kd) == 2 ? (const uint8_t *)g : act, sd, n, f);
-            /* Scatter by column ranges: no two threads touch the same output element. */
+        for (int64_t a = 0; a < n_assign; a++) {
+            int64_t e = 0;
+            while (off[e + 1] <= a) e++;
+            int64_t f = ffn[e];
+            float *ga = g + a * max_ffn;
+            const float *ua = u + a * max_ffn;
+            for (int64_t i = 0; i < f; i++) ga[i] = ga[i] / (1.0f + expf(-ga[i])) * ua[i];
+            int cd = act_class(kd[e]);
+            if (cd < 2) (cd == 0 ? kt->quant_a8 : kt->quant_a8k)(act + a * arow, arow, ga, 1, f);
+        }
+        /* 4: down row tiles of every entry -> y (the gathered inputs' space). */
+#pragma omp for schedule(guided)
+        for (int64_t it = 0; it < idn[n_exp]; it++) {
+            int64_t lo = 0, hi = n_exp;
+            while (hi - lo > 1) {
+                int64_t mid = (lo + hi) / 2;
+                if (idn[mid] <= it) lo = mid; else hi = mid;
+            }
+            int64_t e = lo, f = ffn[e], r0 = (it - idn[e]) * TILE_R;
+            int nr = (int)(dim - r0 < TILE_R ? dim - r0 : TILE_R);
+            int kind = kd[e];
+            int64_t rb = lite_row_bytes_of(types[3 * e + 2], f);
+            const uint8_t *w = down[e] + r0 * rb;
+            const uint8_t *a0 = act_class(kind) == 2 ? (const uint8_t *)(g + off[e] * max_ffn) : act + off[e] * arow;
+            int64_t as = act_class(kind) == 2 ? max_ffn * 4 : arow;
+            float *o = y + off[e] * dim + r0;
+            tile_fn fn = kt->tile[kind];
+            int64_t n = off[e + 1] - off[e];
+            for (int64_t t = 0; t < n; t += TILE_T) {
+                int nt = (int)(n - t < TILE_T ? n - t : TILE_T);
+                fn(o + t * dim, dim, w, rb, nr, a0 + t * as, as, nt, f);
+            }
+        }
+        /* 5: scale and add into the output, by column ranges (no two threads share an element);
+         * assignments in entry order, as before. */
 #pragma omp for schedule(static)
-            for (int64_t c0 = 0; c0 < dim; c0 += 64) {
-                int64_t c1 = c0 + 64 < dim ? c0 + 64 : dim;
-                for (int64_t i = 0; i < n; i++) {
-                    float *o = out + (int64_t)ti[i] * dim;
-                    const float *yi = y + i * dim;
-                    float wi = tw[i];
-                    for (int64_t c = c0; c < c1; c++) o[c] += wi * yi[c];
-                }
+        for (int64_t c0 = 0; c0 < dim; c0 += 64) {
+            int64_t c1 = c0 + 64 < dim ? c0 + 64 : dim;
+            for (int64_t a = 0; a < n_assign; a++) {
+                float *o = out + (int64_t)idx[a] * dim;
+                const float *ya = y + a * dim;
+                float wa = wt[a];
+                for (int64_t c = c0; c < c1; c++) o[c] += wa * ya[c];
             }
         }
     }

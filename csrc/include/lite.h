@@ -11,7 +11,7 @@
 #define LITE_H
 #include <stdint.h>
 
-#define LITE_ABI_VERSION 2
+#define LITE_ABI_VERSION 3
 
 #define LITE_OK 0
 #define LITE_ERR_ARG -1      /* a size, count, index or option is invalid */
@@ -64,6 +64,18 @@ int lite_matmul_scratch_bytes(int64_t *out, int type, int64_t n_tok, int64_t col
 int lite_matmul(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t cols,
                 const uint8_t *w, int64_t w_bytes, int type, int64_t n_rows,
                 uint8_t *scratch, int64_t scratch_bytes);
+
+/* Per-head matmul, all heads in one call: out [T, H, N] = x [T, H, cols] . W_h^T for every head h,
+ * W [H, N, cols] of type `type` (w_bytes = H * N * row bytes; head h's rows start at h * N * row
+ * bytes). Scratch as lite_matmul_heads_scratch_bytes says (the activations of T*H rows). */
+int lite_matmul_heads_scratch_bytes(int64_t *out, int type, int64_t n_tok, int64_t n_head, int64_t cols);
+int lite_matmul_heads(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t n_head,
+                      int64_t cols, const uint8_t *w, int64_t w_bytes, int type, int64_t n_rows,
+                      uint8_t *scratch, int64_t scratch_bytes);
+
+/* Memory-bandwidth probe: read n_bytes of buf (threads across chunks) and store the XOR of its
+ * 64-bit words in *out (so the reads cannot be skipped). n_bytes must be a multiple of 8. */
+int lite_read_bytes(uint64_t *out, const uint8_t *buf, int64_t n_bytes);
 
 /* out [T, D] = w * x / sqrt(mean(x^2) + eps) per row. */
 int lite_rmsnorm_f32(float *out, const float *x, const float *w, int64_t n_rows, int64_t dim, float eps);

@@ -73,6 +73,12 @@ def _cdef_source(text: str) -> str:
 def _load():
     from cffi import FFI
 
+    # Idle OpenMP workers sleep instead of spinning: a decode step is a few hundred short parallel
+    # regions, and on a machine whose cores are also busy with other work, spinning workers
+    # (GOMP's default) were measured 3-5x slower than sleeping ones. Set before libgomp loads;
+    # an explicit OMP_WAIT_POLICY in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
     path = _library_path()
     header = open(_header_path(path)).read()
     want = re.search(r"#define\s+LITE_ABI_VERSION\s+(\d+)", header)
@@ -239,6 +245,37 @@ class CBackend:
             self._check(rc, "matmul", f"weight {w.name} {w.qtype.name} {w.shape}, input {x.shape}")
         return out
 
+    def matmul_heads(self, x: np.ndarray, w: QTensor) -> np.ndarray:
+        """x `[T, H, cols]` times each head's own weight `w[h]` `[N, cols]` (w `[H, N, cols]`) →
+        `[T, H, N]`, all heads in one call (MLA's W_UK and W_UV)."""
+        x = check_f32("matmul_heads input", x, 3)
+        t, h, cols = x.shape
+        if not isinstance(w, QTensor) or len(w.shape) != 3 or w.shape[0] != h or w.shape[2] != cols:
+            raise BackendError(f"matmul_heads: weight {getattr(w, 'name', w)} of shape {getattr(w, 'shape', '?')} "
+                               f"does not fit input {x.shape} (want [{h}, N, {cols}])")
+        n = w.shape[1]
+        data = w.data
+        hit = self._ptrs.get(id(data))
+        if not (hit is not None and hit[0]() is data and hit[1] == w.qtype and hit[2] == w.shape):
+            # Validate as the 2-D [H*N, cols] weight it is byte for byte, then cache under the 3-D shape.
+            if not isinstance(data, np.ndarray) or not data.flags.c_contiguous:
+                raise BackendError(f"matmul_heads: weight {w.name} data must be C-contiguous uint8")
+            self._check_weight("matmul_heads", QTensor(w.name, w.qtype, (h * n, cols), data.reshape(h * n, -1)),
+                               h * n, cols)
+            if len(self._ptrs) > 4096:
+                self._ptrs.clear()
+            self._ptrs[id(data)] = (weakref.ref(data), w.qtype, w.shape)
+        wp = self.ffi.cast("const uint8_t *", data.ctypes.data)
+        out = np.empty((t, h, n), np.float32)
+        if t == 0:
+            return out
+        sp, sn = self._scratch(t * h * _act_stride(w.qtype, cols))
+        rc = self.lib.lite_matmul_heads(self._f(out), out.size, self._f(x), t, h, cols, wp, w.data.nbytes,
+                                        int(w.qtype), n, sp, sn)
+        if rc:
+            self._check(rc, "matmul_heads", f"weight {w.name} {w.qtype.name} {w.shape}, input {x.shape}")
+        return out
+
     def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         x = check_f32("rmsnorm input", x, 2)
         w = check_f32("rmsnorm weight", w, 1)
@@ -358,3 +395,21 @@ class CBackend:
                                shared_idx, sp, sn)
         self._check(rc, "moe", f"T={t} D={d} K={k} experts={n}")
         return out
+
+
+def read_bytes(buf: np.ndarray, threads: int | None = None) -> int:
+    """Read every byte of `buf` (C-contiguous, size a multiple of 8) with the library's threads —
+    the memory-bandwidth probe of `lite bench`. Returns the XOR of its 64-bit words."""
+    if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous or buf.nbytes % 8:
+        raise BackendError("read_bytes: buffer must be a C-contiguous array of a multiple of 8 bytes")
+    old = int(_lib.lite_get_threads())
+    if threads:
+        _lib.lite_set_threads(int(threads))
+    try:
+        res = _ffi.new("uint64_t *")
+        rc = _lib.lite_read_bytes(res, _ffi.from_buffer("uint8_t[]", buf.reshape(-1).view(np.uint8)), buf.nbytes)
+    finally:
+        _lib.lite_set_threads(old)
+    if rc:
+        raise BackendError(f"read_bytes: the C library refused the call ({_STATUS.get(rc, rc)})")
+    return int(res[0])

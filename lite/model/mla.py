@@ -46,7 +46,11 @@ class MLAWeights:
 
 
 def per_head(be: Backend, x: np.ndarray, w: QTensor) -> np.ndarray:
-    """x `[T, H, cols]` times each head's own weight `w[h]` `[rows, cols]` → `[T, H, rows]`."""
+    """x `[T, H, cols]` times each head's own weight `w[h]` `[rows, cols]` → `[T, H, rows]`.
+    One backend call for all heads where the backend has `matmul_heads` (an optional op)."""
+    heads = getattr(be, "matmul_heads", None)
+    if heads is not None:
+        return heads(x, w)
     return np.stack([be.matmul(np.ascontiguousarray(x[:, h]), w.expert(h)) for h in range(w.shape[0])], axis=1)
 
 

@@ -1,0 +1,102 @@
+"""`lite bench` on a tiny synthetic model (benchmarks/make_synthetic.py --tiny): the JSON object
+has every field, with sane values; the table prints; active bytes follow the model's tensors."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _make_synthetic():
+    spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "benchmarks" / "make_synthetic.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    ms = _make_synthetic()
+    path = tmp_path_factory.mktemp("synthetic") / "tiny-q4_0.gguf"
+    ms.make_synthetic(path, layers=2, preset="q4_0", tiny=True, quiet=True)
+    return path
+
+
+def test_synthetic_model_loads_and_routes(tiny_model):
+    import lite
+    from lite.model.moe import route
+    m = lite.load(tiny_model, n_ctx=32)
+    c = m.config
+    assert (c.d_model, c.n_layer, c.n_expert, c.n_dense_lead, c.yarn_factor) == (256, 2, 8, 1, 40.0)
+    assert m.file.tensors["blk.1.ffn_gate_exps.weight"].qtype.name == "Q4_0"
+    assert m.file.tensors["blk.1.attn_q.weight"].qtype.name == "Q8_0"
+    logits = m.logits(np.arange(8))
+    assert np.all(np.isfinite(logits)) and logits.std() > 0
+    # Routing differs between tokens (the router has structure, inputs differ).
+    h = np.random.default_rng(0).standard_normal((16, c.d_model)).astype(np.float32)
+    probs = m.backend.softmax(m.backend.matmul(h, m.file.tensors["blk.1.ffn_gate_inp.weight"]))
+    ids, _ = route(c, probs)
+    assert len({tuple(sorted(r)) for r in ids.tolist()}) > 4
+
+
+def test_full_dims_metadata():
+    """--full gives Coder-V2's config (checked without writing the 60-layer file)."""
+    from gguf.constants import Keys
+    from lite.model.config import ARCH, ModelConfig
+    from quant.hf_config import gguf_metadata
+    ms = _make_synthetic()
+    meta = gguf_metadata(ms.hf_config(2, full=True), "t")
+    c = ModelConfig.from_metadata({Keys.General.ARCHITECTURE: ARCH, **{k: v for k, (v, _) in meta.items()}})
+    assert (c.d_model, c.n_head, c.q_lora_rank, c.n_expert, c.n_group, c.topk_group, c.expert_ffn,
+            c.ffn_dense, c.expert_weights_scale) == (5120, 128, 1536, 160, 8, 3, 1536, 12288, 16.0)
+    lite_meta = gguf_metadata(ms.hf_config(None), "t")
+    cl = ModelConfig.from_metadata({Keys.General.ARCHITECTURE: ARCH, **{k: v for k, (v, _) in lite_meta.items()}})
+    assert (cl.n_layer, cl.d_model, cl.q_lora_rank, cl.kv_lora_rank, cl.n_expert, cl.n_expert_used,
+            cl.n_shared, cl.expert_ffn, cl.ffn_dense, cl.vocab_size) == (27, 2048, 0, 512, 64, 6, 2, 1408, 10944, 102400)
+    assert abs(cl.yarn_mscale_all_dim - 0.707) < 1e-6 and cl.yarn_orig_ctx == 4096 and cl.rms_eps == 1e-6
+
+
+def test_bench_json(tiny_model):
+    from lite.bench import active_bytes_per_token, run_bench
+    buf = io.StringIO()
+    r = run_bench(tiny_model, prompt=12, gen=4, depths=(20,), json_out=True, repeats=2, out=buf,
+                  bandwidth_bytes=32 << 20)
+    j = json.loads(buf.getvalue())
+    assert j == json.loads(json.dumps(r))
+    for key in ("prefill_tok_s", "decode_tok_s", "roofline_decode_tok_s", "load_s", "ttft_s", "bandwidth_gbs"):
+        assert isinstance(j[key], float) and 0 < j[key] < 1e9, key
+    assert j["backend"] in ("c", "numba", "reference", "cuda")
+    assert j["peak_rss_bytes"] > 10 << 20
+    assert j["ttft_s"] >= 12 / j["prefill_tok_s"] * 0.999
+    assert len(j["depths"]) == 1 and j["depths"][0]["depth"] == 20 and j["depths"][0]["decode_tok_s"] > 0
+    assert j["roofline_decode_tok_s"] == pytest.approx(j["bandwidth_gbs"] * 1e9 / j["active_bytes_per_token"])
+
+    import lite
+    m = lite.load(tiny_model)
+    c, t = m.config, m.file.tensors
+    expert_bytes = sum(t[f"blk.1.ffn_{p}_exps.weight"].nbytes for p in ("gate", "up", "down")) // c.n_expert
+    everything = sum(x.nbytes for x in t.values())
+    routed_all = sum(x.nbytes for n, x in t.items() if n.endswith("_exps.weight"))
+    want = (everything - routed_all - t["token_embd.weight"].nbytes + t["token_embd.weight"].row_bytes
+            + c.n_expert_used * expert_bytes)
+    assert active_bytes_per_token(m) == j["active_bytes_per_token"] == want
+
+
+def test_bench_table_and_cli_flags(tiny_model):
+    import argparse
+    from lite import bench
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    a = p.parse_args([str(tiny_model), "--prompt", "5", "--gen", "2", "--repeats", "1", "--depth", "8",
+                      "--no-bandwidth", "--threads", "1"])
+    assert (a.prompt, a.gen, a.repeats, a.depth, a.threads, a.no_bandwidth, a.json) == (5, 2, 1, [8], 1, True, False)
+    buf = io.StringIO()
+    r = bench.run_bench(a.model, prompt=a.prompt, gen=a.gen, repeats=1, depths=(8,), bandwidth=False, out=buf)
+    text = buf.getvalue()
+    assert "prefill" in text and "decode" in text and "roofline" in text and r["roofline_decode_tok_s"] is None
