@@ -92,7 +92,8 @@ def _run(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     import tui
     return tui.main(str(_model_arg(args)), backend=args.backend, ram_budget=args.ram_budget,
-                    temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, n_ctx=args.ctx)
+                    temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, n_ctx=args.ctx,
+                    seed=args.seed)
 
 
 def _serve(args: argparse.Namespace) -> int:
