@@ -81,6 +81,15 @@ def test_hf_unknown_and_missing_tensor(hf_copy, tmp_path):
     assert not (tmp_path / "o.gguf").exists()
 
 
+def test_hf_unknown_architecture(hf_copy, tmp_path):
+    cfg = json.loads((hf_copy / "config.json").read_text())
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (hf_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(lite.UnsupportedError, match="model_type 'llama' is not DeepSeek-V2"):
+        convert_checkpoint(hf_copy, tmp_path / "o.gguf", progress=False)
+    assert not (tmp_path / "o.gguf").exists()
+
+
 @pytest.mark.parametrize("key,value", [("topk_method", "noaux_tc"), ("scoring_func", "sigmoid")])
 def test_unsupported_routing(hf_copy, tmp_path, key, value):
     cfg = json.loads((hf_copy / "config.json").read_text())
