@@ -111,7 +111,8 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 def test_abi_and_controls():
     import re
     from lite.kernels import c as cmod
-    header = open(cmod._header_path(cmod.LIB_PATH)).read()
+    from lite.kernels.native import header_path
+    header = open(header_path(cmod.LIB_PATH, "lite.h", "csrc/include")).read()
     assert CB.lib.lite_abi_version() == int(re.search(r"LITE_ABI_VERSION\s+(\d+)", header).group(1))
     assert LEVELS[0] == 0
     with pytest.raises(BackendError):

@@ -22,6 +22,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BackendError
+from .native import cdef_source, header_path, library_path
 from .base import FFNWeights, QTensor, QType, check_f32
 
 SUPPORTED = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
@@ -33,43 +34,6 @@ MLA_MAX_C = 1024
 MOE_MAX_ENTRIES = 1024
 
 
-def _library_path() -> str:
-    env = os.environ.get("LITE_LIB")
-    if env:
-        if not os.path.isfile(env):
-            raise ImportError(f"LITE_LIB={env} does not exist")
-        return env
-    import lite
-    for p in lite.__path__:
-        cand = os.path.join(p, "_native", "liblite_cpu.so")
-        if os.path.isfile(cand):
-            return cand
-    raise ImportError("liblite_cpu.so is not built (run `pip install --no-build-isolation -e .`)")
-
-
-def _header_path(lib_path: str) -> str:
-    here = os.path.join(os.path.dirname(lib_path), "lite.h")
-    if os.path.isfile(here):
-        return here
-    src = os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "include", "lite.h")
-    if os.path.isfile(src):
-        return os.path.normpath(src)
-    raise ImportError(f"lite.h not found beside {lib_path}")
-
-
-def _cdef_source(text: str) -> str:
-    """Keep what cffi understands: declarations and `#define NAME <integer>`."""
-    keep = []
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith("#"):
-            if re.match(r"#define\s+\w+\s+-?\d+\b", s):
-                keep.append(re.sub(r"/\*.*?\*/", "", s))
-            continue
-        keep.append(line)
-    return "\n".join(keep)
-
-
 def _load():
     from cffi import FFI
 
@@ -79,13 +43,13 @@ def _load():
     # an explicit OMP_WAIT_POLICY in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
-    path = _library_path()
-    header = open(_header_path(path)).read()
+    path = library_path("LITE_LIB", "liblite_cpu.so", "run `pip install --no-build-isolation -e .`")
+    header = open(header_path(path, "lite.h", "csrc/include")).read()
     want = re.search(r"#define\s+LITE_ABI_VERSION\s+(\d+)", header)
     if not want:
         raise ImportError("lite.h has no LITE_ABI_VERSION")
     ffi = FFI()
-    ffi.cdef(_cdef_source(header))
+    ffi.cdef(cdef_source(header))
     try:
         lib = ffi.dlopen(path)
     except OSError as e:

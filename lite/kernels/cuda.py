@@ -62,6 +62,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BackendError
+from .native import cdef_source, header_path, library_path
 from .base import FFNWeights, QTensor, QType, check_f32
 
 SUPPORTED = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
@@ -77,54 +78,17 @@ _EXPERT_NAME = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.weight\[\d+\]$")
 
 # ---- the library ---------------------------------------------------------------------------------
 
-def _library_path() -> str:
-    env = os.environ.get("LITE_CUDA_LIB")
-    if env:
-        if not os.path.isfile(env):
-            raise ImportError(f"LITE_CUDA_LIB={env} does not exist")
-        return env
-    import lite
-    for p in lite.__path__:
-        cand = os.path.join(p, "_native", "liblite_cuda.so")
-        if os.path.isfile(cand):
-            return cand
-    raise ImportError("liblite_cuda.so is not built (needs nvcc at install time)")
-
-
-def _header_path(lib_path: str) -> str:
-    here = os.path.join(os.path.dirname(lib_path), "lite_cuda.h")
-    if os.path.isfile(here):
-        return here
-    src = os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "cuda", "lite_cuda.h")
-    if os.path.isfile(src):
-        return os.path.normpath(src)
-    raise ImportError(f"lite_cuda.h not found beside {lib_path}")
-
-
-def _cdef_source(text: str) -> str:
-    """Keep what cffi understands: declarations and `#define NAME <integer>`."""
-    keep = []
-    for line in text.splitlines():
-        s = line.strip()
-        if s.startswith("#"):
-            if re.match(r"#define\s+\w+\s+-?\d+\b", s):
-                keep.append(re.sub(r"/\*.*?\*/", "", s))
-            continue
-        keep.append(line)
-    return "\n".join(keep)
-
-
 def open_library():
     """(ffi, lib, path) of liblite_cuda.so, checked for staleness; needs no GPU."""
     from cffi import FFI
 
-    path = _library_path()
-    header = open(_header_path(path)).read()
+    path = library_path("LITE_CUDA_LIB", "liblite_cuda.so", "needs nvcc at install time")
+    header = open(header_path(path, "lite_cuda.h", "csrc/cuda")).read()
     want = re.search(r"#define\s+LITE_CUDA_ABI_VERSION\s+(\d+)", header)
     if not want:
         raise ImportError("lite_cuda.h has no LITE_CUDA_ABI_VERSION")
     ffi = FFI()
-    ffi.cdef(_cdef_source(header))
+    ffi.cdef(cdef_source(header))
     try:
         lib = ffi.dlopen(path)
     except OSError as e:

@@ -25,6 +25,7 @@ Observer = Callable[[str, np.ndarray], None]
 
 class DeepSeek2:
     def __init__(self, mf: ModelFile, backend: Backend, experts: ExpertSource) -> None:
+        self.file = mf
         self.cfg: ModelConfig = mf.config
         self.backend = backend
         self.experts = experts
@@ -67,7 +68,7 @@ class DeepSeek2:
             note(f"router_layer{layer}_weights", rw)
             note(f"router_layer{layer}_probs", probs)
 
-        self.experts.check_file()
+        self.file.check_unchanged()
         for i in range(cfg.n_layer):
             a = mla(be, cfg, self.attn[i], be.rmsnorm(x, self.attn_norm[i], cfg.rms_eps), i, cache, start, self.rope)
             note(f"attn_out_layer{i}", a)

@@ -30,6 +30,17 @@ class ModelFile:
     data_offsets: dict[str, int]  # absolute file offset of each tensor's data (for the pager)
     file_size: int
     mapping: np.memmap            # the whole file, read-only
+    identity: tuple[int, int]     # (inode, size) when opened
+
+    def check_unchanged(self) -> None:
+        """Raise LiteError if the file was truncated or replaced since it was opened: touching a
+        truncated mapping would kill the process with SIGBUS, so this runs before every forward."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            raise LiteError(f"{self.path}: the model file disappeared while open") from None
+        if (st.st_ino, st.st_size) != self.identity:
+            raise LiteError(f"{self.path}: the model file was truncated or replaced while open")
 
 
 def _map(path: Path) -> np.memmap:
@@ -89,4 +100,5 @@ def open_model_file(path: str | os.PathLike[str]) -> ModelFile:
     for name in want:
         if name.endswith("_norm.weight") and tensors[name].qtype != GGMLQuantizationType.F32:
             raise FormatError(f"{path}: norm tensor {name} must be F32, got {tensors[name].qtype.name}")
-    return ModelFile(path, meta, cfg, tensors, split, offsets, len(mm), mm)
+    st = path.stat()
+    return ModelFile(path, meta, cfg, tensors, split, offsets, len(mm), mm, (st.st_ino, st.st_size))

@@ -96,7 +96,6 @@ class ExpertPager:
         self._pool = raw[start:start + self.n_slots * self.slot_bytes]
         self._fd = os.open(mf.path, os.O_RDONLY)
         self._fd_direct = _open_direct(mf.path) if direct else None
-        self._st = os.fstat(self._fd)
         self._policy = make_policy(policy, cfg.n_layer)
         self.policy_name = policy
         self._slot_of: dict[tuple[int, int], int] = {}
@@ -236,15 +235,6 @@ class ExpertPager:
             raw = self._pool[base + self._part_off[j]: base + self._part_off[j] + size]
             out.append(QTensor(f"{t.name}[{e}]", t.qtype, t.shape[1:], raw.reshape(t.data.shape[1:])))
         return FFNWeights(*out)
-
-    def check_file(self) -> None:
-        """Fail clearly if the model file was truncated or replaced since it was opened."""
-        try:
-            st = os.stat(self.mf.path)
-        except OSError:
-            raise LiteError(f"{self.mf.path}: the model file disappeared while open") from None
-        if st.st_ino != self._st.st_ino or st.st_size != self._st.st_size:
-            raise LiteError(f"{self.mf.path}: the model file was truncated or replaced while open")
 
     @property
     def pool_bytes(self) -> int:

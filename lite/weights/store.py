@@ -4,12 +4,10 @@ the pager provides a RAM-budgeted one with the same interface)."""
 from __future__ import annotations
 
 import mmap
-import os
 from typing import Any, Iterable, Protocol
 
 import numpy as np
 
-from ..errors import LiteError
 from ..kernels.base import FFNWeights, QTensor
 from ..kernels.dequant import dequantize
 from .gguf_file import ModelFile
@@ -28,10 +26,6 @@ class ExpertSource(Protocol):
         """Record how well a prefetch guess matched the experts actually routed to."""
         ...
 
-    def check_file(self) -> None:
-        """Raise LiteError if the file changed under us (a mapped read would crash on it)."""
-        ...
-
     stats: Any
 
 
@@ -43,7 +37,6 @@ class MappedExperts:
     def __init__(self, mf: ModelFile) -> None:
         self.mf = mf
         self._t = mf.tensors
-        self._st = os.stat(mf.path)
         self.stats = None
         self._advise([t.data for n, t in mf.tensors.items() if n.endswith("_exps.weight")], "MADV_RANDOM")
 
@@ -72,14 +65,6 @@ class MappedExperts:
 
     def note_prediction(self, predicted: Iterable[int], actual: Iterable[int]) -> None:
         pass
-
-    def check_file(self) -> None:
-        try:
-            st = os.stat(self.mf.path)
-        except OSError:
-            raise LiteError(f"{self.mf.path}: the model file disappeared while open") from None
-        if st.st_ino != self._st.st_ino or st.st_size != self._st.st_size:
-            raise LiteError(f"{self.mf.path}: the model file was truncated or replaced while open")
 
     def close(self) -> None:
         pass

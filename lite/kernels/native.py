@@ -1,0 +1,46 @@
+"""Finding and declaring lite's native libraries (CPU and CUDA) for cffi's ABI mode: the shared
+library installed in `lite/_native/` (or named by an environment variable) and its header."""
+from __future__ import annotations
+
+import os
+import re
+
+
+def library_path(env_var: str, filename: str, missing_hint: str) -> str:
+    """`$env_var` if set, else `<p>/_native/<filename>` for p in `lite.__path__` (an editable
+    install spreads the package over the source tree and site-packages)."""
+    env = os.environ.get(env_var)
+    if env:
+        if not os.path.isfile(env):
+            raise ImportError(f"{env_var}={env} does not exist")
+        return env
+    import lite
+    for p in lite.__path__:
+        cand = os.path.join(p, "_native", filename)
+        if os.path.isfile(cand):
+            return cand
+    raise ImportError(f"{filename} is not built ({missing_hint})")
+
+
+def header_path(lib_path: str, header: str, source_dir: str) -> str:
+    """The ABI header installed beside the library, else the one in the source tree."""
+    here = os.path.join(os.path.dirname(lib_path), header)
+    if os.path.isfile(here):
+        return here
+    src = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", source_dir, header))
+    if os.path.isfile(src):
+        return src
+    raise ImportError(f"{header} not found beside {lib_path}")
+
+
+def cdef_source(text: str) -> str:
+    """Keep what cffi understands: declarations and `#define NAME <integer>`."""
+    keep = []
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("#"):
+            if re.match(r"#define\s+\w+\s+-?\d+\b", s):
+                keep.append(re.sub(r"/\*.*?\*/", "", s))
+            continue
+        keep.append(line)
+    return "\n".join(keep)
