@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, Generator, Iterator, Mapping, Sequence
+from typing import Any, Callable, Generator, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -36,18 +36,27 @@ Prompt = str | Sequence[int]
 
 
 class Stream:
-    """Iterate for `Piece`s; afterwards `.result` holds the `Generation`."""
+    """Iterate for `Piece`s; afterwards `.result` holds the `Generation`. The model is claimed
+    when iteration starts and released when it ends (or the iterator is closed), so a Stream
+    that is never iterated holds nothing."""
 
-    def __init__(self, gen: Generator[Piece, None, Generation], release: Any) -> None:
-        self._gen, self._release = gen, release
+    def __init__(self, start: Callable[[], Generator[Piece, None, Generation]], busy: threading.Lock,
+                 name: str) -> None:
+        self._start, self._busy, self._name = start, busy, name
         self.result: Generation | None = None
 
     def __iter__(self) -> Iterator[Piece]:
+        if not self._busy.acquire(blocking=False):
+            raise LiteError(f"{self._name}: a generation is already running on this model; "
+                            f"wait for it or load a second Model")
         try:
-            self.result = yield from self._gen
+            gen = self._start()
+            try:
+                self.result = yield from gen
+            finally:
+                gen.close()
         finally:
-            self._gen.close()
-            self._release()
+            self._busy.release()
 
     def collect(self) -> Generation:
         for _ in self:
@@ -131,15 +140,7 @@ class Model:
         params = SamplingParams(**sampling)
         ids = self._prompt_ids(prompt)
         stops = [stop] if isinstance(stop, str) else list(stop)
-        if not self._busy.acquire(blocking=False):
-            raise LiteError(f"{self.name}: a generation is already running on this model; "
-                            f"wait for it or load a second Model")
-        try:
-            gen = _gen.run(self, ids, max_tokens, params, stops, cancel)
-        except BaseException:
-            self._busy.release()
-            raise
-        return Stream(gen, self._busy.release)
+        return Stream(lambda: _gen.run(self, ids, max_tokens, params, stops, cancel), self._busy, self.name)
 
     def generate(self, prompt: Prompt, max_tokens: int = 256, **kwargs: Any) -> Generation:
         """Complete `prompt` (text or token ids); greedy unless temperature > 0."""
