@@ -28,6 +28,8 @@ def record(model_path: str, text_file: str, tokens: int) -> tuple[RoutingTrace, 
     m.record_routing(trace)
     cache = m.new_cache()
     for t in ids:                      # token by token, as decode asks the pager
+        if cache.length == m.n_ctx:    # a full context starts a new sequence, as a chat would
+            cache = m.new_cache()
         m.forward([t], cache)
     moe_layers = sum(m.config.layer_is_moe(i) for i in range(m.config.n_layer))
     return trace, moe_layers * m.config.n_expert
