@@ -55,21 +55,34 @@ async def open_first_conversation(pilot) -> None:
     await pilot.pause()
 
 
-def export(model_path: str, out: str, size: tuple[int, int] = (100, 22), backend: str | None = None) -> None:
+def export(model_path: str, out: str, size: tuple[int, int] = (100, 22), backend: str | None = None,
+           prompt: str | None = None) -> None:
+    """Save the screen as SVG: the saved DEMO conversation, or with `prompt` a live chat — the
+    prompt typed and sent, the model's answer streamed to the end (greedy)."""
     from .app import ChatApp
 
     with tempfile.TemporaryDirectory() as d:
-        store = seed_store(Path(d))
-        app = ChatApp(model_path, {"backend": backend}, Settings(), store=store)
+        store = seed_store(Path(d)) if prompt is None else Store(Path(d))
+        app = ChatApp(model_path, {"backend": backend}, Settings(temperature=0.0), store=store)
 
         async def go() -> None:
             async with app.run_test(size=size) as pilot:
-                await open_first_conversation(pilot)
+                if prompt is None:
+                    await open_first_conversation(pilot)
+                else:
+                    while app.model is None or app.screen is not app.screen_stack[0]:
+                        await pilot.pause(0.05)
+                    app.prompt.cursor_blink = False
+                    app.prompt.text = prompt
+                    await pilot.press("enter")
+                    await pilot.pause(0.2)
+                    await app.workers.wait_for_complete()
+                    await pilot.pause(0.3)
                 app.save_screenshot(filename=Path(out).name, path=str(Path(out).parent or "."))
         asyncio.run(go())
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m tui.screenshot MODEL.gguf OUT.svg")
-    export(sys.argv[1], sys.argv[2])
+    if len(sys.argv) not in (3, 4):
+        sys.exit("usage: python -m tui.screenshot MODEL.gguf OUT.svg [PROMPT]")
+    export(sys.argv[1], sys.argv[2], prompt=sys.argv[3] if len(sys.argv) == 4 else None)
