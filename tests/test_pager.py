@@ -2,6 +2,7 @@
 faults (truncation, read errors) and no leaks across load/close cycles."""
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
@@ -101,6 +102,7 @@ def test_no_leaks_over_load_close_cycles(converted):
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     for budget in (None, 10**12):   # warm up both paths
         lite.load(path, ram_budget=budget).close()
+    gc.collect()                    # models left by earlier tests close their files now, not mid-loop
     fd0, rss0 = fds(), rss()
     for i in range(1000):
         m = lite.load(path, ram_budget=None if i % 2 else 10**12)
@@ -108,7 +110,8 @@ def test_no_leaks_over_load_close_cycles(converted):
             m.logits([5, 6])
         m.close()
     del m
-    assert fds() == fd0
+    gc.collect()
+    assert fds() <= fd0
     assert rss() - rss0 < 64 * 2**20
 
 
