@@ -104,7 +104,7 @@ def run(model: "Model", prompt: Sequence[int], max_tokens: int, sampling: Sampli
     while pos < len(prompt):
         if cancelled():
             gen.finish_reason = "cancelled"
-            return _finish(gen, cache, t0, t0)
+            return _finish(gen, t0, t0)
         chunk = prompt[pos:pos + PREFILL_CHUNK]
         logits = model.forward(chunk, cache)
         cache.token_ids.extend(int(t) for t in chunk)
@@ -112,6 +112,7 @@ def run(model: "Model", prompt: Sequence[int], max_tokens: int, sampling: Sampli
     t_first = time.perf_counter()
     history = list(prompt[-PENALTY_WINDOW:])
     gen.finish_reason = "length"
+    hit = False
     while len(gen.token_ids) < max_tokens:
         if cancelled():
             gen.finish_reason = "cancelled"
@@ -138,16 +139,16 @@ def run(model: "Model", prompt: Sequence[int], max_tokens: int, sampling: Sampli
             break
         logits = model.forward([token], cache)
         cache.token_ids.append(token)
-    if decoder is not None and gen.finish_reason != "stop":
+    if decoder is not None and not hit:   # after a stop string, what was held back is dropped
         text, _ = scanner.feed(decoder.flush())
         text += scanner.pending
         if text:
             gen.text += text
             yield Piece(text)
-    return _finish(gen, cache, t0, t_first)
+    return _finish(gen, t0, t_first)
 
 
-def _finish(gen: Generation, cache: LatentCache, t0: float, t_first: float) -> Generation:
+def _finish(gen: Generation, t0: float, t_first: float) -> Generation:
     t_end = time.perf_counter()
     n = len(gen.token_ids)
     gen.timings = {
