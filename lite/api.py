@@ -229,5 +229,7 @@ def load(path: str | os.PathLike[str], backend: str | None = None, ram_budget: s
     else:
         experts = ExpertPager(mf, parse_size(ram_budget), policy=expert_policy)
     m = Model(mf, be, n, experts)
-    m._net.prefetch_next = prefetch
+    # Next-layer prediction pays off only where a miss costs a disk read: with the memory map,
+    # a WILLNEED hint per predicted expert cost ~18 ms/token of syscalls on a warm page cache.
+    m._net.prefetch_next = prefetch and isinstance(experts, ExpertPager)
     return m
