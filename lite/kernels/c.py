@@ -13,7 +13,6 @@ C sees it (C validates again and returns a status code, turned into BackendError
 from __future__ import annotations
 
 import os
-import re
 import threading
 import weakref
 from typing import Mapping
@@ -22,7 +21,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BackendError
-from .native import cdef_source, header_path, library_path
+from .native import open_library
 from .base import FFNWeights, QTensor, QType, check_f32
 
 SUPPORTED = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
@@ -35,34 +34,14 @@ MOE_MAX_ENTRIES = 1024
 
 
 def _load():
-    from cffi import FFI
-
     # Idle OpenMP workers sleep instead of spinning: a decode step is a few hundred short parallel
     # regions, and on a machine whose cores are also busy with other work, spinning workers
     # (GOMP's default) were measured 3-5x slower than sleeping ones. Set before libgomp loads;
     # an explicit OMP_WAIT_POLICY in the environment wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
-    path = library_path("LITE_LIB", "liblite_cpu.so", "run `pip install --no-build-isolation -e .`")
-    header = open(header_path(path, "lite.h", "csrc/include")).read()
-    want = re.search(r"#define\s+LITE_ABI_VERSION\s+(\d+)", header)
-    if not want:
-        raise ImportError("lite.h has no LITE_ABI_VERSION")
-    ffi = FFI()
-    ffi.cdef(cdef_source(header))
-    try:
-        lib = ffi.dlopen(path)
-    except OSError as e:
-        raise ImportError(f"cannot open {path}: {e}") from None
-    for name in re.findall(r"\b(lite_\w+)\s*\(", header):
-        try:
-            getattr(lib, name)
-        except AttributeError:
-            raise ImportError(f"{path} lacks {name} (stale build: reinstall)") from None
-    got = lib.lite_abi_version()
-    if got != int(want.group(1)):
-        raise ImportError(f"{path} has ABI version {got}, lite.h wants {want.group(1)} (stale build: reinstall)")
-    return ffi, lib, path
+    return open_library("lite", "LITE_LIB", "liblite_cpu.so", "run `pip install --no-build-isolation -e .`",
+                        "lite.h", "csrc/include")
 
 
 _ffi, _lib, LIB_PATH = _load()

@@ -62,7 +62,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BackendError
-from .native import cdef_source, header_path, library_path
+from . import native
 from .base import FFNWeights, QTensor, QType, check_f32
 
 SUPPORTED = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
@@ -80,29 +80,8 @@ _EXPERT_NAME = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.weight\[\d+\]$")
 
 def open_library():
     """(ffi, lib, path) of liblite_cuda.so, checked for staleness; needs no GPU."""
-    from cffi import FFI
-
-    path = library_path("LITE_CUDA_LIB", "liblite_cuda.so", "needs nvcc at install time")
-    header = open(header_path(path, "lite_cuda.h", "csrc/cuda")).read()
-    want = re.search(r"#define\s+LITE_CUDA_ABI_VERSION\s+(\d+)", header)
-    if not want:
-        raise ImportError("lite_cuda.h has no LITE_CUDA_ABI_VERSION")
-    ffi = FFI()
-    ffi.cdef(cdef_source(header))
-    try:
-        lib = ffi.dlopen(path)
-    except OSError as e:
-        raise ImportError(f"cannot open {path}: {str(e).splitlines()[0]}") from None
-    for name in re.findall(r"\b(lite_cuda_\w+)\s*\(", header):
-        try:
-            getattr(lib, name)
-        except AttributeError:
-            raise ImportError(f"{path} lacks {name} (stale build: reinstall)") from None
-    got = lib.lite_cuda_abi_version()
-    if got != int(want.group(1)):
-        raise ImportError(f"{path} has ABI version {got}, lite_cuda.h wants {want.group(1)} "
-                          "(stale build: reinstall)")
-    return ffi, lib, path
+    return native.open_library("lite_cuda", "LITE_CUDA_LIB", "liblite_cuda.so", "needs nvcc at install time",
+                               "lite_cuda.h", "csrc/cuda")
 
 
 def _last_error(ffi, lib) -> str:

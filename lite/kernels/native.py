@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 
 def library_path(env_var: str, filename: str, missing_hint: str) -> str:
@@ -44,3 +45,33 @@ def cdef_source(text: str) -> str:
             continue
         keep.append(line)
     return "\n".join(keep)
+
+
+def open_library(prefix: str, env_var: str, filename: str, missing_hint: str, header: str,
+                 source_dir: str) -> tuple[Any, Any, str]:
+    """(ffi, lib, path) for the library whose ABI functions are named `<prefix>_*`, declared
+    from its header. Raises ImportError with a one-line reason when the library is missing,
+    cannot be opened, or is stale (a declared function is absent or `<prefix>_abi_version()`
+    differs from the header's `<PREFIX>_ABI_VERSION`)."""
+    from cffi import FFI
+
+    path = library_path(env_var, filename, missing_hint)
+    text = open(header_path(path, header, source_dir)).read()
+    want = re.search(rf"#define\s+{prefix.upper()}_ABI_VERSION\s+(\d+)", text)
+    if not want:
+        raise ImportError(f"{header} has no {prefix.upper()}_ABI_VERSION")
+    ffi = FFI()
+    ffi.cdef(cdef_source(text))
+    try:
+        lib = ffi.dlopen(path)
+    except OSError as e:
+        raise ImportError(f"cannot open {path}: {str(e).splitlines()[0]}") from None
+    for name in re.findall(rf"\b({prefix}_\w+)\s*\(", text):
+        try:
+            getattr(lib, name)
+        except AttributeError:
+            raise ImportError(f"{path} lacks {name} (stale build: reinstall)") from None
+    got = getattr(lib, f"{prefix}_abi_version")()
+    if got != int(want.group(1)):
+        raise ImportError(f"{path} has ABI version {got}, {header} wants {want.group(1)} (stale build: reinstall)")
+    return ffi, lib, path
