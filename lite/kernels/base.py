@@ -123,3 +123,38 @@ def check_f32(name: str, a: np.ndarray, ndim: int) -> np.ndarray:
         got = f"{a.dtype} with {a.ndim} dims" if isinstance(a, np.ndarray) else type(a).__name__
         raise BackendError(f"{name}: expected a float32 array with {ndim} dims, got {got}")
     return np.ascontiguousarray(a)
+
+
+@dataclass(frozen=True)
+class MLAArgs:
+    """`mla_attention`'s inputs, validated once for every backend."""
+
+    q_lat: np.ndarray
+    q_pe: np.ndarray
+    ckv: np.ndarray
+    kpe: np.ndarray
+    start: int
+    scale: float
+
+    @property
+    def dims(self) -> tuple[int, int, int, int, int]:
+        """(T, H, C, R, S)."""
+        t, h, c = self.q_lat.shape
+        return t, h, c, self.q_pe.shape[2], self.ckv.shape[0]
+
+
+def check_mla(q_lat: np.ndarray, q_pe: np.ndarray, ckv: np.ndarray, kpe: np.ndarray, scale: float,
+              start: int) -> MLAArgs:
+    q_lat, q_pe = check_f32("mla q_lat", q_lat, 3), check_f32("mla q_pe", q_pe, 3)
+    ckv, kpe = check_f32("mla ckv", ckv, 2), check_f32("mla kpe", kpe, 2)
+    if not isinstance(start, (int, np.integer)) or isinstance(start, bool):
+        raise BackendError(f"mla_attention: start must be an integer, got {start!r}")
+    if not np.isfinite(scale):
+        raise BackendError(f"mla_attention: scale must be finite, got {scale!r}")
+    t, h, c = q_lat.shape
+    s = ckv.shape[0]
+    if (q_pe.shape[:2] != (t, h) or ckv.shape[1] != c or kpe.shape != (s, q_pe.shape[2]) or start < 0
+            or s < start + t or h == 0 or c == 0):
+        raise BackendError(f"mla_attention: inconsistent shapes q_lat {q_lat.shape} q_pe {q_pe.shape} "
+                           f"ckv {ckv.shape} kpe {kpe.shape} start {start}")
+    return MLAArgs(q_lat, q_pe, ckv, kpe, int(start), float(scale))

@@ -22,7 +22,7 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BackendError
 from .native import open_library
-from .base import FFNWeights, QTensor, QType, check_f32
+from .base import FFNWeights, QTensor, QType, check_f32, check_mla
 
 SUPPORTED = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
@@ -261,16 +261,9 @@ class CBackend:
 
     def mla_attention(self, q_lat: np.ndarray, q_pe: np.ndarray, ckv: np.ndarray, kpe: np.ndarray,
                       scale: float, start: int) -> np.ndarray:
-        q_lat = check_f32("mla q_lat", q_lat, 3)
-        q_pe = check_f32("mla q_pe", q_pe, 3)
-        ckv, kpe = check_f32("mla ckv", ckv, 2), check_f32("mla kpe", kpe, 2)
-        t, h, c = q_lat.shape
-        s, r = ckv.shape[0], q_pe.shape[2]
-        start = int(start)
-        if (q_pe.shape[:2] != (t, h) or ckv.shape[1] != c or kpe.shape != (s, r) or start < 0
-                or s < start + t or h == 0 or c == 0):
-            raise BackendError(f"mla_attention: inconsistent shapes q_lat {q_lat.shape} q_pe {q_pe.shape} "
-                               f"ckv {ckv.shape} kpe {kpe.shape} start {start}")
+        a = check_mla(q_lat, q_pe, ckv, kpe, scale, start)
+        q_lat, q_pe, ckv, kpe, start = a.q_lat, a.q_pe, a.ckv, a.kpe, a.start
+        t, h, c, r, s = a.dims
         if c > MLA_MAX_C:
             raise BackendError(f"mla_attention: latent size {c} exceeds the C kernel's limit {MLA_MAX_C}")
         out = np.empty_like(q_lat)

@@ -32,7 +32,7 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BackendError
 from . import numba_kernels as nk
-from .base import FFNWeights, QTensor, QType, check_f32
+from .base import FFNWeights, QTensor, QType, check_f32, check_mla
 
 SUPPORTED = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
 
@@ -137,19 +137,8 @@ class NumbaBackend:
     # -- attention -----------------------------------------------------------------------------
     def mla_attention(self, q_lat: np.ndarray, q_pe: np.ndarray, ckv: np.ndarray, kpe: np.ndarray,
                       scale: float, start: int) -> np.ndarray:
-        q_lat = check_f32("mla q_lat", q_lat, 3)
-        q_pe = check_f32("mla q_pe", q_pe, 3)
-        ckv, kpe = check_f32("mla ckv", ckv, 2), check_f32("mla kpe", kpe, 2)
-        t, h, c = q_lat.shape
-        s = ckv.shape[0]
-        if not isinstance(start, (int, np.integer)) or isinstance(start, bool):
-            raise BackendError(f"mla_attention: start must be an integer, got {start!r}")
-        if (q_pe.shape[:2] != (t, h) or ckv.shape[1] != c or kpe.shape != (s, q_pe.shape[2])
-                or start < 0 or s < start + t):
-            raise BackendError(f"mla_attention: inconsistent shapes q_lat {q_lat.shape} q_pe {q_pe.shape} "
-                               f"ckv {ckv.shape} kpe {kpe.shape} start {start}")
-        if not np.isfinite(scale):
-            raise BackendError(f"mla_attention: scale must be finite, got {scale!r}")
+        a = check_mla(q_lat, q_pe, ckv, kpe, scale, start)
+        q_lat, q_pe, ckv, kpe, start = a.q_lat, a.q_pe, a.ckv, a.kpe, a.start
         out = np.empty_like(q_lat)
         if q_lat.size:
             nk.mla_attention(q_lat, q_pe, ckv, kpe, np.float32(scale), int(start), out)

@@ -7,7 +7,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import BackendError
-from .base import FFNWeights, QTensor, check_f32
+from .base import FFNWeights, QTensor, check_f32, check_mla
 from .dequant import dequantize
 
 
@@ -60,15 +60,9 @@ class ReferenceBackend:
 
     def mla_attention(self, q_lat: np.ndarray, q_pe: np.ndarray, ckv: np.ndarray, kpe: np.ndarray,
                       scale: float, start: int) -> np.ndarray:
-        q_lat = check_f32("mla q_lat", q_lat, 3)
-        q_pe = check_f32("mla q_pe", q_pe, 3)
-        ckv, kpe = check_f32("mla ckv", ckv, 2), check_f32("mla kpe", kpe, 2)
-        t, h, c = q_lat.shape
-        s = ckv.shape[0]
-        if (q_pe.shape[:2] != (t, h) or ckv.shape[1] != c or kpe.shape != (s, q_pe.shape[2])
-                or start < 0 or s < start + t):
-            raise BackendError(f"mla_attention: inconsistent shapes q_lat {q_lat.shape} q_pe {q_pe.shape} "
-                               f"ckv {ckv.shape} kpe {kpe.shape} start {start}")
+        a = check_mla(q_lat, q_pe, ckv, kpe, scale, start)
+        q_lat, q_pe, ckv, kpe, start = a.q_lat, a.q_pe, a.ckv, a.kpe, a.start
+        t, _, _, _, s = a.dims
         scores = (np.einsum("thc,sc->ths", q_lat, ckv) + np.einsum("thr,sr->ths", q_pe, kpe)) * np.float32(scale)
         future = np.arange(s)[None, :] > (start + np.arange(t))[:, None]
         scores[np.broadcast_to(future[:, None, :], scores.shape)] = -np.inf
