@@ -158,3 +158,30 @@ def check_mla(q_lat: np.ndarray, q_pe: np.ndarray, ckv: np.ndarray, kpe: np.ndar
         raise BackendError(f"mla_attention: inconsistent shapes q_lat {q_lat.shape} q_pe {q_pe.shape} "
                            f"ckv {ckv.shape} kpe {kpe.shape} start {start}")
     return MLAArgs(q_lat, q_pe, ckv, kpe, int(start), float(scale))
+
+
+def check_weight(op: str, w: QTensor, rows: int | None, cols: int | None) -> None:
+    """Validate a 2-D weight before its bytes reach native code: type, shape (against `rows` /
+    `cols` when given), whole blocks per row, and a C-contiguous buffer of exactly the right size."""
+    from .dequant import SUPPORTED
+    if not isinstance(w, QTensor):
+        raise BackendError(f"{op}: weight must be a QTensor, got {type(w).__name__}")
+    if w.qtype not in SUPPORTED:
+        raise BackendError(f"{op}: weight {w.name} has unsupported type {QType(w.qtype).name} "
+                           f"(supported: {', '.join(t.name for t in SUPPORTED)})")
+    if len(w.shape) != 2:
+        raise BackendError(f"{op}: weight {w.name} must be 2-D, got shape {w.shape}")
+    n, c = w.shape
+    if (rows is not None and n != rows) or (cols is not None and c != cols):
+        raise BackendError(f"{op}: weight {w.name} has shape {w.shape}, expected "
+                           f"[{rows if rows is not None else 'N'}, {cols if cols is not None else 'cols'}]")
+    block, size = GGML_QUANT_SIZES[w.qtype]
+    if c % block:
+        raise BackendError(f"{op}: weight {w.name} row length {c} is not a multiple of the "
+                           f"{w.qtype.name} block size {block}")
+    d = w.data
+    if not isinstance(d, np.ndarray) or d.dtype != np.uint8 or not d.flags.c_contiguous:
+        raise BackendError(f"{op}: weight {w.name} data must be C-contiguous uint8")
+    if d.nbytes != n * (c // block * size):
+        raise BackendError(f"{op}: weight {w.name} data holds {d.nbytes} bytes, {w.qtype.name} "
+                           f"{w.shape} needs {n * (c // block * size)}")

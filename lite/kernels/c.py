@@ -18,13 +18,11 @@ import weakref
 from typing import Mapping
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BackendError
 from .native import open_library
-from .base import FFNWeights, QTensor, QType, check_f32, check_mla
+from .base import FFNWeights, QTensor, QType, check_f32, check_mla, check_weight
 
-SUPPORTED = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
            -4: "buffer too small for the shapes", -5: "row length not a multiple of the block size",
@@ -45,11 +43,6 @@ def _load():
 
 
 _ffi, _lib, LIB_PATH = _load()
-
-
-def _row_bytes(qtype: QType, cols: int) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
-    return cols // block * size
 
 
 def _act_stride(qtype: QType, cols: int) -> int:
@@ -121,36 +114,13 @@ class CBackend:
         if (hit is not None and hit[0]() is data and hit[1] == w.qtype and hit[2] == w.shape
                 and (rows is None or w.shape[0] == rows) and (cols is None or w.shape[1] == cols)):
             return self.ffi.cast("const uint8_t *", data.ctypes.data)
-        self._check_weight(op, w, rows, cols)
+        check_weight(op, w, rows, cols)
         if len(self._ptrs) > 4096:
             self._ptrs.clear()
         # A weak reference: the cache must not keep a closed model's map or expert pool alive.
         self._ptrs[id(data)] = (weakref.ref(data), w.qtype, w.shape)
         return self.ffi.cast("const uint8_t *", data.ctypes.data)
 
-    @staticmethod
-    def _check_weight(op: str, w: QTensor, rows: int | None, cols: int | None) -> None:
-        if not isinstance(w, QTensor):
-            raise BackendError(f"{op}: weight must be a QTensor, got {type(w).__name__}")
-        if w.qtype not in SUPPORTED:
-            raise BackendError(f"{op}: weight {w.name} has unsupported type {QType(w.qtype).name} "
-                               f"(supported: {', '.join(t.name for t in SUPPORTED)})")
-        if len(w.shape) != 2:
-            raise BackendError(f"{op}: weight {w.name} must be 2-D, got shape {w.shape}")
-        n, c = w.shape
-        if (rows is not None and n != rows) or (cols is not None and c != cols):
-            raise BackendError(f"{op}: weight {w.name} has shape {w.shape}, expected "
-                               f"[{rows if rows is not None else 'N'}, {cols if cols is not None else 'cols'}]")
-        block = GGML_QUANT_SIZES[w.qtype][0]
-        if c % block:
-            raise BackendError(f"{op}: weight {w.name} row length {c} is not a multiple of the "
-                               f"{w.qtype.name} block size {block}")
-        d = w.data
-        if not isinstance(d, np.ndarray) or d.dtype != np.uint8 or not d.flags.c_contiguous:
-            raise BackendError(f"{op}: weight {w.name} data must be C-contiguous uint8")
-        if d.nbytes != n * _row_bytes(w.qtype, c):
-            raise BackendError(f"{op}: weight {w.name} data holds {d.nbytes} bytes, {w.qtype.name} "
-                               f"{w.shape} needs {n * _row_bytes(w.qtype, c)}")
 
     # ---- ops ------------------------------------------------------------------------------------
     def quantize_q8_0(self, x: np.ndarray) -> np.ndarray:
@@ -203,7 +173,7 @@ class CBackend:
             # Validate as the 2-D [H*N, cols] weight it is byte for byte, then cache under the 3-D shape.
             if not isinstance(data, np.ndarray) or not data.flags.c_contiguous:
                 raise BackendError(f"matmul_heads: weight {w.name} data must be C-contiguous uint8")
-            self._check_weight("matmul_heads", QTensor(w.name, w.qtype, (h * n, cols), data.reshape(h * n, -1)),
+            check_weight("matmul_heads", QTensor(w.name, w.qtype, (h * n, cols), data.reshape(h * n, -1)),
                                h * n, cols)
             if len(self._ptrs) > 4096:
                 self._ptrs.clear()

@@ -59,13 +59,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BackendError
 from . import native
-from .base import FFNWeights, QTensor, QType, check_f32, check_mla
+from .base import FFNWeights, QTensor, check_f32, check_mla, check_weight
 
-SUPPORTED = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
            -4: "buffer too small for the shapes", -5: "row length not a multiple of the block size",
            -7: "CUDA error", -8: "no CUDA device", -9: "out of device memory"}
@@ -110,11 +108,6 @@ def _check(rc: int, op: str, what: str = "") -> None:
         msg = _last_error(_ffi, _lib)
         raise BackendError(f"{op}: the CUDA library failed ({_STATUS.get(rc, rc)})"
                            + (f": {what}" if what else "") + (f" [{msg}]" if msg else ""))
-
-
-def _row_bytes(qtype: QType, cols: int) -> int:
-    block, size = GGML_QUANT_SIZES[qtype]
-    return cols // block * size
 
 
 def _owner(a: np.ndarray) -> np.ndarray:
@@ -353,29 +346,6 @@ class CudaBackend:
         return h
 
     # ---- weights -----------------------------------------------------------------------------------
-    @staticmethod
-    def _check_weight(op: str, w: QTensor, rows: int | None, cols: int | None) -> None:
-        if not isinstance(w, QTensor):
-            raise BackendError(f"{op}: weight must be a QTensor, got {type(w).__name__}")
-        if w.qtype not in SUPPORTED:
-            raise BackendError(f"{op}: weight {w.name} has unsupported type {QType(w.qtype).name} "
-                               f"(supported: {', '.join(t.name for t in SUPPORTED)})")
-        if len(w.shape) != 2:
-            raise BackendError(f"{op}: weight {w.name} must be 2-D, got shape {w.shape}")
-        n, c = w.shape
-        if (rows is not None and n != rows) or (cols is not None and c != cols):
-            raise BackendError(f"{op}: weight {w.name} has shape {w.shape}, expected "
-                               f"[{rows if rows is not None else 'N'}, {cols if cols is not None else 'cols'}]")
-        block = GGML_QUANT_SIZES[w.qtype][0]
-        if c % block or (block > 1 and c % 32):
-            raise BackendError(f"{op}: weight {w.name} row length {c} is not a multiple of the "
-                               f"{w.qtype.name} block size {block}")
-        d = w.data
-        if not isinstance(d, np.ndarray) or d.dtype != np.uint8 or not d.flags.c_contiguous:
-            raise BackendError(f"{op}: weight {w.name} data must be C-contiguous uint8")
-        if d.nbytes != n * _row_bytes(w.qtype, c):
-            raise BackendError(f"{op}: weight {w.name} data holds {d.nbytes} bytes, {w.qtype.name} "
-                               f"{w.shape} needs {n * _row_bytes(w.qtype, c)}")
 
     @staticmethod
     def _key(w: QTensor) -> tuple | None:
@@ -456,7 +426,7 @@ class CudaBackend:
         self._in_use = {k for k in (self._key(w) for w, _, _ in weights) if k is not None}
         waits: list[Event] = []
         for i, (w, rows, cols) in enumerate(weights):
-            self._check_weight(op, w, rows, cols)
+            check_weight(op, w, rows, cols)
             key = self._key(w)
             expert = bool(_EXPERT_NAME.match(w.name))
             e = self._lookup(key, w)
@@ -726,7 +696,7 @@ class CudaBackend:
             specs += [(f"moe {label} gate", f.gate, None, d), (f"moe {label} up", f.up, width, d),
                       (f"moe {label} down", f.down, d, width)]
         for op, w, r, c in specs:
-            self._check_weight(op, w, r, c)
+            check_weight(op, w, r, c)
         out = np.zeros((t, d), np.float32)
         if t == 0 or not table:
             return out
@@ -813,7 +783,7 @@ class CudaBackend:
         with self._lock:
             for f in experts.values():
                 for q in (f.gate, f.up, f.down):
-                    self._check_weight("prefetch", q, None, None)
+                    check_weight("prefetch", q, None, None)
                     key = self._key(q)
                     if key is not None and self._lookup(key, q) is None:
                         e = self._admit(key, q, bool(_EXPERT_NAME.match(q.name)), self._copy)
