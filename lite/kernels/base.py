@@ -185,3 +185,23 @@ def check_weight(op: str, w: QTensor, rows: int | None, cols: int | None) -> Non
     if d.nbytes != n * (c // block * size):
         raise BackendError(f"{op}: weight {w.name} data holds {d.nbytes} bytes, {w.qtype.name} "
                            f"{w.shape} needs {n * (c // block * size)}")
+
+
+def check_rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """`rmsnorm`'s inputs validated once for every backend: x `[T, D]`, w `[D]`, eps ≥ 0."""
+    x, w = check_f32("rmsnorm input", x, 2), check_f32("rmsnorm weight", w, 1)
+    if w.shape != (x.shape[1],):
+        raise BackendError(f"rmsnorm: weight shape {w.shape} does not match hidden size {x.shape[1]}")
+    if not np.isfinite(eps) or eps < 0:
+        raise BackendError(f"rmsnorm: eps must be a finite non-negative number, got {eps!r}")
+    return x, w
+
+
+def check_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`rope`'s inputs validated once for every backend: x `[T, H, R]`, tables `[T, R/2]`."""
+    x = check_f32("rope input", x, 3)
+    cos, sin = check_f32("rope cos", cos, 2), check_f32("rope sin", sin, 2)
+    t, _, r = x.shape
+    if r % 2 or cos.shape != (t, r // 2) or sin.shape != (t, r // 2):
+        raise BackendError(f"rope: tables {cos.shape}/{sin.shape} do not fit input {x.shape}")
+    return x, cos, sin

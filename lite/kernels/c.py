@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import BackendError
 from .native import open_library
-from .base import FFNWeights, QTensor, QType, check_f32, check_mla, check_weight
+from .base import FFNWeights, QTensor, QType, check_f32, check_mla, check_rmsnorm, check_rope, check_weight
 
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
@@ -190,12 +190,7 @@ class CBackend:
         return out
 
     def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-        x = check_f32("rmsnorm input", x, 2)
-        w = check_f32("rmsnorm weight", w, 1)
-        if w.shape != (x.shape[1],):
-            raise BackendError(f"rmsnorm: weight shape {w.shape} does not match hidden size {x.shape[1]}")
-        if not eps >= 0:
-            raise BackendError(f"rmsnorm: eps must be >= 0, got {eps}")
+        x, w = check_rmsnorm(x, w, eps)
         out = np.empty_like(x)
         if x.size:
             self._check(self.lib.lite_rmsnorm_f32(self._f(out), self._f(x), self._f(w), x.shape[0],
@@ -203,11 +198,8 @@ class CBackend:
         return out
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        x = check_f32("rope input", x, 3)
-        cos, sin = check_f32("rope cos", cos, 2), check_f32("rope sin", sin, 2)
+        x, cos, sin = check_rope(x, cos, sin)
         t, h, r = x.shape
-        if r % 2 or cos.shape != (t, r // 2) or sin.shape != (t, r // 2):
-            raise BackendError(f"rope: tables {cos.shape}/{sin.shape} do not fit input {x.shape}")
         out = np.empty_like(x)
         if x.size:
             self._check(self.lib.lite_rope_f32(self._f(out), self._f(x), self._f(cos), self._f(sin), t, h, r), "rope")

@@ -62,7 +62,7 @@ import numpy as np
 
 from ..errors import BackendError
 from . import native
-from .base import FFNWeights, QTensor, check_f32, check_mla, check_weight
+from .base import FFNWeights, QTensor, check_f32, check_mla, check_rmsnorm, check_rope, check_weight
 
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
            -4: "buffer too small for the shapes", -5: "row length not a multiple of the block size",
@@ -517,12 +517,7 @@ class CudaBackend:
         return np.ascontiguousarray(out.transpose(1, 0, 2))
 
     def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-        x = check_f32("rmsnorm input", x, 2)
-        w = check_f32("rmsnorm weight", w, 1)
-        if w.shape != (x.shape[1],):
-            raise BackendError(f"rmsnorm: weight shape {w.shape} does not match hidden size {x.shape[1]}")
-        if not eps >= 0:
-            raise BackendError(f"rmsnorm: eps must be >= 0, got {eps}")
+        x, w = check_rmsnorm(x, w, eps)
         out = np.empty_like(x)
         if x.size:
             with self._lock:
@@ -533,11 +528,8 @@ class CudaBackend:
         return out
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        x = check_f32("rope input", x, 3)
-        cos, sin = check_f32("rope cos", cos, 2), check_f32("rope sin", sin, 2)
+        x, cos, sin = check_rope(x, cos, sin)
         t, h, r = x.shape
-        if r % 2 or cos.shape != (t, r // 2) or sin.shape != (t, r // 2):
-            raise BackendError(f"rope: tables {cos.shape}/{sin.shape} do not fit input {x.shape}")
         out = np.empty_like(x)
         if x.size:
             with self._lock:

@@ -32,7 +32,7 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BackendError
 from . import numba_kernels as nk
-from .base import FFNWeights, QTensor, QType, check_f32, check_mla
+from .base import FFNWeights, QTensor, QType, check_f32, check_mla, check_rmsnorm, check_rope
 
 SUPPORTED = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
 
@@ -91,24 +91,14 @@ class NumbaBackend:
 
     # -- elementwise / row ops -----------------------------------------------------------------
     def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-        x = check_f32("rmsnorm input", x, 2)
-        w = check_f32("rmsnorm weight", w, 1)
-        if w.shape != (x.shape[1],):
-            raise BackendError(f"rmsnorm: weight shape {w.shape} does not match hidden size {x.shape[1]}")
-        if not np.isfinite(eps) or eps < 0:
-            raise BackendError(f"rmsnorm: eps must be a finite non-negative number, got {eps!r}")
+        x, w = check_rmsnorm(x, w, eps)
         out = np.empty_like(x)
         if x.size:
             nk.rmsnorm(x, w, np.float32(eps), out)
         return out
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        x = check_f32("rope input", x, 3)
-        cos = check_f32("rope cos", cos, 2)
-        sin = check_f32("rope sin", sin, 2)
-        t, _, r = x.shape
-        if r % 2 or cos.shape != (t, r // 2) or sin.shape != (t, r // 2):
-            raise BackendError(f"rope: tables {cos.shape}/{sin.shape} do not fit input {x.shape}")
+        x, cos, sin = check_rope(x, cos, sin)
         out = np.empty_like(x)
         if x.size:
             nk.rope(x, cos, sin, out)

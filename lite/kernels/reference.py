@@ -7,7 +7,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import BackendError
-from .base import FFNWeights, QTensor, check_f32, check_mla
+from .base import FFNWeights, QTensor, check_f32, check_mla, check_rmsnorm, check_rope
 from .dequant import dequantize
 
 
@@ -30,17 +30,12 @@ class ReferenceBackend:
         return x @ dense(w).T
 
     def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-        x = check_f32("rmsnorm input", x, 2)
-        if w.shape != (x.shape[1],):
-            raise BackendError(f"rmsnorm: weight shape {w.shape} does not match hidden size {x.shape[1]}")
+        x, w = check_rmsnorm(x, w, eps)
         var = np.mean(x * x, axis=1, keepdims=True, dtype=np.float32)
         return w * (x / np.sqrt(var + np.float32(eps)))
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        x = check_f32("rope input", x, 3)
-        t, _, r = x.shape
-        if r % 2 or cos.shape != (t, r // 2) or sin.shape != (t, r // 2):
-            raise BackendError(f"rope: tables {cos.shape}/{sin.shape} do not fit input {x.shape}")
+        x, cos, sin = check_rope(x, cos, sin)
         even, odd = x[..., 0::2], x[..., 1::2]
         c, s = cos[:, None, :], sin[:, None, :]
         out = np.empty_like(x)
