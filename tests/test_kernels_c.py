@@ -153,8 +153,14 @@ def test_matmul_float(cb, qtype, t):
 
 @pytest.mark.parametrize("qtype", QUANT, ids=lambda q: q.name)
 @pytest.mark.parametrize("t", [1, 3, 17])
-def test_matmul_quant(cb, qtype, t):
-    cols = 512 if qtype in (QType.Q4_K, QType.Q6_K) else 1408   # 1408 = 44 blocks of 32
+@pytest.mark.parametrize("odd", [False, True], ids=["even", "odd"])
+def test_matmul_quant(cb, qtype, t, odd):
+    """37 rows: two streaming chunks of 16 and a short one for one token; an odd block count
+    (45 or 3) ends the streaming kernels' two-block loop on a single block."""
+    if qtype in (QType.Q4_K, QType.Q6_K):
+        cols = 768 if odd else 512
+    else:
+        cols = 1440 if odd else 1408        # 45 / 44 blocks of 32
     n = 37
     w = make_weight(qtype, n, cols, seed=t + 10)
     x = rng(t + 20).standard_normal((t, cols)).astype(np.float32)

@@ -26,8 +26,27 @@ void lite_gemm_quantize(uint8_t *act, int64_t astride, int kind, const float *x,
     for (int64_t t = 0; t < n_tok; t++) q(act + t * astride, astride, x + t * cols, 1, cols);
 }
 
+void lite_rows_one_token(float *out, const uint8_t *w, int64_t row_bytes, int64_t nr, int kind,
+                         const uint8_t *act, int64_t cols) {
+    const kernel_table *kt = lite_active_kernels();
+    if (kt->mv[kind] && cols <= MV_MAX_COLS) {
+        kt->mv[kind](out, w, row_bytes, nr, act, cols);
+        return;
+    }
+    for (int64_t r = 0; r < nr; r += TILE_R)
+        kt->tile[kind](out + r, 0, w + r * row_bytes, row_bytes, (int)(nr - r < TILE_R ? nr - r : TILE_R),
+                       act, 0, 1, cols);
+}
+
 void lite_gemm_compute_ld(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t n_rows,
                           int kind, const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols) {
+    if (n_tok == 1) {
+#pragma omp for schedule(static)
+        for (int64_t r0 = 0; r0 < n_rows; r0 += MV_ROWS)
+            lite_rows_one_token(out + r0, w + r0 * row_bytes, row_bytes,
+                                n_rows - r0 < MV_ROWS ? n_rows - r0 : MV_ROWS, kind, act, cols);
+        return;
+    }
     tile_fn f = lite_active_kernels()->tile[kind];
     int64_t n_rt = (n_rows + TILE_R - 1) / TILE_R;
     for (int64_t t0 = 0; t0 < n_tok; t0 += TOKEN_CHUNK) {
@@ -138,7 +157,17 @@ int lite_matmul_heads(float *out, int64_t out_len, const float *x, int64_t n_tok
                 q(scratch + (h * n_tok + t) * astride, astride, x + i * cols, 1, cols);
             }
         }
-        for (int64_t t0 = 0; t0 < n_tok; t0 += TOKEN_CHUNK) {
+        if (n_tok == 1) {
+            int64_t n_chunks = (n_rows + MV_ROWS - 1) / MV_ROWS;
+#pragma omp for schedule(static)
+            for (int64_t it = 0; it < n_head * n_chunks; it++) {
+                int64_t h = it / n_chunks, r0 = (it % n_chunks) * MV_ROWS;
+                lite_rows_one_token(out + h * n_rows + r0, w + (h * n_rows + r0) * rb, rb,
+                                    n_rows - r0 < MV_ROWS ? n_rows - r0 : MV_ROWS, kind,
+                                    quant ? scratch + h * astride : (const uint8_t *)(x + h * cols), cols);
+            }
+        }
+        for (int64_t t0 = 0; n_tok > 1 && t0 < n_tok; t0 += TOKEN_CHUNK) {
             int64_t t1 = t0 + TOKEN_CHUNK < n_tok ? t0 + TOKEN_CHUNK : n_tok;
 #pragma omp for schedule(static)
             for (int64_t it = 0; it < n_items; it++) {

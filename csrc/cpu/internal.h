@@ -78,6 +78,14 @@ static inline int64_t a8k_stride(int64_t cols) { return ((cols / QKK) * (QKK + 3
  * cols: row length in weights. nr <= TILE_R, nt <= TILE_T. */
 typedef void (*tile_fn)(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,
                         const uint8_t *a, int64_t astride, int nt, int64_t cols);
+/* Streaming matrix-vector kernel (one token): out[r] = dot(weight row r, activation row a) for
+ * r < nr, each row read start to end before the next. NULL where an ISA has none: the 4-row tiles
+ * serve instead. cols <= MV_MAX_COLS (the kernels keep per-block values on the stack). */
+typedef void (*mv_fn)(float *out, const uint8_t *w, int64_t wstride, int64_t nr, const uint8_t *a, int64_t cols);
+#define MV_MAX_COLS 32768
+/* Rows per work item when one token streams through a matrix: long enough runs for the prefetch,
+ * short enough to share rows evenly between threads. */
+#define MV_ROWS 16
 /* Quantize n_rows float rows of length cols into an activation layout (A8 or A8K). */
 typedef void (*quant_fn)(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
 
@@ -85,6 +93,7 @@ enum { K_Q4_0, K_Q8_0, K_Q4_K, K_Q6_K, K_F32, K_F16, K_BF16, K_COUNT };
 
 typedef struct {
     tile_fn tile[K_COUNT];
+    mv_fn mv[K_COUNT];
     quant_fn quant_a8;
     quant_fn quant_a8k;
 } kernel_table;
@@ -113,6 +122,10 @@ void lite_gemm_compute(float *out, const uint8_t *w, int64_t row_bytes, int64_t 
 /* The same with an explicit output row stride (ldo floats between tokens). */
 void lite_gemm_compute_ld(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t n_rows,
                           int kind, const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols);
+/* Rows [0, nr) of w times one activation row: the ISA's streaming kernel when it has one for
+ * this kind and size, else 4-row tiles. Single-threaded; callers share rows between threads. */
+void lite_rows_one_token(float *out, const uint8_t *w, int64_t row_bytes, int64_t nr, int kind,
+                         const uint8_t *act, int64_t cols);
 /* Scratch bytes for the activations of n_tok rows (0 for float weights). */
 int64_t lite_act_stride(int kind, int64_t cols);
 

@@ -68,40 +68,77 @@ INLINE __m256i unpack_q8_0(const uint8_t *blk) { return _mm256_loadu_si256((cons
                 NAME##_fixed(1, 1, out + t * ldo + r, ldo, w + r * wstride, wstride, a + t * astride, astride, nb); \
     }
 
-DEF_Q8_TILE(tile_q4_0_generic, unpack_q4_0, Q4_0_BYTES)
+DEF_Q8_TILE(tile_q4_0, unpack_q4_0, Q4_0_BYTES)
 
-/* Q4_0 decode (4 rows x 1 token): unsigned nibbles straight into maddubs, and the -8 offset
- * applied once per activation block as 8 * sum(y) (shared by the 4 rows). */
-static void q4_0_r4t1(float *out, const uint8_t *w, int64_t ws, const uint8_t *a, int64_t nb) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+/* ---- one token: rows streamed one after another -------------------------------------------- */
+/* A 4-row tile reads 4 short interleaved streams, which the hardware prefetcher picks up too late:
+ * measured from RAM on one core, 5.1 GB/s for Q4_0 that way against 7.9 GB/s reading the rows one
+ * after another, and 9.4-10.5 GB/s with a software prefetch about 1 KiB ahead (the read probe's
+ * ceiling is ~10). Two accumulators hide the FMA latency that one row alone would expose. */
+#define MV_PREFETCH 1024
+
+/* Q4_0: unsigned nibbles straight into maddubs (one broadcast load and a per-lane shift give both
+ * halves of a block); the -8 offset comes off as maddubs(8, y), computed once per call. */
+static void mv_q4_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+    const int64_t nb = cols / QK;
     const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), eight = _mm256_set1_epi8(8);
+    const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
     const float *da = (const float *)(a + nb * QK);
-#define Q4_ROW(R, ACC)                                                                             \
+    __m256i ys[nb];
+    for (int64_t b = 0; b < nb; b++)
+        ys[b] = _mm256_madd_epi16(_mm256_maddubs_epi16(eight, _mm256_loadu_si256((const __m256i *)(a + b * QK))), ones);
+#define Q4_BLOCK(B, ACC)                                                                           \
     {                                                                                              \
-        const uint8_t *blk = w + R * ws + b * Q4_0_BYTES;                                          \
-        __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));                                   \
-        __m256i v = _mm256_and_si256(_mm256_insertf128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1), m4); \
-        __m256i p = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(v, y), ones), ys);   \
-        ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(_mm256_set1_ps(fp16(blk)), dx), ACC); \
+        const uint8_t *blk = row + (B) * Q4_0_BYTES;                                               \
+        __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 2)));      \
+        __m256i v = _mm256_and_si256(_mm256_srlv_epi32(q, halves), m4);                            \
+        __m256i y = _mm256_loadu_si256((const __m256i *)(a + (B) * QK));                          \
+        __m256i p = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(v, y), ones), ys[B]); \
+        ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(blk) * da[B]), ACC);      \
     }
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i y = _mm256_loadu_si256((const __m256i *)(a + b * QK));
-        __m256i ys = _mm256_madd_epi16(_mm256_maddubs_epi16(eight, y), ones);
-        __m256 dx = _mm256_broadcast_ss(da + b);
-        Q4_ROW(0, acc0) Q4_ROW(1, acc1) Q4_ROW(2, acc2) Q4_ROW(3, acc3)
+    for (int64_t r = 0; r < nr; r++) {
+        const uint8_t *row = w + r * ws;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int64_t b = 0;
+        for (; b + 2 <= nb; b += 2) {
+            if ((b & 3) == 0) _mm_prefetch((const char *)row + b * Q4_0_BYTES + MV_PREFETCH, _MM_HINT_T0);
+            Q4_BLOCK(b, acc0)
+            Q4_BLOCK(b + 1, acc1)
+        }
+        if (b < nb) Q4_BLOCK(b, acc0)
+        out[r] = hsum8(_mm256_add_ps(acc0, acc1));
     }
-#undef Q4_ROW
-    out[0] = hsum8(acc0);
-    out[1] = hsum8(acc1);
-    out[2] = hsum8(acc2);
-    out[3] = hsum8(acc3);
+#undef Q4_BLOCK
 }
 
-static void tile_q4_0(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,
-                      const uint8_t *a, int64_t astride, int nt, int64_t cols) {
-    if (nt == 1 && nr == 4) { q4_0_r4t1(out, w, wstride, a, cols / QK); return; }
-    tile_q4_0_generic(out, ldo, w, wstride, nr, a, astride, nt, cols);
+/* Q8_0: signed weights, the sign trick (|w| unsigned x sign(y, w) signed) into maddubs. */
+static void mv_q8_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+    const int64_t nb = cols / QK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const float *da = (const float *)(a + nb * QK);
+#define Q8_BLOCK(B, ACC)                                                                           \
+    {                                                                                              \
+        const uint8_t *blk = row + (B) * Q8_0_BYTES;                                               \
+        __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));                                \
+        __m256i y = _mm256_loadu_si256((const __m256i *)(a + (B) * QK));                           \
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)), ones); \
+        ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(blk) * da[B]), ACC);      \
+    }
+    for (int64_t r = 0; r < nr; r++) {
+        const uint8_t *row = w + r * ws;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        int64_t b = 0;
+        for (; b + 2 <= nb; b += 2) {
+            _mm_prefetch((const char *)row + b * Q8_0_BYTES + MV_PREFETCH, _MM_HINT_T0);
+            Q8_BLOCK(b, acc0)
+            Q8_BLOCK(b + 1, acc1)
+        }
+        if (b < nb) Q8_BLOCK(b, acc0)
+        out[r] = hsum8(_mm256_add_ps(acc0, acc1));
+    }
+#undef Q8_BLOCK
 }
+
 DEF_Q8_TILE(tile_q8_0, unpack_q8_0, Q8_0_BYTES)
 
 /* ---- Q4_K ------------------------------------------------------------------------------------ */
@@ -334,6 +371,8 @@ void lite_kernels_avx2(kernel_table *t) {
     t->tile[K_F32] = tile_f32;
     t->tile[K_F16] = tile_f16;
     t->tile[K_BF16] = tile_bf16;
+    t->mv[K_Q4_0] = mv_q4_0;
+    t->mv[K_Q8_0] = mv_q8_0;
     t->quant_a8 = quant_a8;
     t->quant_a8k = quant_a8k;
 }

@@ -46,6 +46,20 @@ int lite_moe_scratch_bytes(int64_t *out, int64_t n_tok, int64_t dim, int64_t k, 
     return LITE_OK;
 }
 
+/* Rows [0, nr) of one entry's matrix over its n gathered tokens (outputs ldo floats apart): the
+ * streaming kernel for a lone token, else tiles (nr <= TILE_R then). */
+static void run_rows(tile_fn fn, float *o, int64_t ldo, const uint8_t *w, int64_t rb, int64_t nr, int kind,
+                     const uint8_t *a0, int64_t as, int64_t n, int64_t cols) {
+    if (n == 1) {
+        lite_rows_one_token(o, w, rb, nr, kind, a0, cols);
+        return;
+    }
+    for (int64_t t = 0; t < n; t += TILE_T) {
+        int nt = (int)(n - t < TILE_T ? n - t : TILE_T);
+        fn(o + t * ldo, ldo, w, rb, (int)nr, a0 + t * as, as, nt, cols);
+    }
+}
+
 static int act_class(int kind) { return (kind == K_Q4_0 || kind == K_Q8_0) ? 0 : (kind <= K_Q6_K ? 1 : 2); }
 
 int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t dim,
@@ -120,9 +134,12 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
     int64_t iu[MOE_MAX_ENTRIES + 1], idn[MOE_MAX_ENTRIES + 1];
     int kg[MOE_MAX_ENTRIES], ku[MOE_MAX_ENTRIES], kd[MOE_MAX_ENTRIES];
     iu[0] = idn[0] = 0;
+    int64_t rpi[MOE_MAX_ENTRIES];   /* rows per work item: streaming chunks for a lone token */
     for (int64_t e = 0; e < n_exp; e++) {
-        int has = off[e + 1] > off[e];
-        int64_t rt_f = (ffn[e] + TILE_R - 1) / TILE_R, rt_d = (dim + TILE_R - 1) / TILE_R;
+        int64_t n = off[e + 1] - off[e];
+        rpi[e] = n == 1 ? MV_ROWS : TILE_R;
+        int64_t rt_f = (ffn[e] + rpi[e] - 1) / rpi[e], rt_d = (dim + rpi[e] - 1) / rpi[e];
+        int has = n > 0;
         iu[e + 1] = iu[e] + (has ? 2 * rt_f : 0);
         idn[e + 1] = idn[e] + (has ? rt_d : 0);
         kg[e] = lite_kind_of(types[3 * e]);
@@ -156,10 +173,10 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
                 int64_t mid = (lo + hi) / 2;
                 if (iu[mid] <= it) lo = mid; else hi = mid;
             }
-            int64_t e = lo, f = ffn[e], rt_f = (f + TILE_R - 1) / TILE_R, j = it - iu[e];
+            int64_t e = lo, f = ffn[e], rt_f = (f + rpi[e] - 1) / rpi[e], j = it - iu[e];
             int is_up = j >= rt_f;
-            int64_t r0 = (is_up ? j - rt_f : j) * TILE_R;
-            int nr = (int)(f - r0 < TILE_R ? f - r0 : TILE_R);
+            int64_t r0 = (is_up ? j - rt_f : j) * rpi[e];
+            int64_t nr = f - r0 < rpi[e] ? f - r0 : rpi[e];
             int kind = is_up ? ku[e] : kg[e];
             int cls = act_class(kind);
             int64_t rb = lite_row_bytes_of(types[3 * e + is_up], dim);
@@ -169,12 +186,7 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
             if (cls == 2) { a0 = (const uint8_t *)(xg + off[e] * dim); as = dim * 4; }
             else { a0 = (is_up && cls != act_class(kg[e]) ? act2 : act) + off[e] * arow; as = arow; }
             float *o = (is_up ? u : g) + off[e] * max_ffn + r0;
-            tile_fn fn = kt->tile[kind];
-            int64_t n = off[e + 1] - off[e];
-            for (int64_t t = 0; t < n; t += TILE_T) {
-                int nt = (int)(n - t < TILE_T ? n - t : TILE_T);
-                fn(o + t * max_ffn, max_ffn, w, rb, nr, a0 + t * as, as, nt, dim);
-            }
+            run_rows(kt->tile[kind], o, max_ffn, w, rb, nr, kind, a0, as, off[e + 1] - off[e], dim);
         }
         /* 3: hidden = silu(gate) * up, quantized for down. */
 #pragma omp for schedule(static)
@@ -196,20 +208,15 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
                 int64_t mid = (lo + hi) / 2;
                 if (idn[mid] <= it) lo = mid; else hi = mid;
             }
-            int64_t e = lo, f = ffn[e], r0 = (it - idn[e]) * TILE_R;
-            int nr = (int)(dim - r0 < TILE_R ? dim - r0 : TILE_R);
+            int64_t e = lo, f = ffn[e], r0 = (it - idn[e]) * rpi[e];
+            int64_t nr = dim - r0 < rpi[e] ? dim - r0 : rpi[e];
             int kind = kd[e];
             int64_t rb = lite_row_bytes_of(types[3 * e + 2], f);
             const uint8_t *w = down[e] + r0 * rb;
             const uint8_t *a0 = act_class(kind) == 2 ? (const uint8_t *)(g + off[e] * max_ffn) : act + off[e] * arow;
             int64_t as = act_class(kind) == 2 ? max_ffn * 4 : arow;
             float *o = y + off[e] * dim + r0;
-            tile_fn fn = kt->tile[kind];
-            int64_t n = off[e + 1] - off[e];
-            for (int64_t t = 0; t < n; t += TILE_T) {
-                int nt = (int)(n - t < TILE_T ? n - t : TILE_T);
-                fn(o + t * dim, dim, w, rb, nr, a0 + t * as, as, nt, f);
-            }
+            run_rows(kt->tile[kind], o, dim, w, rb, nr, kind, a0, as, off[e + 1] - off[e], f);
         }
         /* 5: scale and add into the output, by column ranges (no two threads share an element);
          * assignments in entry order, as before. */
