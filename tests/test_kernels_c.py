@@ -269,6 +269,8 @@ def test_softmax_silu(cb):
     (17, 3, 96, 8, 17, 0),          # prefill from empty
     (2, 5, 128, 32, 300, 200),      # several online-softmax chunks
     (1, 2, 32, 0, 5, 4),            # no rope dims
+    (2, 9, 64, 8, 133, 131),        # a head group of 8 and one of 1; chunks with a 5-position tail
+    (1, 7, 40, 4, 70, 69),          # sizes the vector kernel does not take: the scalar one runs
 ])
 def test_mla_attention(cb, t, h, c, r, s, start):
     g = rng(t * 100 + s)

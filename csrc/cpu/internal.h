@@ -86,6 +86,15 @@ typedef void (*mv_fn)(float *out, const uint8_t *w, int64_t wstride, int64_t nr,
 /* Rows per work item when one token streams through a matrix: long enough runs for the prefetch,
  * short enough to share rows evenly between threads. */
 #define MV_ROWS 16
+/* Absorbed MLA attention of nh <= MLA_HEAD_GROUP heads of one query over cache positions
+ * [0, n_vis): out [nh, C] = softmax((ql . ckv^T + qp . kpe^T) * scale) . ckv, with ql [nh, C],
+ * qp [nh, R], ckv [n_vis, C], kpe [n_vis, R]; an online softmax over chunks of MLA_CHUNK
+ * positions, so each chunk of the cache is read once for all nh heads. */
+typedef void (*mla_fn)(float *out, const float *ql, const float *qp, const float *ckv, const float *kpe,
+                       int64_t n_vis, int nh, int64_t c_dim, int64_t r_dim, float scale);
+#define MLA_MAX_C 1024     /* latent dims supported (DeepSeek-V2: 512) */
+#define MLA_HEAD_GROUP 8
+#define MLA_CHUNK 64
 /* Quantize n_rows float rows of length cols into an activation layout (A8 or A8K). */
 typedef void (*quant_fn)(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
 
@@ -94,6 +103,7 @@ enum { K_Q4_0, K_Q8_0, K_Q4_K, K_Q6_K, K_F32, K_F16, K_BF16, K_COUNT };
 typedef struct {
     tile_fn tile[K_COUNT];
     mv_fn mv[K_COUNT];
+    mla_fn mla;
     quant_fn quant_a8;
     quant_fn quant_a8k;
 } kernel_table;
@@ -108,6 +118,9 @@ const kernel_table *lite_active_kernels(void);
 /* Scalar quantizers, shared by every ISA as the bit-exact definition. */
 void lite_quant_a8_scalar(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
 void lite_quant_a8k_scalar(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
+
+void lite_mla_heads_scalar(float *out, const float *ql, const float *qp, const float *ckv, const float *kpe,
+                           int64_t n_vis, int nh, int64_t c_dim, int64_t r_dim, float scale);
 
 /* Kernel class for a ggml type code, or -1. */
 int lite_kind_of(int type);

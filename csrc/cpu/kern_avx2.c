@@ -363,6 +363,151 @@ static void quant_a8k(uint8_t *a, int64_t astride, const float *x, int64_t n_row
     }
 }
 
+/* ---- MLA attention ---------------------------------------------------------------------------- */
+
+/* e^x for x <= 0 (softmax after the max is subtracted): 2^n * p(r), r = x - n ln2 in
+ * [-ln2/2, ln2/2], p a degree-6 Taylor polynomial (relative error ~2e-7); below -87 it is 0. */
+INLINE __m256 exp_neg(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* Scores of NH heads x NS positions: dot products over the latent and the rope parts, each pair
+ * in its own accumulator, every cache row loaded once for the NH heads. */
+INLINE void mla_scores(const int NH, const int NS, float *p, int64_t pld, const float *ql, const float *qp,
+                       const float *ckv, const float *kpe, int64_t c_dim, int64_t r_dim, float scale) {
+    __m256 acc[2][4];
+    for (int h = 0; h < NH; h++)
+        for (int s = 0; s < NS; s++) acc[h][s] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < c_dim; c += 8) {
+        __m256 k[4];
+        for (int s = 0; s < NS; s++) k[s] = _mm256_loadu_ps(ckv + s * c_dim + c);
+        for (int h = 0; h < NH; h++) {
+            __m256 q = _mm256_loadu_ps(ql + h * c_dim + c);
+            for (int s = 0; s < NS; s++) acc[h][s] = _mm256_fmadd_ps(q, k[s], acc[h][s]);
+        }
+    }
+    for (int64_t c = 0; c < r_dim; c += 8) {
+        __m256 k[4];
+        for (int s = 0; s < NS; s++) k[s] = _mm256_loadu_ps(kpe + s * r_dim + c);
+        for (int h = 0; h < NH; h++) {
+            __m256 q = _mm256_loadu_ps(qp + h * r_dim + c);
+            for (int s = 0; s < NS; s++) acc[h][s] = _mm256_fmadd_ps(q, k[s], acc[h][s]);
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int s = 0; s < NS; s++) p[h * pld + s] = hsum8(acc[h][s]) * scale;
+}
+
+/* acc[h] = acc[h] * alpha[h] + sum_s p[h][s] * ckv[s] for NH heads, 16 latent dims at a time held
+ * in registers across the chunk's positions. */
+INLINE void mla_accumulate(const int NH, float *acc, const float *alpha, const float *p, int64_t pld,
+                           const float *ckv, int64_t ns, int64_t c_dim) {
+    for (int64_t c = 0; c < c_dim; c += 16) {
+        __m256 a[4][2];
+        for (int h = 0; h < NH; h++) {
+            __m256 al = _mm256_set1_ps(alpha[h]);
+            a[h][0] = _mm256_mul_ps(_mm256_loadu_ps(acc + h * MLA_MAX_C + c), al);
+            a[h][1] = _mm256_mul_ps(_mm256_loadu_ps(acc + h * MLA_MAX_C + c + 8), al);
+        }
+        for (int64_t s = 0; s < ns; s++) {
+            __m256 k0 = _mm256_loadu_ps(ckv + s * c_dim + c), k1 = _mm256_loadu_ps(ckv + s * c_dim + c + 8);
+            for (int h = 0; h < NH; h++) {
+                __m256 ps = _mm256_broadcast_ss(p + h * pld + s);
+                a[h][0] = _mm256_fmadd_ps(ps, k0, a[h][0]);
+                a[h][1] = _mm256_fmadd_ps(ps, k1, a[h][1]);
+            }
+        }
+        for (int h = 0; h < NH; h++) {
+            _mm256_storeu_ps(acc + h * MLA_MAX_C + c, a[h][0]);
+            _mm256_storeu_ps(acc + h * MLA_MAX_C + c + 8, a[h][1]);
+        }
+    }
+}
+
+/* The same result as lite_mla_heads_scalar (to float rounding), vectorised; latent and rope
+ * sizes must be multiples of 16 and 8, else the scalar kernel runs. */
+static void mla_heads(float *out, const float *ql, const float *qp, const float *ckv, const float *kpe,
+                      int64_t n_vis, int nh, int64_t c_dim, int64_t r_dim, float scale) {
+    if (c_dim % 16 || r_dim % 8) {
+        lite_mla_heads_scalar(out, ql, qp, ckv, kpe, n_vis, nh, c_dim, r_dim, scale);
+        return;
+    }
+    _Alignas(32) float acc[MLA_HEAD_GROUP * MLA_MAX_C];
+    _Alignas(32) float p[MLA_HEAD_GROUP][MLA_CHUNK];
+    float m[MLA_HEAD_GROUP], l[MLA_HEAD_GROUP], alpha[MLA_HEAD_GROUP];
+    for (int g = 0; g < nh; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+        memset(acc + g * MLA_MAX_C, 0, sizeof(float) * c_dim);
+    }
+    for (int64_t s0 = 0; s0 < n_vis; s0 += MLA_CHUNK) {
+        int64_t ns = n_vis - s0 < MLA_CHUNK ? n_vis - s0 : MLA_CHUNK;
+        const float *kc = ckv + s0 * c_dim, *kp = r_dim ? kpe + s0 * r_dim : NULL;
+        for (int g = 0; g < nh; g += 2) {
+            int64_t s = 0;
+            if (g + 1 < nh) {
+                for (; s + 4 <= ns; s += 4)
+                    mla_scores(2, 4, &p[g][s], MLA_CHUNK, ql + g * c_dim, qp + g * r_dim, kc + s * c_dim,
+                               kp + s * r_dim, c_dim, r_dim, scale);
+                for (; s < ns; s++)
+                    mla_scores(2, 1, &p[g][s], MLA_CHUNK, ql + g * c_dim, qp + g * r_dim, kc + s * c_dim,
+                               kp + s * r_dim, c_dim, r_dim, scale);
+            } else {
+                for (; s + 4 <= ns; s += 4)
+                    mla_scores(1, 4, &p[g][s], MLA_CHUNK, ql + g * c_dim, qp + g * r_dim, kc + s * c_dim,
+                               kp + s * r_dim, c_dim, r_dim, scale);
+                for (; s < ns; s++)
+                    mla_scores(1, 1, &p[g][s], MLA_CHUNK, ql + g * c_dim, qp + g * r_dim, kc + s * c_dim,
+                               kp + s * r_dim, c_dim, r_dim, scale);
+            }
+        }
+        for (int g = 0; g < nh; g++) {
+            float mc = -INFINITY;
+            for (int64_t s = 0; s < ns; s++) mc = p[g][s] > mc ? p[g][s] : mc;
+            float mn = mc > m[g] ? mc : m[g];
+            alpha[g] = expf(m[g] - mn);
+            __m256 vm = _mm256_set1_ps(mn), vs = _mm256_setzero_ps();
+            int64_t s = 0;
+            for (; s + 8 <= ns; s += 8) {
+                __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(&p[g][s]), vm));
+                _mm256_storeu_ps(&p[g][s], e);
+                vs = _mm256_add_ps(vs, e);
+            }
+            float sum = hsum8(vs);
+            for (; s < ns; s++) {
+                p[g][s] = expf(p[g][s] - mn);
+                sum += p[g][s];
+            }
+            l[g] = l[g] * alpha[g] + sum;
+            m[g] = mn;
+        }
+        int g = 0;
+        for (; g + 4 <= nh; g += 4)
+            mla_accumulate(4, acc + g * MLA_MAX_C, alpha + g, &p[g][0], MLA_CHUNK, kc, ns, c_dim);
+        for (; g < nh; g++)
+            mla_accumulate(1, acc + g * MLA_MAX_C, alpha + g, &p[g][0], MLA_CHUNK, kc, ns, c_dim);
+    }
+    for (int g = 0; g < nh; g++) {
+        __m256 inv = _mm256_set1_ps(1.0f / l[g]);
+        for (int64_t c = 0; c < c_dim; c += 8)
+            _mm256_storeu_ps(out + g * c_dim + c, _mm256_mul_ps(_mm256_loadu_ps(acc + g * MLA_MAX_C + c), inv));
+    }
+}
+
 void lite_kernels_avx2(kernel_table *t) {
     t->tile[K_Q4_0] = tile_q4_0;
     t->tile[K_Q8_0] = tile_q8_0;
@@ -371,6 +516,7 @@ void lite_kernels_avx2(kernel_table *t) {
     t->tile[K_F32] = tile_f32;
     t->tile[K_F16] = tile_f16;
     t->tile[K_BF16] = tile_bf16;
+    t->mla = mla_heads;
     t->mv[K_Q4_0] = mv_q4_0;
     t->mv[K_Q8_0] = mv_q8_0;
     t->quant_a8 = quant_a8;

@@ -142,6 +142,62 @@ TILE(tile_f32, dot_f32)
 TILE(tile_f16, dot_f16)
 TILE(tile_bf16, dot_bf16)
 
+/* ---- MLA attention ---------------------------------------------------------------------------- */
+
+static inline float dotf(const float *a, const float *b, int64_t n) {
+    float s[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
+    for (; i < n; i++) s[0] += a[i] * b[i];
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+void lite_mla_heads_scalar(float *out, const float *ql, const float *qp, const float *ckv, const float *kpe,
+                           int64_t n_vis, int nh, int64_t c_dim, int64_t r_dim, float scale) {
+    float acc[MLA_HEAD_GROUP][MLA_MAX_C];
+    float m[MLA_HEAD_GROUP], l[MLA_HEAD_GROUP], p[MLA_CHUNK];
+    for (int g = 0; g < nh; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+        memset(acc[g], 0, sizeof(float) * c_dim);
+    }
+    for (int64_t s0 = 0; s0 < n_vis; s0 += MLA_CHUNK) {
+        int64_t ns = n_vis - s0 < MLA_CHUNK ? n_vis - s0 : MLA_CHUNK;
+        for (int g = 0; g < nh; g++) {
+            float mc = -INFINITY;
+            for (int64_t s = 0; s < ns; s++) {
+                float v = dotf(ql + g * c_dim, ckv + (s0 + s) * c_dim, c_dim);
+                if (r_dim) v += dotf(qp + g * r_dim, kpe + (s0 + s) * r_dim, r_dim);
+                v *= scale;
+                p[s] = v;
+                mc = v > mc ? v : mc;
+            }
+            float mn = mc > m[g] ? mc : m[g];
+            float alpha = expf(m[g] - mn);
+            float sum = 0.0f;
+            for (int64_t s = 0; s < ns; s++) {
+                p[s] = expf(p[s] - mn);
+                sum += p[s];
+            }
+            l[g] = l[g] * alpha + sum;
+            m[g] = mn;
+            float *a = acc[g];
+            if (alpha != 1.0f)
+                for (int64_t c = 0; c < c_dim; c++) a[c] *= alpha;
+            for (int64_t s = 0; s < ns; s++) {
+                const float *kv = ckv + (s0 + s) * c_dim;
+                float ps = p[s];
+                for (int64_t c = 0; c < c_dim; c++) a[c] += ps * kv[c];
+            }
+        }
+    }
+    for (int g = 0; g < nh; g++) {
+        float inv = 1.0f / l[g];
+        for (int64_t c = 0; c < c_dim; c++) out[g * c_dim + c] = acc[g][c] * inv;
+    }
+}
+
 void lite_kernels_scalar(kernel_table *t) {
     t->tile[K_Q4_0] = tile_q4_0;
     t->tile[K_Q8_0] = tile_q8_0;
@@ -150,6 +206,7 @@ void lite_kernels_scalar(kernel_table *t) {
     t->tile[K_F32] = tile_f32;
     t->tile[K_F16] = tile_f16;
     t->tile[K_BF16] = tile_bf16;
+    t->mla = lite_mla_heads_scalar;
     t->quant_a8 = lite_quant_a8_scalar;
     t->quant_a8k = lite_quant_a8k_scalar;
 }

@@ -1,14 +1,11 @@
 /* Float ops: rmsnorm, rope (interleaved pairs), softmax, silu*mul, and absorbed MLA attention in
- * latent space (online softmax over chunks of positions, heads grouped so that each chunk of the
- * latent cache is read once per group of heads). */
+ * latent space (the driver: heads are grouped and the groups shared between threads; the ISA's
+ * kernel runs one group). */
 #include "internal.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#define MLA_MAX_C 1024     /* latent dims supported (DeepSeek-V2: 512) */
-#define MLA_HEAD_GROUP 8   /* heads sharing one pass over the cache */
-#define MLA_CHUNK 64       /* positions per online-softmax step */
 
 int lite_rmsnorm_f32(float *out, const float *x, const float *w, int64_t n_rows, int64_t dim, float eps) {
     if (!out || !x || !w) return LITE_ERR_NULL;
@@ -70,15 +67,6 @@ int lite_silu_mul_f32(float *out, const float *g, const float *u, int64_t n) {
     return LITE_OK;
 }
 
-static inline float dotf(const float *a, const float *b, int64_t n) {
-    float s[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 8; k++) s[k] += a[i + k] * b[i + k];
-    for (; i < n; i++) s[0] += a[i] * b[i];
-    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
-}
-
 int lite_mla_attention(float *out, const float *q_lat, const float *q_pe, const float *ckv,
                        const float *kpe, int64_t n_tok, int64_t n_head, int64_t c_dim, int64_t r_dim,
                        int64_t n_pos, int64_t start, float scale) {
@@ -95,56 +83,13 @@ int lite_mla_attention(float *out, const float *q_lat, const float *q_pe, const 
     if (hg < 1) hg = 1;
     int64_t n_grp = (n_head + hg - 1) / hg;
     int64_t n_items = n_tok * n_grp;
+    mla_fn f = lite_active_kernels()->mla;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1 && n_items > 1)
     for (int64_t it = 0; it < n_items; it++) {
         int64_t t = it / n_grp, h0 = (it % n_grp) * hg;
-        int64_t h1 = h0 + hg < n_head ? h0 + hg : n_head;
-        int64_t n_vis = start + t + 1;
-        float acc[MLA_HEAD_GROUP][MLA_MAX_C];
-        float m[MLA_HEAD_GROUP], l[MLA_HEAD_GROUP], p[MLA_CHUNK];
-        for (int64_t h = h0; h < h1; h++) {
-            m[h - h0] = -INFINITY;
-            l[h - h0] = 0.0f;
-            memset(acc[h - h0], 0, sizeof(float) * c_dim);
-        }
-        for (int64_t s0 = 0; s0 < n_vis; s0 += MLA_CHUNK) {
-            int64_t ns = n_vis - s0 < MLA_CHUNK ? n_vis - s0 : MLA_CHUNK;
-            for (int64_t h = h0; h < h1; h++) {
-                const float *ql = q_lat + (t * n_head + h) * c_dim;
-                const float *qp = r_dim ? q_pe + (t * n_head + h) * r_dim : NULL;
-                float mc = -INFINITY;
-                for (int64_t s = 0; s < ns; s++) {
-                    float v = dotf(ql, ckv + (s0 + s) * c_dim, c_dim);
-                    if (r_dim) v += dotf(qp, kpe + (s0 + s) * r_dim, r_dim);
-                    v *= scale;
-                    p[s] = v;
-                    mc = v > mc ? v : mc;
-                }
-                int g = (int)(h - h0);
-                float mn = mc > m[g] ? mc : m[g];
-                float alpha = expf(m[g] - mn);
-                float sum = 0.0f;
-                for (int64_t s = 0; s < ns; s++) {
-                    p[s] = expf(p[s] - mn);
-                    sum += p[s];
-                }
-                l[g] = l[g] * alpha + sum;
-                m[g] = mn;
-                float *a = acc[g];
-                if (alpha != 1.0f)
-                    for (int64_t c = 0; c < c_dim; c++) a[c] *= alpha;
-                for (int64_t s = 0; s < ns; s++) {
-                    const float *kv = ckv + (s0 + s) * c_dim;
-                    float ps = p[s];
-                    for (int64_t c = 0; c < c_dim; c++) a[c] += ps * kv[c];
-                }
-            }
-        }
-        for (int64_t h = h0; h < h1; h++) {
-            float inv = 1.0f / l[h - h0];
-            float *o = out + (t * n_head + h) * c_dim;
-            for (int64_t c = 0; c < c_dim; c++) o[c] = acc[h - h0][c] * inv;
-        }
+        int nh = (int)(h0 + hg < n_head ? hg : n_head - h0);
+        f(out + (t * n_head + h0) * c_dim, q_lat + (t * n_head + h0) * c_dim,
+          r_dim ? q_pe + (t * n_head + h0) * r_dim : NULL, ckv, kpe, start + t + 1, nh, c_dim, r_dim, scale);
     }
     return LITE_OK;
 }
