@@ -20,6 +20,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -85,6 +86,19 @@ def measure_bandwidth(threads: int | None = None, nbytes: int = BANDWIDTH_BYTES,
         reader()
         times.append(time.perf_counter() - t0)
     return buf.nbytes / statistics.median(times) / 1e9, how
+
+
+def measure_bandwidth_isolated(threads: int | None = None, nbytes: int = BANDWIDTH_BYTES) -> tuple[float, str]:
+    """`measure_bandwidth` in a child process, so that its buffer (1 GiB by default) does not
+    count in this process's peak RSS, which the benchmark reports for the model alone."""
+    code = ("import json, sys; from lite.bench import measure_bandwidth; "
+            f"print(json.dumps(measure_bandwidth({threads!r}, {int(nbytes)})))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bandwidth probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+    bw, how = json.loads(proc.stdout.strip().splitlines()[-1])
+    return float(bw), how
 
 
 def _fill_cache(model: Any, cache: Any, depth: int, rng: np.random.Generator) -> None:
@@ -187,7 +201,7 @@ def run_bench(model_path: str | os.PathLike[str], prompt: int = 256, gen: int = 
     }
     if bandwidth:
         _log(f"measuring memory read bandwidth ({bandwidth_bytes / 2**30:.2g} GiB)")
-        bw, how = measure_bandwidth(threads or getattr(be, "threads", None), bandwidth_bytes)
+        bw, how = measure_bandwidth_isolated(threads or getattr(be, "threads", None), bandwidth_bytes)
         res.update(bandwidth_gbs=bw, bandwidth_method=how, roofline_decode_tok_s=bw * 1e9 / active)
         kv_per_pos = cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope) * 4
         for row in depth_rows:
