@@ -210,20 +210,23 @@ class Model:
 
 
 def load(path: str | os.PathLike[str], backend: str | None = None, ram_budget: str | int | None = None,
-         n_ctx: int | None = None, expert_policy: str = "lru", prefetch: bool = True) -> Model:
+         n_ctx: int | None = None, expert_policy: str = "lru", prefetch: bool = True,
+         vram_budget: str | int | None = None) -> Model:
     """Open a `deepseek2` GGUF file.
 
     backend: reference | numba | c | cuda (default: the best available).
     ram_budget: None reads experts through the memory map (the OS decides what stays); a size
     ("6GB", bytes) gives resident tensors plus a fixed pool of expert slots read from disk on
     demand, refused with the minimum if too small. n_ctx: context length (default: the model's,
-    capped at 4096).
+    capped at 4096). vram_budget (cuda backend only): GPU memory for weights — resident tensors
+    first, then a cache of routed experts fed from the memory map or the RAM pager (default: the
+    free device memory less a reserve).
     """
     mf = open_model_file(path)
     n = n_ctx if n_ctx is not None else min(mf.config.n_ctx_train, DEFAULT_N_CTX)
     if n <= 0:
         raise LiteError(f"n_ctx must be positive, got {n}")
-    be = get_backend(backend)
+    be = get_backend(backend, vram_budget=vram_budget)
     if ram_budget is None or not mf.config.is_moe:
         experts: ExpertSource = MappedExperts(mf)
     else:

@@ -140,7 +140,8 @@ def run_bench(model_path: str | os.PathLike[str], prompt: int = 256, gen: int = 
               backend: str | None = None, depths: Sequence[int] = (), json_out: bool = False,
               repeats: int = 3, bandwidth: bool = True, out: Any = None,
               bandwidth_bytes: int = BANDWIDTH_BYTES, ram_budget: str | int | None = None,
-              trace: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+              trace: str | os.PathLike[str] | None = None,
+              vram_budget: str | int | None = None) -> dict[str, Any]:
     """Benchmark a model file; print the table or JSON to `out` (stdout) and return the results.
     With `ram_budget` the expert pager's statistics are included; with `trace` every MoE layer's
     routing choices are written to that file (JSON lines, see lite.trace)."""
@@ -153,7 +154,7 @@ def run_bench(model_path: str | os.PathLike[str], prompt: int = 256, gen: int = 
     n_ctx = max([prompt + gen + 1] + [d + gen + 1 for d in depths])
     _log(f"loading {model_path}")
     t0 = time.perf_counter()
-    m = load(model_path, backend=backend, n_ctx=n_ctx, ram_budget=ram_budget)
+    m = load(model_path, backend=backend, n_ctx=n_ctx, ram_budget=ram_budget, vram_budget=vram_budget)
     load_s = time.perf_counter() - t0
     recorder = RoutingTrace() if trace is not None else None
     m.record_routing(recorder)
@@ -271,6 +272,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-bandwidth", action="store_true", help="skip the memory bandwidth probe")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--ram-budget", default=None, help="RAM budget for the expert pager, e.g. 4GB (default: mmap)")
+    p.add_argument("--vram-budget", default=None,
+                   help="GPU memory for weights with the cuda backend, e.g. 2GB (default: what is free)")
     p.add_argument("--trace", default=None, metavar="FILE", help="record every MoE layer's routing to FILE")
 
 
@@ -278,7 +281,8 @@ def main(args: argparse.Namespace) -> int:
     """Entry point for `lite bench` (after `add_arguments`)."""
     run_bench(args.model, prompt=args.prompt, gen=args.gen, threads=args.threads, backend=args.backend,
               depths=tuple(args.depth), json_out=args.json, repeats=args.repeats,
-              bandwidth=not args.no_bandwidth, ram_budget=args.ram_budget, trace=args.trace)
+              bandwidth=not args.no_bandwidth, ram_budget=args.ram_budget, trace=args.trace,
+              vram_budget=args.vram_budget)
     return 0
 
 

@@ -74,7 +74,8 @@ def _sampling(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> int:
     from . import load
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    m = load(_model_arg(args), backend=args.backend, ram_budget=args.ram_budget, n_ctx=args.ctx)
+    m = load(_model_arg(args), backend=args.backend, ram_budget=args.ram_budget, n_ctx=args.ctx,
+             vram_budget=args.vram_budget)
     if args.chat:
         stream = m.chat([{"role": "user", "content": prompt}], args.max_tokens, stream=True, **_sampling(args))
     else:
@@ -92,6 +93,7 @@ def _run(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     import tui
     return tui.main(str(_model_arg(args)), backend=args.backend, ram_budget=args.ram_budget,
+                    vram_budget=args.vram_budget,
                     temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, n_ctx=args.ctx,
                     seed=args.seed)
 
@@ -99,7 +101,8 @@ def _chat(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from .server import serve
     serve(str(_model_arg(args)), host=args.host, port=args.port, backend=args.backend, n_ctx=args.ctx,
-          ram_budget=args.ram_budget, model_id=args.model_id, api_key=args.api_key, log_level=args.log_level)
+          ram_budget=args.ram_budget, vram_budget=args.vram_budget, model_id=args.model_id, api_key=args.api_key,
+          log_level=args.log_level)
     return 0
 
 
@@ -112,6 +115,8 @@ def _perplexity(args: argparse.Namespace) -> int:
 def _add_load_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--backend", default=None, help="reference, numba, c or cuda (default: best available)")
     s.add_argument("--ram-budget", default=None, help="RAM for weights, e.g. 6GB (default: no limit)")
+    s.add_argument("--vram-budget", default=None,
+                   help="GPU memory for weights with the cuda backend, e.g. 6GB (default: what is free)")
     s.add_argument("--ctx", type=int, default=None, help="context length (default: the model's, capped at 4096)")
 
 

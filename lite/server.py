@@ -606,7 +606,7 @@ def create_app(model: Any, model_id: str, api_key: str | None = None) -> Starlet
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080, backend: str | None = None,
           n_ctx: int | None = None, ram_budget: str | None = None, model_id: str | None = None,
-          api_key: str | None = None, log_level: str = "info") -> None:
+          api_key: str | None = None, log_level: str = "info", vram_budget: str | None = None) -> None:
     """Load `model_path` and serve it until interrupted (Ctrl-C)."""
     from pathlib import Path
 
@@ -614,7 +614,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080, backend: s
 
     from . import load
 
-    model = load(model_path, backend=backend, n_ctx=n_ctx, ram_budget=ram_budget)
+    model = load(model_path, backend=backend, n_ctx=n_ctx, ram_budget=ram_budget, vram_budget=vram_budget)
     try:
         name = model_id or Path(model_path).stem
         app = create_app(model, name, api_key=api_key)

@@ -151,3 +151,20 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "lite.cli", "info", str(tmp_path / "none.gguf")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "no such model file" in r.stderr
+
+
+def test_vram_budget_needs_the_cuda_backend(converted):
+    """A VRAM budget with a CPU backend, or a malformed one, is refused before anything loads."""
+    from lite.kernels import available_backends
+    path = converted("lite-tiny", "q8_0")
+    with pytest.raises(lite.LiteError, match="needs the cuda backend.*'c'"):
+        lite.load(path, backend="c", vram_budget="1GB")
+    if "cuda" in available_backends():
+        with pytest.raises(lite.LiteError, match="vram budget 'lots'"):
+            lite.load(path, backend="cuda", vram_budget="lots")
+    else:
+        with pytest.raises(lite.LiteError, match="cuda.*not available"):
+            lite.load(path, backend="cuda", vram_budget="1GB")
+    r = subprocess.run([sys.executable, "-m", "lite.cli", "run", str(path), "-p", "hi", "--backend", "numba",
+                        "--vram-budget", "2GB"], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "needs the cuda backend" in r.stderr

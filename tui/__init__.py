@@ -12,7 +12,8 @@ __all__ = ["main"]
 
 
 def main(model_path: str, backend: str | None = None, ram_budget: str | int | None = None,
-         temperature: float = 0.3, top_p: float = 1.0, max_tokens: int = 512, n_ctx: int | None = None,
+         vram_budget: str | int | None = None, temperature: float = 0.3, top_p: float = 1.0,
+         max_tokens: int = 512, n_ctx: int | None = None,
          seed: int | None = None) -> int:
     """Chat with the GGUF model at `model_path`; returns the process exit status."""
     from .chat import Settings
@@ -33,6 +34,8 @@ def main(model_path: str, backend: str | None = None, ram_budget: str | int | No
     load_kwargs: dict = {"backend": backend, "n_ctx": n_ctx}
     if ram_budget is not None:
         load_kwargs["ram_budget"] = ram_budget
+    if vram_budget is not None:
+        load_kwargs["vram_budget"] = vram_budget
 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         return _plain(path, load_kwargs, settings)

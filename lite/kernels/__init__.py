@@ -48,9 +48,13 @@ def available_backends() -> list[str]:
     return names
 
 
-def get_backend(name: str | None = None) -> Backend:
-    """The backend called `name`, or `LITE_BACKEND`, or the best available."""
+def get_backend(name: str | None = None, vram_budget: str | int | None = None) -> Backend:
+    """The backend called `name`, or `LITE_BACKEND`, or the best available. `vram_budget` ("6GB",
+    bytes) bounds the GPU memory the cuda backend gives weights; a backend made with one is the
+    caller's own, not the shared instance."""
     name = name or os.environ.get("LITE_BACKEND") or None
+    if vram_budget is not None:
+        return _cuda_with_budget(name or available_backends()[0], vram_budget)
     if name is None:
         return _make(available_backends()[0])
     if name not in _BACKENDS:
@@ -59,6 +63,21 @@ def get_backend(name: str | None = None) -> Backend:
         return _make(name)
     except (ImportError, OSError) as e:
         raise LiteError(f"backend {name!r} is not available here: {e}") from e
+
+
+def _cuda_with_budget(name: str, vram_budget: str | int) -> Backend:
+    from ..weights.pager import parse_size
+    if name != "cuda":
+        raise LiteError(f"a VRAM budget needs the cuda backend, but this run uses {name!r}")
+    try:
+        budget = parse_size(vram_budget)
+    except LiteError:
+        raise LiteError(f"vram budget {vram_budget!r}: expected a size such as 6GB, 512MiB or a byte count") from None
+    try:
+        from .cuda import CudaBackend
+    except (ImportError, OSError) as e:
+        raise LiteError(f"backend 'cuda' is not available here: {e}") from e
+    return CudaBackend(vram_budget=budget)
 
 
 __all__ = ["Backend", "FFNWeights", "QTensor", "available_backends", "get_backend"]
