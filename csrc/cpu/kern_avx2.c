@@ -39,6 +39,7 @@ INLINE __m256i unpack_q8_0(const uint8_t *blk) { return _mm256_loadu_si256((cons
         for (int64_t b = 0; b < nb; b++) {                                                          \
             for (int r = 0; r < NR; r++) {                                                          \
                 const uint8_t *blk = w + r * wstride + b * BYTES;                                   \
+                if (b % (64 / BYTES) == 0) _mm_prefetch((const char *)blk + TILE_R * wstride, _MM_HINT_T0); \
                 __m256i wq = UNPACK(blk);                                                           \
                 __m256i wa = _mm256_sign_epi8(wq, wq);                                              \
                 __m256 dw = _mm256_set1_ps(fp16(blk));                                              \
