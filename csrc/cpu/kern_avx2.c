@@ -58,15 +58,22 @@ INLINE __m256i unpack_q8_0(const uint8_t *blk) { return _mm256_loadu_si256((cons
                      const uint8_t *a, int64_t astride, int nt, int64_t cols) {                    \
         int64_t nb = cols / QK;                                                                     \
         if (nt == 1 && nr == 4) { NAME##_fixed(4, 1, out, ldo, w, wstride, a, astride, nb); return; } \
-        if (nt == 4) {                                                                              \
-            int r = 0;                                                                              \
-            for (; r + 2 <= nr; r += 2) NAME##_fixed(2, 4, out + r, ldo, w + r * wstride, wstride, a, astride, nb); \
-            if (r < nr) NAME##_fixed(1, 4, out + r, ldo, w + r * wstride, wstride, a, astride, nb); \
-            return;                                                                                 \
+        /* Row pairs over all nt tokens (a token tail of 1-3 keeps each weight row read once). */   \
+        for (int r = 0; r < nr; r += 2) {                                                           \
+            const uint8_t *wr = w + r * wstride;                                                    \
+            float *o = out + r;                                                                     \
+            int two = r + 2 <= nr;                                                                  \
+            switch (nt) {                                                                           \
+            case 4: two ? NAME##_fixed(2, 4, o, ldo, wr, wstride, a, astride, nb)                   \
+                        : NAME##_fixed(1, 4, o, ldo, wr, wstride, a, astride, nb); break;           \
+            case 3: two ? NAME##_fixed(2, 3, o, ldo, wr, wstride, a, astride, nb)                   \
+                        : NAME##_fixed(1, 3, o, ldo, wr, wstride, a, astride, nb); break;           \
+            case 2: two ? NAME##_fixed(2, 2, o, ldo, wr, wstride, a, astride, nb)                   \
+                        : NAME##_fixed(1, 2, o, ldo, wr, wstride, a, astride, nb); break;           \
+            default: two ? NAME##_fixed(2, 1, o, ldo, wr, wstride, a, astride, nb)                  \
+                         : NAME##_fixed(1, 1, o, ldo, wr, wstride, a, astride, nb); break;          \
+            }                                                                                       \
         }                                                                                           \
-        for (int t = 0; t < nt; t++)                                                                \
-            for (int r = 0; r < nr; r++)                                                            \
-                NAME##_fixed(1, 1, out + t * ldo + r, ldo, w + r * wstride, wstride, a + t * astride, astride, nb); \
     }
 
 DEF_Q8_TILE(tile_q4_0, unpack_q4_0, Q4_0_BYTES)
