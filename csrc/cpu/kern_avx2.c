@@ -239,13 +239,16 @@ INLINE void q6k_fixed(const int NR, const int NT, float *out, int64_t ldo, const
     static void NAME(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,           \
                      const uint8_t *a, int64_t astride, int nt, int64_t cols) {                    \
         int64_t nb = cols / QKK;                                                                    \
-        if (nt == 4) {                                                                              \
-            for (int r = 0; r < nr; r++) FIXED(1, 4, out + r, ldo, w + r * wstride, wstride, a, astride, nb); \
-            return;                                                                                 \
+        /* Each row unpacked once per block for all nt tokens (the unpack costs more than a dot). */ \
+        for (int r = 0; r < nr; r++) {                                                              \
+            const uint8_t *wr = w + r * wstride;                                                    \
+            switch (nt) {                                                                           \
+            case 4: FIXED(1, 4, out + r, ldo, wr, wstride, a, astride, nb); break;                  \
+            case 3: FIXED(1, 3, out + r, ldo, wr, wstride, a, astride, nb); break;                  \
+            case 2: FIXED(1, 2, out + r, ldo, wr, wstride, a, astride, nb); break;                  \
+            default: FIXED(1, 1, out + r, ldo, wr, wstride, a, astride, nb); break;                 \
+            }                                                                                       \
         }                                                                                           \
-        for (int t = 0; t < nt; t++)                                                                \
-            for (int r = 0; r < nr; r++)                                                            \
-                FIXED(1, 1, out + t * ldo + r, ldo, w + r * wstride, wstride, a + t * astride, astride, nb); \
     }
 
 DEF_K_TILE(tile_q4_k, q4k_fixed)
