@@ -239,14 +239,18 @@ INLINE void q6k_fixed(const int NR, const int NT, float *out, int64_t ldo, const
     static void NAME(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,           \
                      const uint8_t *a, int64_t astride, int nt, int64_t cols) {                    \
         int64_t nb = cols / QKK;                                                                    \
-        /* Each row unpacked once per block for all nt tokens (the unpack costs more than a dot). */ \
-        for (int r = 0; r < nr; r++) {                                                              \
-            const uint8_t *wr = w + r * wstride;                                                    \
-            switch (nt) {                                                                           \
-            case 4: FIXED(1, 4, out + r, ldo, wr, wstride, a, astride, nb); break;                  \
-            case 3: FIXED(1, 3, out + r, ldo, wr, wstride, a, astride, nb); break;                  \
-            case 2: FIXED(1, 2, out + r, ldo, wr, wstride, a, astride, nb); break;                  \
-            default: FIXED(1, 1, out + r, ldo, wr, wstride, a, astride, nb); break;                 \
+        /* Each row unpacked once per block for up to 4 tokens (the unpack costs more than a dot). */ \
+        for (int t0 = 0; t0 < nt; t0 += 4) {                                                        \
+            const uint8_t *at = a + t0 * astride;                                                   \
+            float *ot = out + t0 * ldo;                                                             \
+            for (int r = 0; r < nr; r++) {                                                          \
+                const uint8_t *wr = w + r * wstride;                                                \
+                switch (nt - t0) {                                                                  \
+                case 1: FIXED(1, 1, ot + r, ldo, wr, wstride, at, astride, nb); break;              \
+                case 2: FIXED(1, 2, ot + r, ldo, wr, wstride, at, astride, nb); break;              \
+                case 3: FIXED(1, 3, ot + r, ldo, wr, wstride, at, astride, nb); break;              \
+                default: FIXED(1, 4, ot + r, ldo, wr, wstride, at, astride, nb); break;             \
+                }                                                                                   \
             }                                                                                       \
         }                                                                                           \
     }
@@ -289,15 +293,19 @@ INLINE float sc_bf16(const uint8_t *p) { return bf16_to_f32(rd16(p)); }
     static void NAME(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,           \
                      const uint8_t *a, int64_t astride, int nt, int64_t cols) {                    \
         if (nt == 1 && nr == 4) { NAME##_fixed(4, 1, out, ldo, w, wstride, a, astride, cols); return; } \
-        if (nt == 4) {                                                                              \
-            int r = 0;                                                                              \
-            for (; r + 2 <= nr; r += 2) NAME##_fixed(2, 4, out + r, ldo, w + r * wstride, wstride, a, astride, cols); \
-            if (r < nr) NAME##_fixed(1, 4, out + r, ldo, w + r * wstride, wstride, a, astride, cols); \
-            return;                                                                                 \
+        for (int t0 = 0; t0 < nt; t0 += 4) {                                                        \
+            const uint8_t *at = a + t0 * astride;                                                   \
+            float *ot = out + t0 * ldo;                                                             \
+            for (int r = 0; r < nr; r++) {                                                          \
+                const uint8_t *wr = w + r * wstride;                                                \
+                switch (nt - t0) {                                                                  \
+                case 1: NAME##_fixed(1, 1, ot + r, ldo, wr, wstride, at, astride, cols); break;     \
+                case 2: NAME##_fixed(1, 2, ot + r, ldo, wr, wstride, at, astride, cols); break;     \
+                case 3: NAME##_fixed(1, 3, ot + r, ldo, wr, wstride, at, astride, cols); break;     \
+                default: NAME##_fixed(1, 4, ot + r, ldo, wr, wstride, at, astride, cols); break;    \
+                }                                                                                   \
+            }                                                                                       \
         }                                                                                           \
-        for (int t = 0; t < nt; t++)                                                                \
-            for (int r = 0; r < nr; r++)                                                            \
-                NAME##_fixed(1, 1, out + t * ldo + r, ldo, w + r * wstride, wstride, a + t * astride, astride, cols); \
     }
 
 DEF_F_TILE(tile_f32, load_f32, sc_f32, 4)
