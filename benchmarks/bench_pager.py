@@ -10,6 +10,13 @@ Then the same file in `mmap` mode inside a cgroup of the 50% budget's size, for 
     python benchmarks/bench_pager.py MODEL.gguf [--tokens 16] [--fractions 1 0.5 0.25]
 
 Needs root (drop_caches, cgroups). Results table on stdout, progress on stderr.
+
+    python benchmarks/bench_pager.py --prefetch-ab demo [--fraction 0.5] [--rounds 300]
+
+instead compares decode with next-layer prefetch on and off at one budget, in one process (no
+root): two copies of the model decode the same text (the demo model's held-out files, else
+random tokens) in alternating short segments, so that load from other processes falls on both
+alike; it reports median tok/s, the median of the paired speed ratios, and where the time went.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 CGROUP = Path("/sys/fs/cgroup/memory/lite_bench_pager")
 
@@ -112,15 +121,91 @@ def run_child(path: Path, budget: str, tokens: int, limit: int | None, prefetch:
     return out
 
 
+def prefetch_ab(model: str, fraction: float, policy: str, segment: int, rounds: int) -> None:
+    """Prefetch on against off at `fraction` of the routed-expert bytes (see the module doc)."""
+    import dataclasses
+    import lite
+    from lite.weights.pager import ExpertPager
+    if model == "demo":
+        from bench_policies import heldout_text
+        from lite.cli import demo_model_path
+        path, text = demo_model_path(), heldout_text()
+    else:
+        path, text = Path(model), None
+    probe = ExpertPager(lite.load(path).file, 1 << 50)
+    budget = probe.resident_bytes + max(int(fraction * probe.n_slots), probe.K) * probe.slot_bytes
+    probe.close()
+    models = {on: lite.load(path, ram_budget=budget, expert_policy=policy, prefetch=on) for on in (False, True)}
+    m0 = models[False]
+    if text is not None:
+        ids = m0.tokenize(text)
+    else:
+        ids = [int(t) for t in np.random.default_rng(0).integers(0, m0.config.vocab_size, segment * (rounds + 20))]
+    need = segment * (rounds + 20)
+    ids = (ids * (need // len(ids) + 1))[:need]
+    caches = {on: m.new_cache() for on, m in models.items()}
+    wall: dict[bool, list[float]] = {False: [], True: []}
+    cpu = {False: 0.0, True: 0.0}
+
+    def run(on: bool, toks: list[int]) -> None:
+        m = models[on]
+        t, c = time.perf_counter(), time.thread_time()
+        for tok in toks:
+            if caches[on].length == m.n_ctx:
+                caches[on] = m.new_cache()
+            m.forward([tok], caches[on])
+        wall[on].append(time.perf_counter() - t)
+        cpu[on] += time.thread_time() - c
+
+    for on in (False, True):                     # warm-up: fill the caches
+        run(on, ids[:20 * segment])
+    before = {on: dataclasses.replace(m.experts.stats) for on, m in models.items()}
+    for on in (False, True):
+        wall[on].clear()
+        cpu[on] = 0.0
+    for r in range(rounds):
+        toks = ids[(20 + r) * segment:(21 + r) * segment]
+        for on in ((False, True) if r % 2 == 0 else (True, False)):
+            run(on, toks)
+    n = segment * rounds
+    ratio = statistics.median(off / on for off, on in zip(wall[False], wall[True]))
+    print(f"{path.name}: {m0.experts.n_slots} expert slots ({fraction:.0%} of {probe.n_slots}), policy "
+          f"{policy}; {rounds} rounds of {segment} decode tokens, prefetch off and on alternating")
+    print(f"{'prefetch':>8} {'tok/s':>7} {'hit':>6} {'miss/tok':>8} {'pf/tok':>7} {'declined':>8} "
+          f"{'stall ms':>8} {'CPU ms':>7} {'pred acc':>8}")
+    for on, m in models.items():
+        st, b = m.experts.stats, before[on]
+        hits, misses = st.hits - b.hits, st.misses - b.misses
+        guessed = st.predicted - b.predicted
+        acc = (st.predicted_right - b.predicted_right) / guessed if guessed else None
+        print(f"{'on' if on else 'off':>8} {segment / statistics.median(wall[on]):>7.1f} "
+              f"{hits / (hits + misses):>6.3f} "
+              f"{misses / n:>8.2f} {(st.prefetch_issued - b.prefetch_issued) / n:>7.2f} "
+              f"{(st.prefetch_declined - b.prefetch_declined) / n:>8.2f} {(st.stall_s - b.stall_s) / n * 1e3:>8.2f} "
+              f"{cpu[on] / n * 1e3:>7.2f} {'-' if acc is None else format(acc, '.3f'):>8}")
+    print(f"speed with prefetch / without: {ratio:.2f}x (median of {rounds} paired segments)")
+    print("(stall: time the compute thread waited for reads; CPU: the compute thread's own CPU time)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", type=Path)
+    ap.add_argument("model", type=Path, nargs="?")
     ap.add_argument("--tokens", type=int, default=12)
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--prefetch-ab", metavar="MODEL", help="compare prefetch on/off on MODEL ('demo': the bundled one)")
+    ap.add_argument("--fraction", type=float, default=0.5, help="--prefetch-ab: budget as a share of the experts")
+    ap.add_argument("--policy", default="cycle", help="--prefetch-ab: eviction policy")
+    ap.add_argument("--segment", type=int, default=10, help="--prefetch-ab: tokens per segment")
+    ap.add_argument("--rounds", type=int, default=300, help="--prefetch-ab: segments per setting")
     args = ap.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    if args.prefetch_ab:
+        prefetch_ab(args.prefetch_ab, args.fraction, args.policy, args.segment, args.rounds)
+        return 0
+    if args.model is None:
+        ap.error("give MODEL (or --prefetch-ab MODEL)")
     from lite.weights.gguf_file import open_model_file
     from lite.weights.pager import ExpertPager
     mf = open_model_file(args.model)

@@ -29,6 +29,7 @@ from .tokenizer import Tokenizer
 from .trace import RoutingTrace
 from .weights.gguf_file import ModelFile, open_model_file
 from .weights.pager import ExpertPager, parse_size
+from .weights.policy import DEFAULT_POLICY
 from .weights.store import ExpertSource, MappedExperts
 
 DEFAULT_N_CTX = 4096
@@ -210,7 +211,7 @@ class Model:
 
 
 def load(path: str | os.PathLike[str], backend: str | None = None, ram_budget: str | int | None = None,
-         n_ctx: int | None = None, expert_policy: str = "lru", prefetch: bool = True,
+         n_ctx: int | None = None, expert_policy: str = DEFAULT_POLICY, prefetch: bool = True,
          vram_budget: str | int | None = None) -> Model:
     """Open a `deepseek2` GGUF file.
 

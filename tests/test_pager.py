@@ -126,10 +126,12 @@ def test_policies_on_a_trace():
                 ids.add(int(rng.choice(popular)) if rng.random() < 0.7 else int(rng.integers(64)))
             trace.append([(layer, e) for e in sorted(ids)])
     for cap in (32, 64, 128):
-        rates = {p: simulate(trace, cap, p) for p in ("lru", "lfu", "cycle", "belady")}
+        rates = {p: simulate(trace, cap, p).hit_rate for p in ("lru", "lfu", "cycle", "belady")}
         assert rates["belady"] >= max(rates["lru"], rates["lfu"], rates["cycle"]) - 1e-12
         assert 0.0 < rates["lru"] < 1.0
-    assert simulate(trace, 4 * 64, "lru") == pytest.approx(1 - len({k for s in trace for k in s}) / sum(map(len, trace)))
+    everything = simulate(trace, 4 * 64, "lru")
+    assert everything.hit_rate == pytest.approx(1 - len({k for s in trace for k in s}) / sum(map(len, trace)))
+    assert everything.reads == everything.requests - everything.hits and everything.prefetch_reads == 0
 
 
 def test_routing_trace_round_trip(converted, tmp_path):

@@ -4,8 +4,13 @@ O_DIRECT where the file's alignment allows, so the page cache neither helps nor 
 
 One slot holds one expert of one layer: its gate, up and down slices, each contiguous in the
 file (3-D expert tensors, `general.alignment` 4096). Slots in use by the chunk being computed
-are pinned; everything else is evictable by the chosen policy. `prefetch(layer, ids)` starts
-reads early (the model calls it with the next layer's predicted experts).
+are pinned; everything else is evictable by the chosen policy (victims for all of a request's
+misses are chosen at once, after its resident experts are pinned). `prefetch(layer, ids)` starts
+reads early: for the next chunk of the layer being computed (a certain need) or for the next
+layer's predicted experts (a guess, right with the layer's running accuracy). A guess takes a
+free slot or a slot the policy holds to be worth less than it (`Policy.prefetch_victims`), never
+one it holds likelier to be needed: in a small cache, wasted reads that evict useful experts
+cost more than the prefetch saves. `wants_guess` tells the model when a guess would go unused.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -24,9 +29,11 @@ from ..errors import LiteError
 from ..kernels.base import FFNWeights, QTensor
 from ..model.tensors import is_expert_tensor
 from .gguf_file import ModelFile
-from .policy import make_policy
+from .policy import DEFAULT_POLICY, GuessAccuracy, make_policy
 
 PAGE = 4096
+IDLE_AFTER = 16         # guesses in a row that read nothing before a layer's predictions pause
+SAMPLE_EVERY = 16       # ... and the one call in so many that still predicts
 PARTS = ("gate", "up", "down")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -56,6 +63,7 @@ class PagerStats:
     hits: int = 0
     misses: int = 0
     prefetch_issued: int = 0
+    prefetch_declined: int = 0      # prefetches not started: no slot was worth giving up for them
     prefetch_hits: int = 0          # used experts that a prefetch had brought in (or was bringing)
     bytes_read: int = 0
     stall_s: float = 0.0            # time the compute thread waited for reads
@@ -66,7 +74,7 @@ class PagerStats:
 class ExpertPager:
     """ExpertSource with a RAM budget. Thread-safe for one compute thread plus its I/O threads."""
 
-    def __init__(self, mf: ModelFile, budget: int, policy: str = "lru", io_threads: int = 4,
+    def __init__(self, mf: ModelFile, budget: int, policy: str = DEFAULT_POLICY, io_threads: int = 4,
                  direct: bool = True) -> None:
         cfg = mf.config
         self.mf, self.budget, self.K = mf, budget, cfg.n_expert_used
@@ -96,8 +104,15 @@ class ExpertPager:
         self._pool = raw[start:start + self.n_slots * self.slot_bytes]
         self._fd = os.open(mf.path, os.O_RDONLY)
         self._fd_direct = _open_direct(mf.path) if direct else None
-        self._policy = make_policy(policy, cfg.n_layer)
+        self._policy = make_policy(policy, self.layers, cfg.n_expert, self.K)
         self.policy_name = policy
+        self._accuracy = GuessAccuracy()
+        self._guess: dict[int, list[int]] = {}     # layer → its pending next-layer guess
+        self._layer: int | None = None             # the layer of the last request
+        self._idle: dict[int, int] = {}            # layer → its last guesses in a row that read nothing
+        self._asked: dict[int, int] = {}           # layer → wants_guess calls
+        # Called with every next-layer prediction the model reports (a routing trace records them).
+        self.on_prediction: Callable[[np.ndarray], None] | None = None
         self._slot_of: dict[tuple[int, int], int] = {}
         self._key_of: list[tuple[int, int] | None] = [None] * self.n_slots
         self._loading: dict[int, Future] = {}
@@ -120,23 +135,55 @@ class ExpertPager:
             raise LiteError(f"internal: {len(keys)} experts requested at once, pool has {self.n_slots}")
         with self._lock:
             self._pinned = set()
-            waits: list[tuple[tuple[int, int], Future]] = []
+            guess = self._guess.pop(layer, None)
+            if guess is not None:
+                self._accuracy.update(layer, guess, [e for _, e in keys])
+            self._layer = layer
+            # Every key first, so that victims are chosen knowing which layer is being computed.
+            for key in keys:
+                self._policy.touch(key)
+            waits: list[Future] = []
+            missing: list[tuple[int, int]] = []
             for key in keys:
                 slot = self._slot_of.get(key)
-                prefetched = key in self._prefetched
-                self._prefetched.discard(key)
                 if slot is None:
-                    self.stats.misses += 1
-                    slot = self._start_read(key)
-                else:    # resident, or on its way because a prefetch asked for it
-                    self.stats.hits += 1
-                    self.stats.prefetch_hits += prefetched
-                self._pinned.add(slot)
-                self._policy.touch(key)
+                    missing.append(key)
+                    continue
+                # Resident, or on its way because a prefetch asked for it.
+                self.stats.hits += 1
+                self.stats.prefetch_hits += key in self._prefetched
+                self._prefetched.discard(key)
                 if slot in self._loading:
-                    waits.append((key, self._loading[slot]))
+                    waits.append(self._loading[slot])
+                self._pinned.add(slot)
+            missed = list(zip(missing, self._take_slots(len(missing))))
+            for key, slot in missed:
+                self.stats.misses += 1
+                self._prefetched.discard(key)
+                self._assign(key, slot)
+                self._pinned.add(slot)
+            # A miss is waited for at once, so its gate, up and down slices are read in parallel
+            # (an O_DIRECT read mostly waits on the device). This thread reads the last slice
+            # itself, sparing a thread hand-off.
+            parts = [(key, slot, j) for key, slot in missed for j in range(len(PARTS))]
+            inline = parts.pop() if parts else None
+            reads = [(key, self._io.submit(self._read_part, key, slot, j)) for key, slot, j in parts]
         t0 = time.perf_counter()
-        for _, fut in waits:
+        failed: dict[tuple[int, int], BaseException] = {}
+        if inline is not None:
+            try:
+                self._read_part(*inline)
+            except BaseException as exc:
+                failed[inline[0]] = exc
+        for key, fut in reads:
+            exc = fut.exception()
+            if exc is not None:
+                failed.setdefault(key, exc)
+        if failed:
+            for key in failed:              # never leave a half-read slot looking valid
+                self._drop(key)
+            raise next(iter(failed.values()))
+        for fut in waits:
             exc = fut.exception()
             if exc is not None:
                 raise exc
@@ -144,25 +191,51 @@ class ExpertPager:
         return {e: self._view(layer, e) for _, e in keys}
 
     def prefetch(self, layer: int, ids: Iterable[int]) -> None:
-        """Start reading experts that are not resident, using only free or evictable slots; at most
-        K per call, so a wide guess (a long prefill) cannot flush what the current layer needs."""
+        """Start reading experts that are not resident: at most K per call, so a wide guess (a
+        long prefill) cannot flush what the current layer needs. For the layer being computed
+        (its next chunk) the need is certain; for another layer `ids` is a guess."""
+        ids = [int(e) for e in ids]
         with self._lock:
-            for e in list(ids)[:self.K]:
-                key = (layer, int(e))
-                if key in self._slot_of:
-                    continue
-                # Prefetches use only the slack beyond one chunk of K: the next demand for K
-                # experts must always find slots that are not busy loading a guess.
-                if len(self._loading) >= self.n_slots - self.K or not (self._free or self._evictable()):
-                    return
-                self._start_read(key)
+            # (A model with a single MoE layer has its guesses taken as certain: no harm to results.)
+            certain = layer == self._layer
+            if not certain and len(ids) <= self.K:
+                self._guess[layer] = ids        # scored when the layer is requested
+            chance = None if certain else self._accuracy[layer]
+            wanted = [(layer, e) for e in ids[:self.K] if (layer, e) not in self._slot_of]
+            # Prefetches use only the slack beyond one chunk of K: the next demand for K experts
+            # must always find slots that are not busy loading a guess.
+            wanted = wanted[:max(0, self.n_slots - self.K - len(self._loading))]
+            slots = [self._free.pop() for _ in range(min(len(wanted), len(self._free)))]
+            if len(slots) < len(wanted):
+                cands = self._evictable()
+                n = min(len(wanted) - len(slots), len(cands))
+                victims = self._policy.victims(cands, n) if chance is None else \
+                    self._policy.prefetch_victims(cands, n, chance)
+                slots += [self._evict(v) for v in victims]
+                self.stats.prefetch_declined += len(wanted) - len(slots)
+            for key, slot in zip(wanted, slots):
+                self._assign(key, slot)
+                self._submit(key, slot)
+                self._policy.expect(key, 1.0 if chance is None else chance)
                 self._prefetched.add(key)
-                self.stats.prefetch_issued += 1
+            self.stats.prefetch_issued += len(slots)
+            if not certain:
+                self._idle[layer] = 0 if slots else self._idle.get(layer, 0) + 1
+
+    def wants_guess(self, layer: int) -> bool:
+        """Whether to predict `layer`'s experts (a router pass one layer early, ~0.15 ms on
+        the demo model): not while its last guesses started no read (all resident, or nothing worth
+        displacing), except at one call in SAMPLE_EVERY, which keeps its accuracy and the state
+        of the cache sampled."""
+        n = self._asked[layer] = self._asked.get(layer, 0) + 1
+        return self._idle.get(layer, 0) < IDLE_AFTER or n % SAMPLE_EVERY == 0
 
     def note_prediction(self, predicted: Iterable[int], actual: Iterable[int]) -> None:
         p, a = set(int(x) for x in predicted), set(int(x) for x in actual)
         self.stats.predicted += len(a)
         self.stats.predicted_right += len(p & a)
+        if self.on_prediction is not None:
+            self.on_prediction(np.asarray(sorted(p), dtype=np.int32))
 
     # -- internals --
 
@@ -170,23 +243,38 @@ class ExpertPager:
         return [k for s, k in enumerate(self._key_of)
                 if k is not None and s not in self._pinned and s not in self._loading]
 
-    def _start_read(self, key: tuple[int, int]) -> int:
-        if self._free:
-            slot = self._free.pop()
-        else:
+    def _take_slots(self, n: int) -> list[int]:
+        """n slots for a demand: free ones, then the policy's victims among the unpinned."""
+        slots = [self._free.pop() for _ in range(min(n, len(self._free)))]
+        if len(slots) < n:
             cands = self._evictable()
-            if not cands:
+            if len(cands) < n - len(slots):
                 raise LiteError("internal: no evictable expert slot (all pinned or loading)")
-            victim = self._policy.victim(cands)
-            self._policy.forget(victim)
-            self._prefetched.discard(victim)
-            slot = self._slot_of.pop(victim)
+            slots += [self._evict(v) for v in self._policy.victims(cands, n - len(slots))]
+        return slots
+
+    def _evict(self, key: tuple[int, int]) -> int:
+        self._policy.forget(key)
+        self._prefetched.discard(key)
+        slot = self._slot_of.pop(key)
+        self._key_of[slot] = None
+        return slot
+
+    def _assign(self, key: tuple[int, int], slot: int) -> None:
         self._slot_of[key] = slot
         self._key_of[slot] = key
-        fut = self._io.submit(self._read, key, slot)
+
+    def _submit(self, key: tuple[int, int], slot: int) -> Future:
+        # One thread reads the slices in turn: a prefetch has a layer's compute to finish in, and
+        # three threads' hand-offs cost the compute thread more CPU than they save (measured).
+        fut = self._io.submit(self._read_all, key, slot)
         self._loading[slot] = fut
         fut.add_done_callback(lambda f, s=slot: self._done(s, f))
-        return slot
+        return fut
+
+    def _read_all(self, key: tuple[int, int], slot: int) -> None:
+        for j in range(len(PARTS)):
+            self._read_part(key, slot, j)
 
     def _done(self, slot: int, fut: Future) -> None:
         with self._lock:
@@ -205,26 +293,26 @@ class ExpertPager:
                 self._free.append(slot)
                 self._policy.forget(key)
 
-    def _read(self, key: tuple[int, int], slot: int) -> None:
+    def _read_part(self, key: tuple[int, int], slot: int, j: int) -> None:
         layer, e = key
-        base = slot * self.slot_bytes
-        for j, (off0, size) in enumerate(self._src[layer]):
-            off = off0 + e * size
-            dst = self._pool[base + self._part_off[j]: base + self._part_off[j] + _round(size)]
-            direct = self._fd_direct is not None and off % PAGE == 0
-            fd = self._fd_direct if direct else self._fd
-            want = _round(size) if direct else size
-            try:
-                got = os.preadv(fd, [memoryview(dst[:want])], off)
-            except OSError as err:
-                raise LiteError(f"{self.mf.path}: reading expert {e} of layer {layer} ({PARTS[j]}) "
-                                f"failed: {err.strerror}") from None
-            if got < size:
-                raise LiteError(f"{self.mf.path}: expert {e} of layer {layer} ({PARTS[j]}) is cut short "
-                                f"({got} of {size} bytes at offset {off}): the file was truncated or "
-                                f"replaced while open")
-            with self._lock:
-                self.stats.bytes_read += size
+        off0, size = self._src[layer][j]
+        off = off0 + e * size
+        base = slot * self.slot_bytes + self._part_off[j]
+        dst = self._pool[base: base + _round(size)]
+        direct = self._fd_direct is not None and off % PAGE == 0
+        fd = self._fd_direct if direct else self._fd
+        want = _round(size) if direct else size
+        try:
+            got = os.preadv(fd, [memoryview(dst[:want])], off)
+        except OSError as err:
+            raise LiteError(f"{self.mf.path}: reading expert {e} of layer {layer} ({PARTS[j]}) "
+                            f"failed: {err.strerror}") from None
+        if got < size:
+            raise LiteError(f"{self.mf.path}: expert {e} of layer {layer} ({PARTS[j]}) is cut short "
+                            f"({got} of {size} bytes at offset {off}): the file was truncated or "
+                            f"replaced while open")
+        with self._lock:
+            self.stats.bytes_read += size
 
     def _view(self, layer: int, e: int) -> FFNWeights:
         slot = self._slot_of[(layer, e)]

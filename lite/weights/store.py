@@ -26,6 +26,10 @@ class ExpertSource(Protocol):
         """Record how well a prefetch guess matched the experts actually routed to."""
         ...
 
+    def wants_guess(self, layer: int) -> bool:
+        """Whether a prediction of `layer`'s experts would be used now (it costs a router pass)."""
+        ...
+
     stats: Any
 
 
@@ -75,6 +79,9 @@ class MappedExperts:
 
     def note_prediction(self, predicted: Iterable[int], actual: Iterable[int]) -> None:
         pass
+
+    def wants_guess(self, layer: int) -> bool:
+        return True
 
     def close(self) -> None:
         pass
