@@ -4,8 +4,9 @@
 Tolerances. The numba backend dequantizes weights in float32 exactly as dequant.py does (the row
 decoder is checked bit for bit below) and multiplies them into float32 activations; only the
 order of float32 additions differs from the reference (SIMD partial sums, factored block
-scales). Relative to the largest output magnitude the measured error is ≤ 7e-7 for every weight
-type, so matmul/MoE are held to 1e-5 (F32/F16/BF16 and quantized alike). rope and silu_mul do
+scales). Relative to the largest output magnitude the measured error is ≤ 7e-7 for most cases
+and up to ~9e-6 where a single small output carries the whole scale (Q4_0, T=1, one row), so
+matmul/MoE are held to 1e-5 (F32/F16/BF16 and quantized alike). rope and silu_mul do
 the same float32 operations as the reference; rmsnorm/softmax/attention accumulate in a
 different order: all held to 1e-5.
 

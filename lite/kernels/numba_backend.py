@@ -3,17 +3,19 @@
 
 Every op has the meaning of `reference.py`. Quantized weights (Q4_0, Q8_0, Q4_K, Q6_K) are
 dequantized block by block in registers inside the dot product and multiplied into float32
-activations; activations are not quantized. Chosen by measurement: numba/LLVM does not
-vectorise the int8·int8 block dot (numba widens small ints to int64), while the float
-dequant-FMA loop vectorises once its reductions may be reassociated; on Q4_0 1408×2048, T=1,
-one thread, the int8 path took 2.3 ms vs 1.6 ms for float. So every matmul matches the reference
-to float32 rounding (≤ 7e-7 relative in the tests), for float and quantized weights alike.
-For T > 2 tokens a tile of 8 weight rows is decoded once into a thread-local float buffer and
-reused for every token (4 rows per pass over x).
+activations; activations are not quantized. Chosen by measurement: the C backend's int8 path
+(activations quantized to Q8_0 once, int32 block dots) does vectorise in numba once written with
+int32 accumulators, but on T=1, one thread it took 1.4x (Q4_0 1408×2048) and 1.8x (Q8_0
+2048×2048) the time of the float loops in `numba_kernels.py`. So every matmul agrees with the
+reference to float32 rounding (only the order of additions differs), for float and quantized
+weights alike. For T > 2 tokens a tile of 8 weight rows is decoded once into a thread-local float
+buffer and reused for every token (4 rows per pass over x).
 
 Threads: `set_threads(n)` → `numba.set_num_threads`; kernels parallelise over chunks of output
-rows (matmul, MoE), (token, 8-head group) pairs (attention) or tokens (row ops). Numba's
-threading layers are not re-entrant from several Python threads at once: call from one thread.
+rows (matmul, MoE), (head, chunk of rows) pairs (matmul_heads), (token, 8-head group) pairs
+(attention) or tokens (row ops); calls with little work (a small matmul, the row ops of one
+decode token) run on the calling thread. Numba's threading layers are not re-entrant from
+several Python threads at once: call from one thread.
 
 This module validates every input (dtype, rank, shapes, byte counts, expert ids) and raises
 `BackendError` naming the op and argument before any kernel runs; the kernels in
@@ -24,6 +26,7 @@ K experts per token, F expert width, N rows of a weight.
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import numba
@@ -33,6 +36,13 @@ from gguf.constants import GGML_QUANT_SIZES
 from ..errors import BackendError
 from . import numba_kernels as nk
 from .base import FFNWeights, QTensor, QType, check_f32, check_mla, check_rmsnorm, check_rope
+
+# Without TBB, numba's threading layer is OpenMP (libgomp), loaded when numba starts its thread
+# pool (the first parallel kernel or set_num_threads), so this still comes in time. Idle workers
+# must sleep, not spin: a decode step opens ~270 short parallel regions, and on a machine whose
+# cores are busy with other work, spinning workers made a region cost ~8 ms instead of ~20 µs
+# (measured on two shared cores; the C backend chose the same). An explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 SUPPORTED = (QType.F32, QType.F16, QType.BF16, QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
 
@@ -86,8 +96,24 @@ class NumbaBackend:
             raise BackendError(f"matmul: input [T, {x.shape[1]}] does not fit weight {w.name} {w.shape}")
         out = np.empty((x.shape[0], w.shape[0]), np.float32)
         if x.shape[0] and w.shape[0]:
-            nk.matmul(x, data, int(w.qtype), out, nk.LUT_F16, nk.LUT_BF16)
+            nk.matmul(x, data, int(w.qtype), out, nk.LUT_F16, nk.LUT_BF16, nk.N16)
         return out
+
+    def matmul_heads(self, x: np.ndarray, w: QTensor) -> np.ndarray:
+        """x `[T, H, cols]` times each head's own weight `w[h]` `[N, cols]` (w `[H, N, cols]`) →
+        `[T, H, N]` in one kernel call (MLA's W_UK and W_UV; one call per head cost a thread-pool
+        wake-up per head)."""
+        x = check_f32("matmul_heads input", x, 3)
+        data = _check_weight("matmul_heads", "weight", w, ndim=3)
+        t, h, cols = x.shape
+        if w.shape[0] != h or w.shape[2] != cols:
+            raise BackendError(f"matmul_heads: input [T, {h}, {cols}] does not fit weight {w.name} {w.shape} "
+                               f"(want [{h}, N, {cols}])")
+        out = np.empty((h, t, w.shape[1]), np.float32)
+        if t and w.shape[1]:
+            xh = np.ascontiguousarray(x.transpose(1, 0, 2))  # each head's [T, cols] contiguous
+            nk.matmul_heads(xh, data, int(w.qtype), out, nk.LUT_F16, nk.LUT_BF16, nk.N16)
+        return np.ascontiguousarray(out.transpose(1, 0, 2))
 
     # -- elementwise / row ops -----------------------------------------------------------------
     def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -199,6 +225,5 @@ class NumbaBackend:
         offs[1:] = np.cumsum([len(a) for a in tok_lists])
         toks = np.concatenate(tok_lists).astype(np.int64)
         wts = np.concatenate(wt_lists).astype(np.float32)
-        nk.moe(x, addrs, rbytes, qts, widths, offs, toks, wts, nk.LUT_F16, nk.LUT_BF16, out)
-        del keep
+        nk.moe(x, addrs, rbytes, qts, widths, offs, toks, wts, nk.LUT_F16, nk.LUT_BF16, nk.N16, out)
         return out
