@@ -9,8 +9,9 @@ exactly as stored in the GGUF file (usually a zero-copy view of the memory map).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Mapping, NamedTuple, Protocol
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -63,6 +64,19 @@ class QTensor:
         return QTensor(name, QType.F32, a.shape, a.view(np.uint8).reshape(*a.shape[:-1], -1))
 
 
+class MLPLayout(NamedTuple):
+    """A validated MLP as native kernels take it: the byte addresses of gate, up and down, their
+    block types and byte sizes, the width F, and the hidden size D it was checked against."""
+
+    gate: int
+    up: int
+    down: int
+    types: tuple[int, int, int]
+    nbytes: tuple[int, int, int]
+    width: int
+    d: int
+
+
 @dataclass(frozen=True)
 class FFNWeights:
     """One SiLU-gated MLP: `down(silu(gate(x)) * up(x))`. gate/up `[F, D]`, down `[D, F]`."""
@@ -70,6 +84,28 @@ class FFNWeights:
     gate: QTensor
     up: QTensor
     down: QTensor
+
+    def layout(self, op: str, d: int) -> MLPLayout:
+        """This MLP checked for hidden size `d` (errors name `op`). The object is immutable, so the
+        result is cached on it: a decode step asks once per expert per layer, and a cache on the
+        object dies with it (the pager hands out new objects for every call)."""
+        lay = self.__dict__.get("_layout")
+        if lay is not None and lay.d == d:
+            return lay
+        g = self.gate
+        width = g.shape[0] if isinstance(g, QTensor) and len(g.shape) == 2 else None
+        check_weight(f"{op} gate", g, None, d)
+        check_weight(f"{op} up", self.up, width, d)
+        check_weight(f"{op} down", self.down, d, width)
+        parts = (g, self.up, self.down)
+        lay = MLPLayout(*(w.data.ctypes.data for w in parts), tuple(int(w.qtype) for w in parts),
+                        tuple(w.data.nbytes for w in parts), width, d)
+        object.__setattr__(self, "_layout", lay)    # frozen: the one sanctioned way to cache
+        return lay
+
+    def __getstate__(self) -> dict:
+        # A cached layout holds this process's addresses: never let a copy carry it elsewhere.
+        return {k: v for k, v in self.__dict__.items() if k != "_layout"}
 
 
 class Backend(Protocol):
@@ -117,17 +153,21 @@ class Backend(Protocol):
         ...
 
 
+_F32 = np.dtype(np.float32)
+
+
 def check_f32(name: str, a: np.ndarray, ndim: int) -> np.ndarray:
-    """Validate an activation argument before it reaches a kernel."""
-    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != ndim:
+    """Validate an activation argument before it reaches a kernel (a few times per kernel call:
+    float32 arrays almost always carry numpy's one float32 dtype, so identity decides first)."""
+    if not isinstance(a, np.ndarray) or (a.dtype is not _F32 and a.dtype != _F32) or a.ndim != ndim:
         got = f"{a.dtype} with {a.ndim} dims" if isinstance(a, np.ndarray) else type(a).__name__
         raise BackendError(f"{name}: expected a float32 array with {ndim} dims, got {got}")
     return np.ascontiguousarray(a)
 
 
-@dataclass(frozen=True)
-class MLAArgs:
-    """`mla_attention`'s inputs, validated once for every backend."""
+class MLAArgs(NamedTuple):
+    """`mla_attention`'s inputs, validated once for every backend (a NamedTuple: built on every
+    call, several times cheaper than a frozen dataclass)."""
 
     q_lat: np.ndarray
     q_pe: np.ndarray
@@ -149,7 +189,7 @@ def check_mla(q_lat: np.ndarray, q_pe: np.ndarray, ckv: np.ndarray, kpe: np.ndar
     ckv, kpe = check_f32("mla ckv", ckv, 2), check_f32("mla kpe", kpe, 2)
     if not isinstance(start, (int, np.integer)) or isinstance(start, bool):
         raise BackendError(f"mla_attention: start must be an integer, got {start!r}")
-    if not np.isfinite(scale):
+    if not math.isfinite(scale):
         raise BackendError(f"mla_attention: scale must be finite, got {scale!r}")
     t, h, c = q_lat.shape
     s = ckv.shape[0]
@@ -192,7 +232,7 @@ def check_rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> tuple[np.ndarray,
     x, w = check_f32("rmsnorm input", x, 2), check_f32("rmsnorm weight", w, 1)
     if w.shape != (x.shape[1],):
         raise BackendError(f"rmsnorm: weight shape {w.shape} does not match hidden size {x.shape[1]}")
-    if not np.isfinite(eps) or eps < 0:
+    if not math.isfinite(eps) or eps < 0:      # math, not numpy: ~30x cheaper on a scalar
         raise BackendError(f"rmsnorm: eps must be a finite non-negative number, got {eps!r}")
     return x, w
 

@@ -15,13 +15,15 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Mapping
+from functools import partial
+from itertools import chain
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
 from ..errors import BackendError
 from .native import open_library
-from .base import FFNWeights, QTensor, QType, check_f32, check_mla, check_rmsnorm, check_rope, check_weight
+from .base import FFNWeights, MLPLayout, QTensor, QType, check_f32, check_mla, check_rmsnorm, check_rope, check_weight
 
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
@@ -64,7 +66,12 @@ class CBackend:
         n = threads or int(os.environ.get("LITE_THREADS") or 0) or os.cpu_count() or 1
         self.set_threads(n)
         self._local = threading.local()
-        self._ptrs: dict[int, tuple[np.ndarray, object]] = {}
+        # Validated weights, keyed by id(QTensor) (a weak reference tells a reused id from a hit):
+        # (ref, what `_weight` returns).
+        self._ptrs: dict[int, tuple] = {}
+        self._moe_need: dict[tuple[int, int, int, int], int] = {}   # lite_moe_scratch_bytes memo
+        # A float[] view of a float32 array: ~40 per layer, so no Python frame of our own.
+        self._f = partial(self.ffi.from_buffer, self.ffi.typeof("float[]"))
 
     # ---- controls (tests, benchmarks) ------------------------------------------------------
     def set_threads(self, n: int) -> None:
@@ -92,35 +99,34 @@ class CBackend:
             raise BackendError(f"{op}: the C library refused the call ({_STATUS.get(rc, rc)})"
                                + (f": {what}" if what else ""))
 
-    def _f(self, a: np.ndarray):
-        return self.ffi.from_buffer("float[]", a)
-
-    def _scratch(self, nbytes: int):
-        """A 64-byte aligned per-thread scratch pointer of at least nbytes (grown, never shrunk)."""
-        loc = self._local
-        if getattr(loc, "size", -1) < nbytes:
+    def _scratch(self, nbytes: int) -> tuple:
+        """(64-byte aligned pointer, size, owning array): this thread's scratch of at least nbytes
+        (grown, never shrunk). One thread-local lookup: each costs microseconds with cold caches."""
+        got = getattr(self._local, "scratch", None)
+        if got is None or got[1] < nbytes:
             buf = np.empty(max(nbytes, 1 << 16) + 64, dtype=np.uint8)
             off = (-buf.ctypes.data) % 64
-            loc.buf, loc.size = buf, buf.nbytes - 64
-            loc.ptr = self.ffi.from_buffer("uint8_t[]", buf) + off
-        return loc.ptr, loc.size
+            got = self._local.scratch = (self.ffi.from_buffer("uint8_t[]", buf) + off, buf.nbytes - 64, buf)
+        return got
 
-    def _weight(self, op: str, w: QTensor, rows: int | None, cols: int | None):
-        """Validate a weight and return a cffi pointer to its bytes. Validation and pointer are
-        cached per data array (weights are long-lived); a dead entry's id may be reused, which
-        the weak reference detects. The caller keeps `w` alive for the duration of the call."""
-        data = getattr(w, "data", None)
-        hit = self._ptrs.get(id(data))
-        if (hit is not None and hit[0]() is data and hit[1] == w.qtype and hit[2] == w.shape
-                and (rows is None or w.shape[0] == rows) and (cols is None or w.shape[1] == cols)):
-            return self.ffi.cast("const uint8_t *", data.ctypes.data)
-        check_weight(op, w, rows, cols)
+    def _weight(self, op: str, w: QTensor, rows: int | None, cols: int | None,
+                validate: Callable[[str, QTensor, int | None, int | None], None] = check_weight) -> tuple:
+        """Validate a weight (`rows` against its first axis, `cols` its last, when given); return
+        (cffi pointer to its bytes, activation bytes per token, byte size, type code). Cached per
+        QTensor (frozen, and weights are long-lived); a dead entry's id may be reused, which the
+        weak reference detects. The caller keeps `w` alive for the duration of the call."""
+        hit = self._ptrs.get(id(w))
+        if (hit is not None and hit[0]() is w and (rows is None or w.shape[0] == rows)
+                and (cols is None or w.shape[-1] == cols)):
+            return hit[1]
+        validate(op, w, rows, cols)
         if len(self._ptrs) > 4096:
             self._ptrs.clear()
+        got = (self.ffi.cast("const uint8_t *", w.data.ctypes.data), _act_stride(w.qtype, w.shape[-1]),
+               w.data.nbytes, int(w.qtype))
         # A weak reference: the cache must not keep a closed model's map or expert pool alive.
-        self._ptrs[id(data)] = (weakref.ref(data), w.qtype, w.shape)
-        return self.ffi.cast("const uint8_t *", data.ctypes.data)
-
+        self._ptrs[id(w)] = (weakref.ref(w), got)
+        return got
 
     # ---- ops ------------------------------------------------------------------------------------
     def quantize_q8_0(self, x: np.ndarray) -> np.ndarray:
@@ -146,14 +152,13 @@ class CBackend:
     def matmul(self, x: np.ndarray, w: QTensor) -> np.ndarray:
         x = check_f32("matmul input", x, 2)
         t, cols = x.shape
-        wp = self._weight("matmul", w, None, cols)
+        wp, stride, nbytes, qtype = self._weight("matmul", w, None, cols)
         n = w.shape[0]
         out = np.empty((t, n), np.float32)
         if t == 0:
             return out
-        sp, sn = self._scratch(t * _act_stride(w.qtype, cols))
-        rc = self.lib.lite_matmul(self._f(out), out.size, self._f(x), t, cols, wp, w.data.nbytes,
-                                  int(w.qtype), n, sp, sn)
+        sp, sn, _ = self._scratch(t * stride)
+        rc = self.lib.lite_matmul(self._f(out), out.size, self._f(x), t, cols, wp, nbytes, qtype, n, sp, sn)
         if rc:
             self._check(rc, "matmul", f"weight {w.name} {w.qtype.name} {w.shape}, input {x.shape}")
         return out
@@ -167,56 +172,50 @@ class CBackend:
             raise BackendError(f"matmul_heads: weight {getattr(w, 'name', w)} of shape {getattr(w, 'shape', '?')} "
                                f"does not fit input {x.shape} (want [{h}, N, {cols}])")
         n = w.shape[1]
-        data = w.data
-        hit = self._ptrs.get(id(data))
-        if not (hit is not None and hit[0]() is data and hit[1] == w.qtype and hit[2] == w.shape):
-            # Validate as the 2-D [H*N, cols] weight it is byte for byte, then cache under the 3-D shape.
-            if not isinstance(data, np.ndarray) or not data.flags.c_contiguous:
-                raise BackendError(f"matmul_heads: weight {w.name} data must be C-contiguous uint8")
-            check_weight("matmul_heads", QTensor(w.name, w.qtype, (h * n, cols), data.reshape(h * n, -1)),
-                               h * n, cols)
-            if len(self._ptrs) > 4096:
-                self._ptrs.clear()
-            self._ptrs[id(data)] = (weakref.ref(data), w.qtype, w.shape)
-        wp = self.ffi.cast("const uint8_t *", data.ctypes.data)
+        wp, stride, nbytes, qtype = self._weight("matmul_heads", w, None, cols, _check_heads_weight)
         out = np.empty((t, h, n), np.float32)
         if t == 0:
             return out
-        sp, sn = self._scratch(t * h * _act_stride(w.qtype, cols))
-        rc = self.lib.lite_matmul_heads(self._f(out), out.size, self._f(x), t, h, cols, wp, w.data.nbytes,
-                                        int(w.qtype), n, sp, sn)
+        sp, sn, _ = self._scratch(t * h * stride)
+        rc = self.lib.lite_matmul_heads(self._f(out), out.size, self._f(x), t, h, cols, wp, nbytes, qtype, n,
+                                        sp, sn)
         if rc:
             self._check(rc, "matmul_heads", f"weight {w.name} {w.qtype.name} {w.shape}, input {x.shape}")
         return out
 
     def rmsnorm(self, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
         x, w = check_rmsnorm(x, w, eps)
-        out = np.empty_like(x)
+        out = np.empty(x.shape, np.float32)
         if x.size:
-            self._check(self.lib.lite_rmsnorm_f32(self._f(out), self._f(x), self._f(w), x.shape[0],
-                                                  x.shape[1], float(eps)), "rmsnorm")
+            rc = self.lib.lite_rmsnorm_f32(self._f(out), self._f(x), self._f(w), x.shape[0], x.shape[1], float(eps))
+            if rc:
+                self._check(rc, "rmsnorm")
         return out
 
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         x, cos, sin = check_rope(x, cos, sin)
         t, h, r = x.shape
-        out = np.empty_like(x)
+        out = np.empty(x.shape, np.float32)
         if x.size:
-            self._check(self.lib.lite_rope_f32(self._f(out), self._f(x), self._f(cos), self._f(sin), t, h, r), "rope")
+            rc = self.lib.lite_rope_f32(self._f(out), self._f(x), self._f(cos), self._f(sin), t, h, r)
+            if rc:
+                self._check(rc, "rope")
         return out
 
     def softmax(self, x: np.ndarray) -> np.ndarray:
         x = check_f32("softmax input", x, 2)
-        out = np.empty_like(x)
+        out = np.empty(x.shape, np.float32)
         if x.size:
-            self._check(self.lib.lite_softmax_f32(self._f(out), self._f(x), x.shape[0], x.shape[1]), "softmax")
+            rc = self.lib.lite_softmax_f32(self._f(out), self._f(x), x.shape[0], x.shape[1])
+            if rc:
+                self._check(rc, "softmax")
         return out
 
     def silu_mul(self, g: np.ndarray, u: np.ndarray) -> np.ndarray:
         if not isinstance(g, np.ndarray) or not isinstance(u, np.ndarray) or g.shape != u.shape:
             raise BackendError(f"silu_mul: shapes {getattr(g, 'shape', g)} and {getattr(u, 'shape', u)} differ")
         g, u = check_f32("silu_mul gate", g, g.ndim), check_f32("silu_mul up", u, u.ndim)
-        out = np.empty_like(g)
+        out = np.empty(g.shape, np.float32)
         if g.size:
             self._check(self.lib.lite_silu_mul_f32(self._f(out), self._f(g), self._f(u), g.size), "silu_mul")
         return out
@@ -228,38 +227,50 @@ class CBackend:
         t, h, c, r, s = a.dims
         if c > MLA_MAX_C:
             raise BackendError(f"mla_attention: latent size {c} exceeds the C kernel's limit {MLA_MAX_C}")
-        out = np.empty_like(q_lat)
+        out = np.empty(q_lat.shape, np.float32)
         if t == 0:
             return out
         null = self.ffi.NULL
         rc = self.lib.lite_mla_attention(self._f(out), self._f(q_lat), self._f(q_pe) if r else null,
                                          self._f(ckv), self._f(kpe) if r else null, t, h, c, r, s, start,
                                          float(scale))
-        self._check(rc, "mla_attention")
+        if rc:
+            self._check(rc, "mla_attention")
         return out
 
     def moe(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
             experts: Mapping[int, FFNWeights], shared: FFNWeights | None) -> np.ndarray:
         x = check_f32("moe input", x, 2)
         t, d = x.shape
-        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or ids.dtype.kind not in "iu":
             raise BackendError(f"moe: ids must be an integer array [T, K], got "
                                f"{getattr(ids, 'dtype', type(ids).__name__)} {getattr(ids, 'shape', '')}")
         weights = check_f32("moe weights", weights, 2)
         if ids.shape != weights.shape or ids.shape[0] != t:
             raise BackendError(f"moe: ids {ids.shape} / weights {weights.shape} do not fit input {x.shape}")
         k = ids.shape[1]
-        uniq, inv = np.unique(ids, return_inverse=True)
-        table: list[FFNWeights] = []
-        for e in uniq.tolist():
-            ffn = experts.get(int(e)) if hasattr(experts, "get") else None
-            if ffn is None:
-                raise BackendError(f"moe: expert {int(e)} was routed to but not supplied")
-            table.append(ffn)
+        # The table: distinct routed ids ascending, then the shared MLP; `slots` index it per
+        # (token, k). Python sets beat np.unique by far at decode sizes (a handful of ids).
+        table: list[MLPLayout] = []
+        slots: Iterable[int] = ()
+        if k:
+            flat = ids.ravel().tolist()
+            uniq = sorted(set(flat))
+            get = getattr(experts, "get", None)
+            for e in uniq:
+                f = get(e) if get is not None else None
+                if f is None:
+                    raise BackendError(f"moe: expert {e} was routed to but not supplied")
+                if not isinstance(f, FFNWeights):
+                    raise BackendError(f"moe: expert {e} must be FFNWeights, got {type(f).__name__}")
+                table.append(f.layout(f"moe expert {e}", d))
+            slots = map(dict(zip(uniq, range(len(uniq)))).__getitem__, flat)
         shared_idx = -1
         if shared is not None:
+            if not isinstance(shared, FFNWeights):
+                raise BackendError(f"moe: shared must be FFNWeights, got {type(shared).__name__}")
             shared_idx = len(table)
-            table.append(shared)
+            table.append(shared.layout("moe shared", d))
         n = len(table)
         if n > MOE_MAX_ENTRIES:
             raise BackendError(f"moe: {n} experts in one call exceed the C kernel's limit {MOE_MAX_ENTRIES}")
@@ -267,32 +278,38 @@ class CBackend:
         if t == 0 or n == 0:
             return out
         ffi = self.ffi
-        gp, up, dp = ffi.new("const uint8_t *[]", n), ffi.new("const uint8_t *[]", n), ffi.new("const uint8_t *[]", n)
-        types = np.empty(3 * n, np.int32)
-        nbytes = np.empty(3 * n, np.int64)
-        widths = np.empty(n, np.int64)
-        for i, f in enumerate(table):
-            label = "shared" if i == shared_idx else f"expert {int(uniq[i])}"
-            if not isinstance(f, FFNWeights):
-                raise BackendError(f"moe: {label} must be FFNWeights, got {type(f).__name__}")
-            width = f.gate.shape[0] if isinstance(f.gate, QTensor) and len(f.gate.shape) == 2 else None
-            gp[i] = self._weight(f"moe {label} gate", f.gate, None, d)
-            up[i] = self._weight(f"moe {label} up", f.up, width, d)
-            dp[i] = self._weight(f"moe {label} down", f.down, d, width)
-            types[3 * i:3 * i + 3] = (int(f.gate.qtype), int(f.up.qtype), int(f.down.qtype))
-            nbytes[3 * i:3 * i + 3] = (f.gate.data.nbytes, f.up.data.nbytes, f.down.data.nbytes)
-            widths[i] = width
-        slots = np.ascontiguousarray(inv.reshape(t, k), dtype=np.int32)
-        need = ffi.new("int64_t *")
-        self._check(self.lib.lite_moe_scratch_bytes(need, t, d, k, int(widths.max())), "moe", "scratch size")
-        sp, sn = self._scratch(int(need[0]))
-        rc = self.lib.lite_moe(self._f(out), out.size, self._f(x), t, d,
-                               ffi.from_buffer("int32_t[]", slots), self._f(weights) if k else ffi.NULL, k,
-                               n, gp, up, dp, ffi.from_buffer("int32_t[]", types),
-                               ffi.from_buffer("int64_t[]", nbytes), ffi.from_buffer("int64_t[]", widths),
-                               shared_idx, sp, sn)
-        self._check(rc, "moe", f"T={t} D={d} K={k} experts={n}")
+        # Two arrays carry the table: int64 gate[n], up[n], down[n] (addresses), nbytes[n][3],
+        # widths[n]; int32 types[n][3], then the slots [T][K]. Built without comprehensions,
+        # whose code runs cold after every kernel.
+        gate, up, down, types, nbytes, widths, _ = zip(*table)
+        i64 = ffi.new("int64_t[]", [*gate, *up, *down, *chain.from_iterable(nbytes), *widths])
+        i32 = ffi.new("int32_t[]", [*chain.from_iterable(types), *slots])
+        ptrs = ffi.cast("const uint8_t **", i64)
+        key = (t, d, k, max(widths))
+        need = self._moe_need.get(key)
+        if need is None:
+            box = ffi.new("int64_t *")
+            self._check(self.lib.lite_moe_scratch_bytes(box, *key), "moe", "scratch size")
+            if len(self._moe_need) > 4096:
+                self._moe_need.clear()
+            need = self._moe_need[key] = int(box[0])
+        sp, sn, _ = self._scratch(need)
+        rc = self.lib.lite_moe(self._f(out), out.size, self._f(x), t, d, i32 + 3 * n if k else ffi.NULL,
+                               self._f(weights) if k else ffi.NULL, k, n, ptrs, ptrs + n, ptrs + 2 * n,
+                               i32, i64 + 3 * n, i64 + 6 * n, shared_idx, sp, sn)
+        if rc:
+            self._check(rc, "moe", f"T={t} D={d} K={k} experts={n}")
         return out
+
+
+def _check_heads_weight(op: str, w: QTensor, rows: int | None, cols: int | None) -> None:
+    """A per-head weight `[H, N, cols]` (its shape already matched to the input) is checked as the
+    2-D `[H*N, cols]` weight it is byte for byte."""
+    data = w.data
+    if not isinstance(data, np.ndarray) or not data.flags.c_contiguous:
+        raise BackendError(f"{op}: weight {w.name} data must be C-contiguous uint8")
+    h, n, c = w.shape
+    check_weight(op, QTensor(w.name, w.qtype, (h * n, c), data.reshape(h * n, -1)), h * n, cols)
 
 
 def read_bytes(buf: np.ndarray, threads: int | None = None) -> int:

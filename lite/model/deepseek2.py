@@ -68,20 +68,27 @@ class DeepSeek2:
             note(f"router_layer{layer}_weights", rw)
             note(f"router_layer{layer}_probs", probs)
 
+        # Without an observer, a hook or predictions to score, routing needs no callback.
+        on_route = route_cb if observe is not None or self.route_hook is not None or self.prefetch_next else None
+        cos, sin = self.rope(start, len(ids))
         self.file.check_unchanged()
         for i in range(cfg.n_layer):
-            a = mla(be, cfg, self.attn[i], be.rmsnorm(x, self.attn_norm[i], cfg.rms_eps), i, cache, start, self.rope)
-            note(f"attn_out_layer{i}", a)
+            a = mla(be, cfg, self.attn[i], be.rmsnorm(x, self.attn_norm[i], cfg.rms_eps), i, cache, start, cos, sin)
+            if observe is not None:     # not `note`: the names would be formatted for nothing
+                observe(f"attn_out_layer{i}", a)
             x = x + a
             nxt = self.ffn[i + 1] if i + 1 < cfg.n_layer else None
-            if self.prefetch_next and nxt is not None and nxt.router is not None:
+            # The source says when a guess would go unused (all resident, or nothing worth
+            # displacing): that spares the router pass.
+            if self.prefetch_next and nxt is not None and nxt.router is not None and self.experts.wants_guess(i + 1):
                 # Start reading layer i+1's likely experts while layer i's FFN computes.
                 guess[i + 1] = predict(be, cfg, nxt, self.ffn_norm[i + 1], x)
                 self.experts.prefetch(i + 1, guess[i + 1])
-            m = ffn(be, cfg, self.ffn[i], be.rmsnorm(x, self.ffn_norm[i], cfg.rms_eps), self.experts, route_cb)
-            note(f"mlp_out_layer{i}", m)
+            m = ffn(be, cfg, self.ffn[i], be.rmsnorm(x, self.ffn_norm[i], cfg.rms_eps), self.experts, on_route)
             x = x + m
-            note(f"hidden_after_layer{i}", x)
+            if observe is not None:
+                observe(f"mlp_out_layer{i}", m)
+                observe(f"hidden_after_layer{i}", x)
         cache.length = start + len(ids)
         if not all_logits:
             x = x[-1:]

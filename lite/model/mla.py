@@ -12,7 +12,6 @@ from ..weights.gguf_file import ModelFile
 from ..weights.store import attention_up_projections, float_vector
 from .cache import LatentCache
 from .config import ModelConfig
-from .rope import RopeTables
 
 # The original DeepSeek code normalises q_a and kv_a with eps 1e-6 whatever rms_norm_eps says.
 LATENT_NORM_EPS = 1e-6
@@ -55,7 +54,9 @@ def per_head(be: Backend, x: np.ndarray, w: QTensor) -> np.ndarray:
 
 
 def mla(be: Backend, cfg: ModelConfig, w: MLAWeights, h: np.ndarray, layer: int, cache: LatentCache,
-        start: int, rope: RopeTables) -> np.ndarray:
+        start: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Attention output `[T, D]` for h `[T, D]` at positions start.. (cos/sin `[T, R/2]` their
+    rope tables), with the layer's latents and rope keys for those positions written to `cache`."""
     T, H, N, R, C = h.shape[0], cfg.n_head, cfg.qk_nope, cfg.qk_rope, cfg.kv_lora_rank
     if w.q is not None:
         q = be.matmul(h, w.q)
@@ -63,13 +64,13 @@ def mla(be: Backend, cfg: ModelConfig, w: MLAWeights, h: np.ndarray, layer: int,
         q = be.matmul(be.rmsnorm(be.matmul(h, w.q_a), w.q_a_norm, LATENT_NORM_EPS), w.q_b)
     q = q.reshape(T, H, N + R)
     kv = be.matmul(h, w.kv_a)                                          # [T, C+R]
-    ckv = be.rmsnorm(np.ascontiguousarray(kv[:, :C]), w.kv_a_norm, LATENT_NORM_EPS)
-    cos, sin = rope(start, T)
-    q_pe = be.rope(np.ascontiguousarray(q[..., N:]), cos, sin)         # [T, H, R]
-    k_pe = be.rope(np.ascontiguousarray(kv[:, None, C:]), cos, sin)[:, 0]  # [T, R]
+    # Slices go to the backend as they are: every op makes its inputs contiguous itself.
+    ckv = be.rmsnorm(kv[:, :C], w.kv_a_norm, LATENT_NORM_EPS)
+    q_pe = be.rope(q[..., N:], cos, sin)                               # [T, H, R]
+    k_pe = be.rope(kv[:, None, C:], cos, sin)[:, 0]                    # [T, R]
     cache.write(layer, start, ckv, k_pe)
     c_all, k_all = cache.view(layer, start + T)
-    q_lat = per_head(be, np.ascontiguousarray(q[..., :N]), w.k_b)      # [T, H, C]
+    q_lat = per_head(be, q[..., :N], w.k_b)                            # [T, H, C]
     o_lat = be.mla_attention(q_lat, q_pe, c_all, k_all, cfg.softmax_scale, start)
     o = per_head(be, o_lat, w.v_b)                                     # [T, H, V]
     return be.matmul(o.reshape(T, H * cfg.v_head), w.out)

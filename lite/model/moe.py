@@ -43,12 +43,14 @@ def route(cfg: ModelConfig, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         mask = np.zeros_like(group_score, dtype=bool)
         np.put_along_axis(mask, keep, True, axis=1)
         scores = np.where(np.repeat(mask, E // cfg.n_group, axis=1), probs, np.float32(0.0))
-    ids = np.argsort(-scores, axis=1, kind="stable")[:, :cfg.n_expert_used]
-    w = np.take_along_axis(probs, ids, axis=1)
+    # Decode runs this once per layer with cold caches, so: methods and ufuncs called directly,
+    # not numpy's Python-level wrappers (np.argsort, take_along_axis, ndarray.sum) around them.
+    ids = (-scores).argsort(axis=1, kind="stable")[:, :cfg.n_expert_used]
+    w = probs[np.arange(probs.shape[0])[:, None], ids]
     if cfg.expert_weights_norm and cfg.n_expert_used > 1:
-        w = w / (w.sum(axis=1, keepdims=True) + np.float32(1e-20))
+        w = w / (np.add.reduce(w, axis=1, keepdims=True) + np.float32(1e-20))
     w = w * np.float32(cfg.expert_weights_scale)
-    return ids.astype(np.int32), w.astype(np.float32)
+    return ids.astype(np.int32), w.astype(np.float32, copy=False)
 
 
 RouteHook = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
@@ -74,8 +76,17 @@ def ffn(be: Backend, cfg: ModelConfig, f: FFNLayer, h: np.ndarray, experts: Expe
     ids, w = route(cfg, probs)
     if on_route is not None:
         on_route(f.layer, ids, w, probs)
-    uniq = np.unique(ids)
     K = cfg.n_expert_used
+    uniq = sorted(set(ids.ravel().tolist()))     # np.unique costs several times more in decode
+    if len(uniq) <= K:
+        # One chunk holds every (token, slot) pair — always so in decode. In the row-major
+        # order the partition below would produce, the pairs' rows are each token K times and
+        # their results add slot by slot to every token at once: no index arithmetic needed.
+        y = be.moe(h.repeat(K, axis=0), ids.reshape(-1, 1), w.reshape(-1, 1),
+                   experts.experts(f.layer, uniq), None).reshape(T, K, h.shape[1])
+        for k in range(K):
+            out += y[:, k]
+        return out
     chunks = [uniq[i:i + K] for i in range(0, len(uniq), K)]
     for c, chunk in enumerate(chunks):
         weights = experts.experts(f.layer, chunk)
