@@ -80,66 +80,62 @@ DEF_Q8_TILE(tile_q4_0, unpack_q4_0, Q4_0_BYTES)
  * ceiling is ~10). Two accumulators hide the FMA latency that one row alone would expose. */
 #define MV_PREFETCH 1024
 
-/* Q4_0: unsigned nibbles straight into maddubs (one broadcast load and a per-lane shift give both
- * halves of a block); the -8 offset comes off as maddubs(8, y), computed once per call. */
-static void mv_q4_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
-    const int64_t nb = cols / QK;
-    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), eight = _mm256_set1_epi8(8);
-    const __m256i halves = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-    const float *da = (const float *)(a + nb * QK);
-    __m256i ys[nb];
-    for (int64_t b = 0; b < nb; b++)
-        ys[b] = _mm256_madd_epi16(_mm256_maddubs_epi16(eight, _mm256_loadu_si256((const __m256i *)(a + b * QK))), ones);
-#define Q4_BLOCK(B, ACC)                                                                           \
-    {                                                                                              \
-        const uint8_t *blk = row + (B) * Q4_0_BYTES;                                               \
-        __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 2)));      \
-        __m256i v = _mm256_and_si256(_mm256_srlv_epi32(q, halves), m4);                            \
-        __m256i y = _mm256_loadu_si256((const __m256i *)(a + (B) * QK));                          \
-        __m256i p = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(v, y), ones), ys[B]); \
-        ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(blk) * da[B]), ACC);      \
+/* Integer dot of one weight block with one activation block, as 8 int32 lanes. Q4_0: unsigned
+ * nibbles straight into maddubs (one broadcast load and a per-lane shift give both halves of a
+ * block), the -8 offset taken off as ys = maddubs(8, y). Q8_0: the sign trick (|w| unsigned x
+ * sign(y, w) signed). */
+INLINE __m256i mv_block(const int KIND, const uint8_t *blk, __m256i y, __m256i ys) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    if (KIND == K_Q4_0) {
+        __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 2)));
+        __m256i v = _mm256_and_si256(_mm256_srlv_epi32(q, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                     _mm256_set1_epi8(15));
+        return _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(v, y), ones), ys);
     }
-    for (int64_t r = 0; r < nr; r++) {
-        const uint8_t *row = w + r * ws;
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        int64_t b = 0;
-        for (; b + 2 <= nb; b += 2) {
-            if ((b & 3) == 0) _mm_prefetch((const char *)row + b * Q4_0_BYTES + MV_PREFETCH, _MM_HINT_T0);
-            Q4_BLOCK(b, acc0)
-            Q4_BLOCK(b + 1, acc1)
-        }
-        if (b < nb) Q4_BLOCK(b, acc0)
-        out[r] = hsum8(_mm256_add_ps(acc0, acc1));
-    }
-#undef Q4_BLOCK
+    __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)), ones);
 }
 
-/* Q8_0: signed weights, the sign trick (|w| unsigned x sign(y, w) signed) into maddubs. */
-static void mv_q8_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
-    const int64_t nb = cols / QK;
-    const __m256i ones = _mm256_set1_epi16(1);
+/* The rows one after another, two blocks a step into two accumulators, a prefetch per ~64 bytes. */
+INLINE void mv_rows(const int KIND, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                    int64_t cols) {
+    const int64_t nb = cols / QK, bytes = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
+    const int64_t pf_every = KIND == K_Q4_0 ? 4 : 2;          /* blocks per prefetched line */
     const float *da = (const float *)(a + nb * QK);
-#define Q8_BLOCK(B, ACC)                                                                           \
-    {                                                                                              \
-        const uint8_t *blk = row + (B) * Q8_0_BYTES;                                               \
-        __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));                                \
-        __m256i y = _mm256_loadu_si256((const __m256i *)(a + (B) * QK));                           \
-        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)), ones); \
-        ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(blk) * da[B]), ACC);      \
+    __m256i ys[KIND == K_Q4_0 ? nb : 1];                        /* per-block offsets, once per call */
+    ys[0] = _mm256_setzero_si256();
+    if (KIND == K_Q4_0)
+        for (int64_t b = 0; b < nb; b++)
+            ys[b] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), _mm256_loadu_si256((const __m256i *)(a + b * QK))),
+                                      _mm256_set1_epi16(1));
+#define MV_BLOCK(B, ACC)                                                                            \
+    {                                                                                               \
+        const uint8_t *blk = row + (B) * bytes;                                                     \
+        __m256i p = mv_block(KIND, blk, _mm256_loadu_si256((const __m256i *)(a + (B) * QK)),       \
+                             ys[KIND == K_Q4_0 ? (B) : 0]);                                         \
+        ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(blk) * da[B]), ACC);       \
     }
     for (int64_t r = 0; r < nr; r++) {
         const uint8_t *row = w + r * ws;
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         int64_t b = 0;
         for (; b + 2 <= nb; b += 2) {
-            _mm_prefetch((const char *)row + b * Q8_0_BYTES + MV_PREFETCH, _MM_HINT_T0);
-            Q8_BLOCK(b, acc0)
-            Q8_BLOCK(b + 1, acc1)
+            if (b % pf_every == 0) _mm_prefetch((const char *)row + b * bytes + MV_PREFETCH, _MM_HINT_T0);
+            MV_BLOCK(b, acc0)
+            MV_BLOCK(b + 1, acc1)
         }
-        if (b < nb) Q8_BLOCK(b, acc0)
+        if (b < nb) MV_BLOCK(b, acc0)
         out[r] = hsum8(_mm256_add_ps(acc0, acc1));
     }
-#undef Q8_BLOCK
+#undef MV_BLOCK
+}
+
+static void mv_q4_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+    mv_rows(K_Q4_0, out, w, ws, nr, a, cols);
+}
+
+static void mv_q8_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+    mv_rows(K_Q8_0, out, w, ws, nr, a, cols);
 }
 
 DEF_Q8_TILE(tile_q8_0, unpack_q8_0, Q8_0_BYTES)
