@@ -227,6 +227,16 @@ def check_weight(op: str, w: QTensor, rows: int | None, cols: int | None) -> Non
                            f"{w.shape} needs {n * (c // block * size)}")
 
 
+def check_heads_fit(x: np.ndarray, w: QTensor) -> None:
+    """matmul_heads: the input `[T, H, cols]` (already a checked float32 array) must fit the
+    per-head weight `[H, N, cols]`."""
+    _, h, cols = x.shape
+    shape = getattr(w, "shape", None)
+    if not isinstance(w, QTensor) or len(shape) != 3 or shape[0] != h or shape[2] != cols:
+        raise BackendError(f"matmul_heads: input [T, {h}, {cols}] does not fit weight {getattr(w, 'name', w)} "
+                           f"{shape} (want [{h}, N, {cols}])")
+
+
 def check_rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """`rmsnorm`'s inputs validated once for every backend: x `[T, D]`, w `[D]`, eps ≥ 0."""
     x, w = check_f32("rmsnorm input", x, 2), check_f32("rmsnorm weight", w, 1)

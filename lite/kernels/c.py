@@ -23,7 +23,8 @@ import numpy as np
 
 from ..errors import BackendError
 from .native import open_library
-from .base import FFNWeights, MLPLayout, QTensor, QType, check_f32, check_mla, check_rmsnorm, check_rope, check_weight
+from .base import (FFNWeights, MLPLayout, QTensor, QType, check_f32, check_heads_fit, check_mla, check_rmsnorm,
+                   check_rope, check_weight)
 
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
@@ -168,9 +169,7 @@ class CBackend:
         `[T, H, N]`, all heads in one call (MLA's W_UK and W_UV)."""
         x = check_f32("matmul_heads input", x, 3)
         t, h, cols = x.shape
-        if not isinstance(w, QTensor) or len(w.shape) != 3 or w.shape[0] != h or w.shape[2] != cols:
-            raise BackendError(f"matmul_heads: weight {getattr(w, 'name', w)} of shape {getattr(w, 'shape', '?')} "
-                               f"does not fit input {x.shape} (want [{h}, N, {cols}])")
+        check_heads_fit(x, w)
         n = w.shape[1]
         wp, stride, nbytes, qtype = self._weight("matmul_heads", w, None, cols, _check_heads_weight)
         out = np.empty((t, h, n), np.float32)

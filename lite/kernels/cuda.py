@@ -62,7 +62,7 @@ import numpy as np
 
 from ..errors import BackendError
 from . import native
-from .base import FFNWeights, QTensor, check_f32, check_mla, check_rmsnorm, check_rope, check_weight
+from .base import FFNWeights, QTensor, check_f32, check_heads_fit, check_mla, check_rmsnorm, check_rope, check_weight
 
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
            -4: "buffer too small for the shapes", -5: "row length not a multiple of the block size",
@@ -492,9 +492,7 @@ class CudaBackend:
         the 3-D weight `[H, N, cols]` is cached as one buffer, one launch per head."""
         x = check_f32("matmul_heads input", x, 3)
         t, h, cols = x.shape
-        if not isinstance(w, QTensor) or len(w.shape) != 3 or w.shape[0] != h or w.shape[2] != cols:
-            raise BackendError(f"matmul_heads: input {x.shape} does not fit weight "
-                               f"{getattr(w, 'name', w)} {getattr(w, 'shape', '')}")
+        check_heads_fit(x, w)
         n = w.shape[1]
         flat = QTensor(w.name, w.qtype, (h * n, cols), w.data.reshape(h * n, -1)) \
             if isinstance(w.data, np.ndarray) and w.data.ndim == 3 else w

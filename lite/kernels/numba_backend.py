@@ -35,7 +35,7 @@ from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BackendError
 from . import numba_kernels as nk
-from .base import FFNWeights, QTensor, QType, check_f32, check_mla, check_rmsnorm, check_rope
+from .base import FFNWeights, QTensor, QType, check_f32, check_heads_fit, check_mla, check_rmsnorm, check_rope
 
 # Without TBB, numba's threading layer is OpenMP (libgomp), loaded when numba starts its thread
 # pool (the first parallel kernel or set_num_threads), so this still comes in time. Idle workers
@@ -105,10 +105,8 @@ class NumbaBackend:
         wake-up per head)."""
         x = check_f32("matmul_heads input", x, 3)
         data = _check_weight("matmul_heads", "weight", w, ndim=3)
+        check_heads_fit(x, w)
         t, h, cols = x.shape
-        if w.shape[0] != h or w.shape[2] != cols:
-            raise BackendError(f"matmul_heads: input [T, {h}, {cols}] does not fit weight {w.name} {w.shape} "
-                               f"(want [{h}, N, {cols}])")
         out = np.empty((h, t, w.shape[1]), np.float32)
         if t and w.shape[1]:
             xh = np.ascontiguousarray(x.transpose(1, 0, 2))  # each head's [T, cols] contiguous
