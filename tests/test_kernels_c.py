@@ -155,8 +155,9 @@ def test_matmul_float(cb, qtype, t):
 @pytest.mark.parametrize("t", [1, 3, 17])
 @pytest.mark.parametrize("odd", [False, True], ids=["even", "odd"])
 def test_matmul_quant(cb, qtype, t, odd):
-    """37 rows: two streaming chunks of 16 and a short one for one token; an odd block count
-    (45 or 3) ends the streaming kernels' two-block loop on a single block."""
+    """37 rows: two streaming chunks of 16 and a short one for one token. 45 blocks of 32 take
+    the Q4_0/Q8_0 kernels through 8-block groups, a 4-block group and a single block; 17 tokens
+    through tiles of 4 and one of 1."""
     if qtype in (QType.Q4_K, QType.Q6_K):
         cols = 768 if odd else 512
     else:

@@ -1,7 +1,8 @@
 /* Internal declarations shared by the CPU kernel files (not part of the ABI).
  *
  * Activation layouts used inside matmul (one row per token, `stride` bytes apart, 64-byte aligned):
- *   A8  (for Q4_0 / Q8_0 weights): int8 qs[nb*32], then float d[nb]   (d already rounded to fp16)
+ *   A8  (for Q4_0 / Q8_0 weights): int8 qs[nb*32], then float d[nb]   (d already rounded to fp16),
+ *       then float s[nb] = d * sum(qs of the block) (takes Q4_0's +8 nibble offset off in float)
  *   A8K (for Q4_K / Q6_K weights): int8 qs[nb*256], int16 bsums[nb*16], float d[nb]
  * Float weights (F32/F16/BF16) take float activations directly.
  */
@@ -70,7 +71,18 @@ static inline void q4k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
 }
 
 /* Byte sizes of the activation rows. */
-static inline int64_t a8_stride(int64_t cols) { return ((cols / QK) * (QK + 4) + 63) & ~(int64_t)63; }
+static inline int64_t a8_stride(int64_t cols) { return ((cols / QK) * (QK + 8) + 63) & ~(int64_t)63; }
+/* Fills s[] of an A8 row whose qs[] and d[] are written. */
+static inline void a8_fill_sums(uint8_t *row, int64_t nb) {
+    const int8_t *qs = (const int8_t *)row;
+    const float *d = (const float *)(row + nb * QK);
+    float *s = (float *)(row + nb * (QK + 4));
+    for (int64_t b = 0; b < nb; b++) {
+        int sum = 0;
+        for (int i = 0; i < QK; i++) sum += qs[b * QK + i];
+        s[b] = d[b] * (float)sum;
+    }
+}
 static inline int64_t a8k_stride(int64_t cols) { return ((cols / QKK) * (QKK + 32 + 4) + 63) & ~(int64_t)63; }
 
 /* Tile kernel: out[t*ldo + r] = dot(weight row r, activation row t) for r < nr, t < nt.

@@ -16,155 +16,133 @@ INLINE float hsum8(__m256 v) {
 
 INLINE float fp16(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
 
-/* ---- Q4_0 / Q8_0: weights unpacked to signed int8 per 32-block ------------------------------ */
-
-INLINE __m256i unpack_q4_0(const uint8_t *blk) {
-    __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
-    __m256i v = _mm256_insertf128_si256(_mm256_castsi128_si256(q), _mm_srli_epi16(q, 4), 1);
-    return _mm256_sub_epi8(_mm256_and_si256(v, _mm256_set1_epi8(15)), _mm256_set1_epi8(8));
-}
-
-INLINE __m256i unpack_q8_0(const uint8_t *blk) { return _mm256_loadu_si256((const __m256i *)(blk + 2)); }
-
-/* NR rows x NT tokens, both compile-time constants after inlining. */
-#define DEF_Q8_TILE(NAME, UNPACK, BYTES)                                                           \
-    INLINE void NAME##_fixed(const int NR, const int NT, float *out, int64_t ldo, const uint8_t *w, \
-                             int64_t wstride, const uint8_t *a, int64_t astride, int64_t nb) {     \
-        __m256 acc[4][4];                                                                           \
-        for (int r = 0; r < NR; r++)                                                                \
-            for (int t = 0; t < NT; t++) acc[r][t] = _mm256_setzero_ps();                           \
-        const __m256i ones = _mm256_set1_epi16(1);                                                  \
-        const float *da[4];                                                                         \
-        for (int t = 0; t < NT; t++) da[t] = (const float *)(a + t * astride + nb * QK);            \
-        for (int64_t b = 0; b < nb; b++) {                                                          \
-            for (int r = 0; r < NR; r++) {                                                          \
-                const uint8_t *blk = w + r * wstride + b * BYTES;                                   \
-                if (b % (64 / BYTES) == 0) _mm_prefetch((const char *)blk + TILE_R * wstride, _MM_HINT_T0); \
-                __m256i wq = UNPACK(blk);                                                           \
-                __m256i wa = _mm256_sign_epi8(wq, wq);                                              \
-                __m256 dw = _mm256_set1_ps(fp16(blk));                                              \
-                for (int t = 0; t < NT; t++) {                                                      \
-                    __m256i y = _mm256_loadu_si256((const __m256i *)(a + t * astride + b * QK));   \
-                    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, _mm256_sign_epi8(y, wq)), ones); \
-                    __m256 s = _mm256_mul_ps(dw, _mm256_broadcast_ss(da[t] + b));                  \
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);              \
-                }                                                                                   \
-            }                                                                                       \
-        }                                                                                           \
-        for (int r = 0; r < NR; r++)                                                                \
-            for (int t = 0; t < NT; t++) out[t * ldo + r] = hsum8(acc[r][t]);                       \
-    }                                                                                               \
-    static void NAME(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,           \
-                     const uint8_t *a, int64_t astride, int nt, int64_t cols) {                    \
-        int64_t nb = cols / QK;                                                                     \
-        if (nt == 1 && nr == 4) { NAME##_fixed(4, 1, out, ldo, w, wstride, a, astride, nb); return; } \
-        /* One row over all nt tokens at a time: row pairs spill accumulators to the stack (16  \
-         * registers) and measured no faster (Q4_0, T=64, one core: 51-54 GFLOP/s best of 8). */ \
-        for (int r = 0; r < nr; r++) {                                                              \
-            const uint8_t *wr = w + r * wstride;                                                    \
-            switch (nt) {                                                                           \
-            case 4: NAME##_fixed(1, 4, out + r, ldo, wr, wstride, a, astride, nb); break;           \
-            case 3: NAME##_fixed(1, 3, out + r, ldo, wr, wstride, a, astride, nb); break;           \
-            case 2: NAME##_fixed(1, 2, out + r, ldo, wr, wstride, a, astride, nb); break;           \
-            default: NAME##_fixed(1, 1, out + r, ldo, wr, wstride, a, astride, nb); break;          \
-            }                                                                                       \
-        }                                                                                           \
-    }
-
-DEF_Q8_TILE(tile_q4_0, unpack_q4_0, Q4_0_BYTES)
-
-/* ---- one token: rows streamed one after another -------------------------------------------- */
-/* A 4-row tile reads 4 short interleaved streams, which the hardware prefetcher picks up too late:
- * measured from RAM on one core, 5.1 GB/s for Q4_0 that way against 7.9 GB/s reading the rows one
- * after another, and 9.4-10.5 GB/s with a software prefetch about 1 KiB ahead (the read probe's
- * ceiling is ~10). Two accumulators hide the FMA latency that one row alone would expose. */
+/* ---- Q4_0 / Q8_0 ------------------------------------------------------------------------------- */
+/* One kernel serves a lone token (decode: many rows streamed one after another) and tiles of up to
+ * 4 tokens (prefill), row by row. Per block and token the work is maddubs, madd, convert and one
+ * FMA; what used to dominate was the scale: a scalar fp16 conversion, multiply and broadcast per
+ * block. Instead 8 blocks' weight scales are converted as one vector, multiplied by the token's 8
+ * activation scales, and each block's product taken by an in-lane permute (one token, Q4_0, from
+ * L3 on one core: 8.7 -> 12.2 GB/s). Q4_0 nibbles go into maddubs unsigned; their +8 offset is
+ * taken off per 8 blocks in float from the activation sums s[b] = d * sum(q) of the A8 layout.
+ * Rows are read start to end with a software prefetch about 1 KiB ahead: a 4-row tile's short
+ * interleaved streams reached only 5.1 GB/s from RAM on one core, against 9.4-10.5 streamed. */
 #define MV_PREFETCH 1024
 
-/* Integer dot of one weight block with one activation block, as 8 int32 lanes. Q4_0: the unsigned
- * nibbles straight into maddubs (one broadcast load and a per-lane shift give both halves of a
- * block); their +8 offset is taken off later, in float, per 8 blocks. Q8_0: the sign trick
- * (|w| unsigned x sign(y, w) signed). */
-INLINE __m256i mv_block(const int KIND, const uint8_t *blk, __m256i y) {
-    const __m256i ones = _mm256_set1_epi16(1);
+/* Block weights as maddubs takes them. Q4_0: one broadcast load and a per-lane shift give the
+ * low and high nibbles of the block. Q8_0: the raw signed bytes (see q8_dot). */
+INLINE __m256i q8_unpack(const int KIND, const uint8_t *blk) {
     if (KIND == K_Q4_0) {
         __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(blk + 2)));
-        __m256i v = _mm256_and_si256(_mm256_srlv_epi32(q, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
-                                     _mm256_set1_epi8(15));
-        return _mm256_madd_epi16(_mm256_maddubs_epi16(v, y), ones);
+        return _mm256_and_si256(_mm256_srlv_epi32(q, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                                _mm256_set1_epi8(15));
     }
-    __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)), ones);
+    return _mm256_loadu_si256((const __m256i *)(blk + 2));
 }
 
-/* G = 8 or 4 consecutive blocks of one row: their fp16 scales converted as one vector (one
- * scalar conversion and broadcast per block was the kernel's bottleneck: 8.7 -> 12.2 GB/s per
- * core for Q4_0 from L3), each block's d_w * d_y then taken by an in-lane permute. Q4_0 also
- * accumulates sum_b d_w * off[b], the nibble offset, into acc_off. */
-INLINE void mv_group(const int KIND, const int G, const uint8_t *g, const uint8_t *y, const float *dy,
-                     const float *off, __m256 *acc0, __m256 *acc1, __m256 *acc_off) {
+/* Integer dot of unpacked block weights with an activation block, as 8 int32 lanes. Q8_0 uses
+ * the sign trick: |w| (unsigned) x sign(y, w) (signed). */
+INLINE __m256i q8_dot(const int KIND, __m256i wv, const uint8_t *y) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i yv = _mm256_loadu_si256((const __m256i *)y);
+    if (KIND == K_Q4_0) return _mm256_madd_epi16(_mm256_maddubs_epi16(wv, yv), ones);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(yv, wv)), ones);
+}
+
+/* Lane j (0..3) of each 128-bit half, broadcast across the half. */
+INLINE __m256 lane(__m256 v, const int j) {
+    switch (j) {
+    case 0: return _mm256_permute_ps(v, 0x00);
+    case 1: return _mm256_permute_ps(v, 0x55);
+    case 2: return _mm256_permute_ps(v, 0xaa);
+    default: return _mm256_permute_ps(v, 0xff);
+    }
+}
+
+/* G (8 or 4) consecutive blocks of one row, starting at block b, into acc[t] for NT tokens (one
+ * token alternates acc[0] / acc1 to hide the FMA latency). */
+INLINE void q8_group(const int KIND, const int NT, const int G, const uint8_t *g, int64_t b, const uint8_t *a,
+                     int64_t as, const float *const *dy, const float *const *sy, __m256 *acc, __m256 *acc1) {
     const int64_t s = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
     for (int64_t o = 0; o < G * s; o += 64) _mm_prefetch((const char *)g + MV_PREFETCH + o, _MM_HINT_T0);
     __m128i h = G == 8 ? _mm_setr_epi16(rd16(g), rd16(g + s), rd16(g + 2 * s), rd16(g + 3 * s), rd16(g + 4 * s),
                                         rd16(g + 5 * s), rd16(g + 6 * s), rd16(g + 7 * s))
                        : _mm_setr_epi16(rd16(g), rd16(g + s), rd16(g + 2 * s), rd16(g + 3 * s), 0, 0, 0, 0);
     __m256 dw = _mm256_cvtph_ps(h);
-    __m256 d = _mm256_mul_ps(dw, G == 8 ? _mm256_loadu_ps(dy) : _mm256_zextps128_ps256(_mm_loadu_ps(dy)));
-    if (KIND == K_Q4_0)
-        *acc_off = _mm256_fmadd_ps(dw, G == 8 ? _mm256_loadu_ps(off) : _mm256_zextps128_ps256(_mm_loadu_ps(off)),
-                                   *acc_off);
-    __m256 lo = _mm256_permute2f128_ps(d, d, 0x00), hi = _mm256_permute2f128_ps(d, d, 0x11);
-#define MV_BLOCK(J, HALF, ACC)                                                                      \
-    ACC = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mv_block(KIND, g + (J) * s,                            \
-                                                      _mm256_loadu_si256((const __m256i *)(y + (J) * QK)))), \
-                          _mm256_permute_ps(HALF, ((J) & 3) * 0x55), ACC);
-    MV_BLOCK(0, lo, *acc0) MV_BLOCK(1, lo, *acc1) MV_BLOCK(2, lo, *acc0) MV_BLOCK(3, lo, *acc1)
-    if (G == 8) { MV_BLOCK(4, hi, *acc0) MV_BLOCK(5, hi, *acc1) MV_BLOCK(6, hi, *acc0) MV_BLOCK(7, hi, *acc1) }
-#undef MV_BLOCK
+#define LOAD_G(p) (G == 8 ? _mm256_loadu_ps(p) : _mm256_zextps128_ps256(_mm_loadu_ps(p)))
+    if (KIND == K_Q4_0) {
+        __m256 dw8 = _mm256_mul_ps(dw, _mm256_set1_ps(8.0f));
+        for (int t = 0; t < NT; t++) acc[t] = _mm256_fnmadd_ps(dw8, LOAD_G(sy[t] + b), acc[t]);
+    }
+    for (int half = 0; half < G / 4; half++) {
+        __m256 sc[4];
+        for (int t = 0; t < NT; t++) {
+            __m256 d = _mm256_mul_ps(dw, LOAD_G(dy[t] + b));
+            sc[t] = half ? _mm256_permute2f128_ps(d, d, 0x11) : _mm256_permute2f128_ps(d, d, 0x00);
+        }
+        for (int j = 0; j < 4; j++) {
+            int64_t k = 4 * half + j;
+            __m256i wv = q8_unpack(KIND, g + k * s);
+            for (int t = 0; t < NT; t++) {
+                __m256 p = _mm256_cvtepi32_ps(q8_dot(KIND, wv, a + t * as + (b + k) * QK));
+                if (NT == 1 && (j & 1)) *acc1 = _mm256_fmadd_ps(p, lane(sc[t], j), *acc1);
+                else acc[t] = _mm256_fmadd_ps(p, lane(sc[t], j), acc[t]);
+            }
+        }
+    }
+#undef LOAD_G
 }
 
-/* The rows one after another, 8 blocks a step (then 4, then single blocks) into two accumulators.
- * Q4_0's offset per activation block, off[b] = 8 * d_y * sum(y), is computed once per call. */
-INLINE void mv_rows(const int KIND, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                    int64_t cols) {
+/* out[t * ldo + r] = dot(weight row r, activation row t) for r < nr, t < NT. */
+INLINE void q8_rows(const int KIND, const int NT, float *out, int64_t ldo, const uint8_t *w, int64_t ws,
+                    int64_t nr, const uint8_t *a, int64_t as, int64_t cols) {
     const int64_t nb = cols / QK, s = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
-    const float *da = (const float *)(a + nb * QK);
-    float off[KIND == K_Q4_0 ? nb : 1];
-    off[0] = 0.0f;
-    if (KIND == K_Q4_0)
-        for (int64_t b = 0; b < nb; b++) {
-            __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), _mm256_loadu_si256((const __m256i *)(a + b * QK))),
-                                          _mm256_set1_epi16(1));
-            off[b] = da[b] * hsum8(_mm256_cvtepi32_ps(t));
-        }
+    const float *dy[4], *sy[4];
+    for (int t = 0; t < NT; t++) {
+        dy[t] = (const float *)(a + t * as + nb * QK);
+        sy[t] = dy[t] + nb;
+    }
     for (int64_t r = 0; r < nr; r++) {
         const uint8_t *row = w + r * ws;
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc_off = _mm256_setzero_ps();
+        __m256 acc[4], acc1 = _mm256_setzero_ps();
+        for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
         int64_t b = 0;
-        for (; b + 8 <= nb; b += 8) mv_group(KIND, 8, row + b * s, a + b * QK, da + b, off + b, &acc0, &acc1, &acc_off);
+        for (; b + 8 <= nb; b += 8) q8_group(KIND, NT, 8, row + b * s, b, a, as, dy, sy, acc, &acc1);
         if (b + 4 <= nb) {
-            mv_group(KIND, 4, row + b * s, a + b * QK, da + b, off + b, &acc0, &acc1, &acc_off);
+            q8_group(KIND, NT, 4, row + b * s, b, a, as, dy, sy, acc, &acc1);
             b += 4;
         }
-        float tail = 0.0f;
+        float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         for (; b < nb; b++) {
             const uint8_t *blk = row + b * s;
-            __m256i p = mv_block(KIND, blk, _mm256_loadu_si256((const __m256i *)(a + b * QK)));
-            acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16(blk) * da[b]), acc0);
-            if (KIND == K_Q4_0) tail += fp16(blk) * off[b];
+            __m256i wv = q8_unpack(KIND, blk);
+            float dw = fp16(blk);
+            for (int t = 0; t < NT; t++) {
+                __m256 p = _mm256_cvtepi32_ps(q8_dot(KIND, wv, a + t * as + b * QK));
+                acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * dy[t][b]), acc[t]);
+                if (KIND == K_Q4_0) tail[t] += 8.0f * dw * sy[t][b];
+            }
         }
-        out[r] = hsum8(_mm256_add_ps(acc0, acc1)) - (KIND == K_Q4_0 ? hsum8(acc_off) + tail : 0.0f);
+        acc[0] = _mm256_add_ps(acc[0], acc1);
+        for (int t = 0; t < NT; t++) out[t * ldo + r] = hsum8(acc[t]) - tail[t];
     }
 }
 
-static void mv_q4_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
-    mv_rows(K_Q4_0, out, w, ws, nr, a, cols);
-}
+#define DEF_Q8_KERNELS(TILE, MV, KIND)                                                              \
+    static void TILE(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int nr, const uint8_t *a, \
+                     int64_t as, int nt, int64_t cols) {                                            \
+        switch (nt) {                                                                               \
+        case 4: q8_rows(KIND, 4, out, ldo, w, ws, nr, a, as, cols); break;                         \
+        case 3: q8_rows(KIND, 3, out, ldo, w, ws, nr, a, as, cols); break;                         \
+        case 2: q8_rows(KIND, 2, out, ldo, w, ws, nr, a, as, cols); break;                         \
+        default: q8_rows(KIND, 1, out, ldo, w, ws, nr, a, as, cols); break;                        \
+        }                                                                                           \
+    }                                                                                               \
+    static void MV(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) { \
+        q8_rows(KIND, 1, out, 0, w, ws, nr, a, 0, cols);                                            \
+    }
 
-static void mv_q8_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
-    mv_rows(K_Q8_0, out, w, ws, nr, a, cols);
-}
-
-DEF_Q8_TILE(tile_q8_0, unpack_q8_0, Q8_0_BYTES)
+DEF_Q8_KERNELS(tile_q4_0, mv_q4_0, K_Q4_0)
+DEF_Q8_KERNELS(tile_q8_0, mv_q8_0, K_Q8_0)
 
 /* ---- Q4_K ------------------------------------------------------------------------------------ */
 
@@ -374,6 +352,7 @@ static void quant_a8(uint8_t *a, int64_t astride, const float *x, int64_t n_rows
             float v = quant_run(qs + b * QK, x + t * cols + b * QK, QK);
             d[b] = _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT));
         }
+        a8_fill_sums(a + t * astride, nb);
     }
 }
 

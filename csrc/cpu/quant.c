@@ -22,6 +22,7 @@ void lite_quant_a8_scalar(uint8_t *a, int64_t astride, const float *x, int64_t n
         const float *xr = x + t * cols;
         for (int64_t b = 0; b < nb; b++)
             d[b] = f16_to_f32(f32_to_f16(quant_block(qs + b * QK, xr + b * QK, QK)));
+        a8_fill_sums(a + t * astride, nb);
     }
 }
 
@@ -60,7 +61,7 @@ int lite_quantize_q8_0(uint8_t *out, int64_t out_bytes, const float *x, int64_t 
     int rc = check_q(out, out_bytes, x, n_rows, cols, QK, Q8_0_BYTES);
     if (rc) return rc;
     const kernel_table *kt = lite_active_kernels();
-    _Alignas(64) uint8_t buf[CHUNK + CHUNK / QK * 4 + 64];
+    _Alignas(64) uint8_t buf[CHUNK + CHUNK / QK * 8 + 64];
     for (int64_t r = 0; r < n_rows; r++) {
         for (int64_t c0 = 0; c0 < cols; c0 += CHUNK) {
             int64_t n = cols - c0 < CHUNK ? cols - c0 : CHUNK, nb = n / QK;

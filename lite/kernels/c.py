@@ -51,7 +51,7 @@ _ffi, _lib, LIB_PATH = _load()
 def _act_stride(qtype: QType, cols: int) -> int:
     """Bytes per token of quantized activations (csrc/cpu/internal.h: a8_stride, a8k_stride)."""
     if qtype in (QType.Q4_0, QType.Q8_0):
-        return (cols // 32 * 36 + 63) & ~63
+        return (cols // 32 * 40 + 63) & ~63
     if qtype in (QType.Q4_K, QType.Q6_K):
         return (cols // 256 * 292 + 63) & ~63
     return 0
