@@ -55,6 +55,15 @@ static inline uint16_t f32_to_f16(float f) {
     return sign | (uint16_t)(x >> 13);
 }
 
+/* Rope on one row of 2 * half values, interleaved pairs (x[2i], x[2i+1]) rotated by (c[i], s[i]). */
+static inline void rope_pairs(float *y, const float *x, const float *c, const float *s, int64_t half) {
+    for (int64_t i = 0; i < half; i++) {
+        float e = x[2 * i], o = x[2 * i + 1];
+        y[2 * i] = e * c[i] - o * s[i];
+        y[2 * i + 1] = e * s[i] + o * c[i];
+    }
+}
+
 static inline float bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
 
 static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }

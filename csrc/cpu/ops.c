@@ -31,12 +31,7 @@ int lite_rope_f32(float *out, const float *x, const float *cos_t, const float *s
         for (int64_t h = 0; h < n_head; h++) {
             const float *xr = x + (t * n_head + h) * dim;
             float *yr = out + (t * n_head + h) * dim;
-            const float *c = cos_t + t * half, *s = sin_t + t * half;
-            for (int64_t i = 0; i < half; i++) {
-                float e = xr[2 * i], o = xr[2 * i + 1];
-                yr[2 * i] = e * c[i] - o * s[i];
-                yr[2 * i + 1] = e * s[i] + o * c[i];
-            }
+            rope_pairs(yr, xr, cos_t + t * half, sin_t + t * half, half);
         }
     return LITE_OK;
 }

@@ -111,4 +111,54 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
              const int32_t *types, const int64_t *nbytes, const int64_t *ffn, int64_t shared,
              uint8_t *scratch, int64_t scratch_bytes);
 
+/* Fused decode-step ops (csrc/cpu/fused.c): one call each for a run of the ops above, with their
+ * exact results. */
+
+/* x [T, D] += delta [T, D] in place (delta may be NULL: no add), then out [T, D] = rmsnorm(x)
+ * as lite_rmsnorm_f32: a residual add and the next norm. */
+int lite_add_rmsnorm_f32(float *out, float *x, const float *delta, const float *w, int64_t n_rows, int64_t dim,
+                         float eps);
+
+/* MoE routing of T tokens from router logits [T, E]: probs [T, E] = lite_softmax_f32(logits), then
+ * per token the k experts of highest probability (ties to the lower id) into ids [T, k], best
+ * first; with n_group > 1 only experts in the topk_group groups of best top expert compete (the
+ * others count 0). weights [T, k] = their probabilities, divided by (their sum + 1e-20) when
+ * `norm` and k > 1, times `scale`. E <= 1024 and divisible by n_group; 0 <= k <= E. */
+int lite_route(int32_t *ids, float *weights, float *probs, const float *logits, int64_t n_tok, int64_t n_exp,
+               int64_t k, int64_t n_group, int64_t topk_group, int norm, float scale);
+
+/* MLA inputs for T tokens at positions start..start+T-1 from the projections q [T, H, N+R] and
+ * kv [T, C+R]: q_nope [T, H, N] = q[..., :N], q_pe [T, H, R] = rope(q[..., N:]); cache rows
+ * start+t of ckv [cache_rows, C] = rmsnorm(kv[t, :C], norm_w, eps) and of kpe [cache_rows, R] =
+ * rope(kv[t, C:]), rope by cos/sin [T, R/2]. */
+int lite_mla_prep(float *q_nope, float *q_pe, float *ckv, float *kpe, int64_t cache_rows, const float *q,
+                  const float *kv, const float *norm_w, const float *cos_t, const float *sin_t, int64_t n_tok,
+                  int64_t n_head, int64_t n_nope, int64_t c_dim, int64_t r_dim, int64_t start, float eps);
+
+/* A whole attention sublayer for T tokens at positions start..start+T-1: x [T, D] += delta (in
+ * place; delta may be NULL), then out [T, D] = MLA attention of h = rmsnorm(x, norm, norm_eps),
+ * exactly as the calls it makes in order: lite_add_rmsnorm_f32, q = h . q^T (or, with q_rank
+ * Q > 0, rmsnorm(h . q_a^T, q_a_norm, eps) . q_b^T), kv = h . kv_a^T, lite_mla_prep (into the caches
+ * ckv [cache_rows, C], kpe [cache_rows, R]), lite_matmul_heads by k_b, lite_mla_attention over
+ * positions 0..start+T-1, lite_matmul_heads by v_b, and the output projection.
+ * Weights w[6] with byte sizes w_bytes[6] and types[6]: q [H*(N+R), D] (or q_a [Q, D]), q_b
+ * [H*(N+R), Q] (NULL when Q = 0), kv_a [C+R, D], k_b [H, C, N], v_b [H, V, C], out [D, H*V].
+ * Scratch as lite_mla_step_scratch_bytes says. */
+int lite_mla_step_scratch_bytes(int64_t *out, const int32_t *types, int64_t n_tok, int64_t dim, int64_t n_head,
+                                int64_t n_nope, int64_t r_dim, int64_t c_dim, int64_t v_dim, int64_t q_rank);
+int lite_mla_step(float *out, int64_t out_len, float *x, const float *delta, const float *norm, float norm_eps,
+                  int64_t n_tok, int64_t dim, const uint8_t **w, const int64_t *w_bytes, const int32_t *types,
+                  const float *q_a_norm, const float *kv_norm, int64_t n_head, int64_t n_nope, int64_t r_dim,
+                  int64_t c_dim, int64_t v_dim, int64_t q_rank, float *ckv, float *kpe, int64_t cache_rows,
+                  const float *cos_t, const float *sin_t, int64_t start, float scale, float eps, uint8_t *scratch,
+                  int64_t scratch_bytes);
+
+/* The FFN sublayer's input for T tokens: x [T, D] += delta and h [T, D] = its norm as
+ * lite_add_rmsnorm_f32, then lite_route of the router logits h . router^T (router [E, D] of type
+ * `type`, scratch as lite_matmul_scratch_bytes(type, T, D)) into ids, weights and probs. */
+int lite_norm_route(float *h, float *x, const float *delta, const float *norm, float eps, int64_t n_tok, int64_t dim,
+                    const uint8_t *router, int64_t router_bytes, int type, int64_t n_exp, int32_t *ids, float *weights,
+                    float *probs, int64_t k, int64_t n_group, int64_t topk_group, int renorm, float scale,
+                    uint8_t *scratch, int64_t scratch_bytes);
+
 #endif

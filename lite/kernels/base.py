@@ -1,5 +1,8 @@
 """The Backend protocol: the small op set every compute backend implements (reference numpy,
-Numba, C, CUDA), plus the weight handle kernels receive.
+Numba, C, CUDA), plus the weight handles kernels receive. Fused ops (a residual add with the next
+norm, routing, a whole attention sublayer) are optional: their compositions of the core ops here
+define them and serve any backend without its own (`fused`); the C backend's own ones replace ~20
+calls per decode layer with 3, since Python's cost per call dominates at one token.
 
 Shape legend: T tokens, S cached positions, D hidden, H heads, C kv_lora_rank, R rope dims,
 K experts per token, F expert width, N rows (output features) of a weight.
@@ -11,7 +14,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple, Protocol
+from functools import partial
+from typing import Callable, Mapping, NamedTuple, Protocol
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -108,6 +112,24 @@ class FFNWeights:
         return {k: v for k, v in self.__dict__.items() if k != "_layout"}
 
 
+@dataclass(frozen=True)
+class MLAWeights:
+    """One layer's attention sublayer weights. Shapes: norm `[D]` (its input norm); q `[H·(N+R), D]`
+    (direct query) or the q-LoRA q_a `[Q, D]`, q_a_norm `[Q]`, q_b `[H·(N+R), Q]`; kv_a `[C+R, D]`,
+    kv_a_norm `[C]`; k_b (W_UK) `[H, C, N]`, v_b (W_UV) `[H, V, C]`, out `[D, H·V]`."""
+
+    norm: np.ndarray
+    q: QTensor | None
+    q_a: QTensor | None
+    q_a_norm: np.ndarray | None
+    q_b: QTensor | None
+    kv_a: QTensor
+    kv_a_norm: np.ndarray
+    k_b: QTensor
+    v_b: QTensor
+    out: QTensor
+
+
 class Backend(Protocol):
     """What model code may call. Every method validates its inputs and raises BackendError."""
 
@@ -149,11 +171,49 @@ class Backend(Protocol):
         """x `[T, D]`, ids int32 `[T, K]`, weights float32 `[T, K]` →
         `Σ_k weights[t,k] · expert_{ids[t,k]}(x[t]) + shared(x[t])` (shared omitted when None).
         `experts` maps every id present in `ids` to its weights. K may be 0 (a dense MLP passed
-        as `shared`). Implementations group tokens by expert so each expert is read once."""
+        as `shared`). Implementations group tokens by expert so each expert is read once. For one
+        token the terms are added in the order shared, then k ascending (decode in moe.ffn relies
+        on it to match the canonical partition bit for bit)."""
+        ...
+
+    # Fused ops: optional; `fused(be, name)` gives the backend's own, else the composition below.
+
+    def add_rmsnorm(self, x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float) -> np.ndarray:
+        """x += delta in place (x C-contiguous float32 `[T, D]`; no add when delta is None), then
+        `rmsnorm(x, w, eps)`: a residual add and the next norm."""
+        ...
+
+    def route(self, logits: np.ndarray, k: int, n_group: int = 1, topk_group: int = 1, norm: bool = False,
+              scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Router logits `[T, E]` → (ids int32 `[T, K]`, weights `[T, K]`, probs `[T, E]`):
+        `topk_route` of `softmax(logits)`."""
+        ...
+
+    def norm_route(self, x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float, router: QTensor,
+                   k: int, n_group: int = 1, topk_group: int = 1, norm: bool = False,
+                   scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The FFN sublayer's input: (h, ids, weights, probs) with h = `add_rmsnorm(x, delta, w,
+        eps)` and the rest `route(matmul(h, router), k, ...)`."""
+        ...
+
+    def mla_prep(self, q: np.ndarray, kv: np.ndarray, norm: np.ndarray, eps: float, cos: np.ndarray,
+                 sin: np.ndarray, ckv: np.ndarray, kpe: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """MLA's inputs from the projections q `[T, H, N+R]` and kv `[T, C+R]`: writes cache rows
+        start.. of ckv `[S, C]` (rmsnorm of kv's latents) and kpe `[S, R]` (roped kv rope dims) in
+        place; returns (q_nope `[T, H, N]`, roped q_pe `[T, H, R]`)."""
+        ...
+
+    def mla_step(self, x: np.ndarray, delta: np.ndarray | None, w: MLAWeights, ckv: np.ndarray, kpe: np.ndarray,
+                 cos: np.ndarray, sin: np.ndarray, start: int, scale: float, eps: float,
+                 norm_eps: float) -> np.ndarray:
+        """A whole attention sublayer at positions start..: x `[T, D]` += delta as `add_rmsnorm`
+        (norm w.norm, norm_eps), then the attention output `[T, D]` of the normalised x; the
+        layer's cache `ckv` `[S, C]` / `kpe` `[S, R]` updated in place (latent norms use eps)."""
         ...
 
 
 _F32 = np.dtype(np.float32)
+ROUTE_MAX_E = 1024     # experts a router may have (the C and CUDA kernels' limit)
 
 
 def check_f32(name: str, a: np.ndarray, ndim: int) -> np.ndarray:
@@ -255,3 +315,160 @@ def check_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> tuple[np.ndar
     if r % 2 or cos.shape != (t, r // 2) or sin.shape != (t, r // 2):
         raise BackendError(f"rope: tables {cos.shape}/{sin.shape} do not fit input {x.shape}")
     return x, cos, sin
+
+
+def check_residual(x: np.ndarray, name: str) -> np.ndarray:
+    """An array an op updates in place: float32, 2-D, C-contiguous and writeable (never copied)."""
+    if (not isinstance(x, np.ndarray) or x.dtype != _F32 or x.ndim != 2 or not x.flags.c_contiguous
+            or not x.flags.writeable):
+        got = f"{x.dtype} {x.shape} {x.flags.c_contiguous=} {x.flags.writeable=}" if isinstance(x, np.ndarray) \
+            else type(x).__name__
+        raise BackendError(f"{name}: expected a writeable C-contiguous float32 array with 2 dims, got {got}")
+    return x
+
+
+def check_residual_add(op: str, x: np.ndarray, delta: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """x `[T, D]` to be updated in place by delta `[T, D]` (or None)."""
+    x = check_residual(x, f"{op} input")
+    if delta is not None:
+        delta = check_f32(f"{op} delta", delta, 2)
+        if delta.shape != x.shape:
+            raise BackendError(f"{op}: delta {delta.shape} does not match input {x.shape}")
+    return x, delta
+
+
+def check_add_rmsnorm(x: np.ndarray, delta: np.ndarray | None, w: np.ndarray,
+                      eps: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """`add_rmsnorm`'s inputs validated once for every backend."""
+    x, delta = check_residual_add("add_rmsnorm", x, delta)
+    _, w = check_rmsnorm(x, w, eps)
+    return x, delta, w
+
+
+def check_route_args(op: str, e: int, k: int, n_group: int, topk_group: int, scale: float) -> None:
+    """Routing options for E experts (in n_group equal groups), validated once for every backend."""
+    if not 0 < e <= ROUTE_MAX_E or not 0 <= k <= e:
+        raise BackendError(f"{op}: E={e}, K={k} outside 1..{ROUTE_MAX_E} / 0..E")
+    if n_group < 1 or e % n_group or not 1 <= topk_group <= n_group:
+        raise BackendError(f"{op}: {e} experts do not split into {n_group} groups (top {topk_group})")
+    if not math.isfinite(scale):
+        raise BackendError(f"{op}: scale must be finite, got {scale!r}")
+
+
+def check_route(logits: np.ndarray, k: int, n_group: int, topk_group: int, scale: float) -> np.ndarray:
+    """`route`'s inputs validated once for every backend."""
+    logits = check_f32("route logits", logits, 2)
+    check_route_args("route", logits.shape[1], k, n_group, topk_group, scale)
+    return logits
+
+
+def topk_route(probs: np.ndarray, k: int, n_group: int = 1, topk_group: int = 1, norm: bool = False,
+               scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """probs `[T, E]` → ids int32 `[T, K]`, weights float32 `[T, K]`: the K experts of highest
+    probability, best first, ties to the lower id; with n_group > 1 only experts in the topk_group
+    groups of best top expert compete. Weights are the chosen probabilities, renormalised (sum +
+    1e-20) when `norm` and K > 1, times `scale`."""
+    scores = probs
+    if n_group > 1:
+        t, e = probs.shape
+        group_score = probs.reshape(t, n_group, e // n_group).max(axis=2)    # V2: the group's best expert
+        keep = np.argsort(-group_score, axis=1, kind="stable")[:, :topk_group]
+        mask = np.zeros_like(group_score, dtype=bool)
+        np.put_along_axis(mask, keep, True, axis=1)
+        scores = np.where(np.repeat(mask, e // n_group, axis=1), probs, np.float32(0.0))
+    # Methods and ufuncs called directly, not numpy's Python-level wrappers (np.argsort,
+    # take_along_axis, ndarray.sum): several times cheaper once per layer with cold caches.
+    ids = (-scores).argsort(axis=1, kind="stable")[:, :k]
+    w = probs[np.arange(probs.shape[0])[:, None], ids]
+    if norm and k > 1:
+        w = w / (np.add.reduce(w, axis=1, keepdims=True) + np.float32(1e-20))
+    w = w * np.float32(scale)
+    return ids.astype(np.int32), w.astype(np.float32, copy=False)
+
+
+def check_mla_prep(q: np.ndarray, kv: np.ndarray, norm: np.ndarray, eps: float, cos: np.ndarray, sin: np.ndarray,
+                   ckv: np.ndarray, kpe: np.ndarray, start: int) -> tuple:
+    """`mla_prep`'s inputs validated once for every backend: (q, kv, norm, cos, sin, ckv, kpe, start)
+    with the caches unchanged (they are written in place) and the rest contiguous."""
+    q, kv = check_f32("mla_prep q", q, 3), check_f32("mla_prep kv", kv, 2)
+    ckv, kpe = check_residual(ckv, "mla_prep ckv cache"), check_residual(kpe, "mla_prep kpe cache")
+    _, norm = check_rmsnorm(kv[:, :ckv.shape[1]], norm, eps)
+    cos, sin = check_f32("mla_prep cos", cos, 2), check_f32("mla_prep sin", sin, 2)
+    if not isinstance(start, (int, np.integer)) or isinstance(start, bool) or start < 0:
+        raise BackendError(f"mla_prep: start must be a non-negative integer, got {start!r}")
+    t, _, qw = q.shape
+    c, r = ckv.shape[1], kpe.shape[1]
+    if (r == 0 or r % 2 or qw < r or kv.shape != (t, c + r) or cos.shape != (t, r // 2) or sin.shape != cos.shape
+            or kpe.shape[0] != ckv.shape[0] or ckv.shape[0] < start + t):
+        raise BackendError(f"mla_prep: inconsistent shapes q {q.shape} kv {kv.shape} cos {cos.shape} "
+                           f"sin {sin.shape} caches {ckv.shape}/{kpe.shape} start {start}")
+    return q, kv, norm, cos, sin, ckv, kpe, int(start)
+
+
+# ---- fused ops composed from the core ones: their meaning, and every backend's fallback -------
+
+def add_rmsnorm(be: Backend, x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float) -> np.ndarray:
+    x, delta, w = check_add_rmsnorm(x, delta, w, eps)
+    if delta is not None:
+        np.add(x, delta, out=x)
+    return be.rmsnorm(x, w, eps)
+
+
+def route(be: Backend, logits: np.ndarray, k: int, n_group: int = 1, topk_group: int = 1, norm: bool = False,
+          scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    probs = be.softmax(check_route(logits, k, n_group, topk_group, scale))
+    return (*topk_route(probs, k, n_group, topk_group, norm, scale), probs)
+
+
+def norm_route(be: Backend, x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float, router: QTensor,
+               k: int, n_group: int = 1, topk_group: int = 1, norm: bool = False,
+               scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    h = fused(be, "add_rmsnorm")(x, delta, w, eps)
+    return (h, *fused(be, "route")(be.matmul(h, router), k, n_group, topk_group, norm, scale))
+
+
+def mla_prep(be: Backend, q: np.ndarray, kv: np.ndarray, norm: np.ndarray, eps: float, cos: np.ndarray,
+             sin: np.ndarray, ckv: np.ndarray, kpe: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+    q, kv, norm, cos, sin, ckv, kpe, start = check_mla_prep(q, kv, norm, eps, cos, sin, ckv, kpe, start)
+    t, c, r = q.shape[0], ckv.shape[1], kpe.shape[1]
+    n = q.shape[2] - r
+    ckv[start:start + t] = be.rmsnorm(kv[:, :c], norm, eps)
+    kpe[start:start + t] = be.rope(kv[:, None, c:], cos, sin)[:, 0]
+    return np.ascontiguousarray(q[..., :n]), be.rope(q[..., n:], cos, sin)
+
+
+def per_head(be: Backend, x: np.ndarray, w: QTensor) -> np.ndarray:
+    """x `[T, H, cols]` times each head's own weight `w[h]` `[rows, cols]` → `[T, H, rows]`.
+    One backend call for all heads where the backend has `matmul_heads` (an optional op)."""
+    heads = getattr(be, "matmul_heads", None)
+    if heads is not None:
+        return heads(x, w)
+    return np.stack([be.matmul(np.ascontiguousarray(x[:, h]), w.expert(h)) for h in range(w.shape[0])], axis=1)
+
+
+def mla_step(be: Backend, x: np.ndarray, delta: np.ndarray | None, w: MLAWeights, ckv: np.ndarray, kpe: np.ndarray,
+             cos: np.ndarray, sin: np.ndarray, start: int, scale: float, eps: float, norm_eps: float) -> np.ndarray:
+    h = fused(be, "add_rmsnorm")(x, delta, w.norm, norm_eps)
+    t, n_head = h.shape[0], w.k_b.shape[0]
+    if w.q is not None:
+        q = be.matmul(h, w.q)
+    else:
+        q = be.matmul(be.rmsnorm(be.matmul(h, w.q_a), w.q_a_norm, eps), w.q_b)
+    kv = be.matmul(h, w.kv_a)                                                  # [T, C+R]
+    q = q.reshape(t, n_head, q.shape[1] // n_head)                            # [T, H, N+R]
+    q_nope, q_pe = fused(be, "mla_prep")(q, kv, w.kv_a_norm, eps, cos, sin, ckv, kpe, start)   # [T, H, N], [T, H, R]
+    q_lat = per_head(be, q_nope, w.k_b)                                        # [T, H, C]
+    o_lat = be.mla_attention(q_lat, q_pe, ckv[:start + t], kpe[:start + t], scale, start)
+    o = per_head(be, o_lat, w.v_b)                                             # [T, H, V]
+    return be.matmul(o.reshape(t, o.shape[1] * o.shape[2]), w.out)
+
+
+_COMPOSED = {"add_rmsnorm": add_rmsnorm, "route": route, "norm_route": norm_route, "mla_prep": mla_prep,
+             "mla_step": mla_step}
+
+
+def fused(be: Backend, name: str) -> Callable:
+    """`be`'s own fused op `name` (a key of _COMPOSED), else its composition from the core ops
+    above."""
+    own = getattr(be, name, None)
+    return own if own is not None else partial(_COMPOSED[name], be)

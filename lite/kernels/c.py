@@ -12,6 +12,7 @@ C sees it (C validates again and returns a status code, turned into BackendError
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 import weakref
@@ -23,8 +24,9 @@ import numpy as np
 
 from ..errors import BackendError
 from .native import open_library
-from .base import (FFNWeights, MLPLayout, QTensor, QType, check_f32, check_heads_fit, check_mla, check_rmsnorm,
-                   check_rope, check_weight)
+from .base import (FFNWeights, MLAWeights, MLPLayout, QTensor, QType, check_add_rmsnorm, check_f32,
+                   check_heads_fit, check_mla, check_mla_prep, check_residual, check_residual_add, check_rmsnorm,
+                   check_rope, check_route, check_route_args, check_weight)
 
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
@@ -237,6 +239,110 @@ class CBackend:
             self._check(rc, "mla_attention")
         return out
 
+    def add_rmsnorm(self, x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float) -> np.ndarray:
+        x, delta, w = check_add_rmsnorm(x, delta, w, eps)
+        out = np.empty(x.shape, np.float32)
+        if x.size:
+            f = self._f
+            rc = self.lib.lite_add_rmsnorm_f32(f(out), f(x), self.ffi.NULL if delta is None else f(delta), f(w),
+                                               x.shape[0], x.shape[1], float(eps))
+            if rc:
+                self._check(rc, "add_rmsnorm")
+        return out
+
+    def route(self, logits: np.ndarray, k: int, n_group: int = 1, topk_group: int = 1, norm: bool = False,
+              scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        logits = check_route(logits, k, n_group, topk_group, scale)
+        t, e = logits.shape
+        ids, w, probs = np.empty((t, k), np.int32), np.empty((t, k), np.float32), np.empty((t, e), np.float32)
+        if t:
+            rc = self.lib.lite_route(self.ffi.from_buffer("int32_t[]", ids), self._f(w), self._f(probs),
+                                     self._f(logits), t, e, k, n_group, topk_group, bool(norm), float(scale))
+            if rc:
+                self._check(rc, "route", f"T={t} E={e} K={k} groups={n_group}/{topk_group}")
+        return ids, w, probs
+
+    def norm_route(self, x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float, router: QTensor,
+                   k: int, n_group: int = 1, topk_group: int = 1, norm: bool = False,
+                   scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        x, delta, w = check_add_rmsnorm(x, delta, w, eps)
+        t, d = x.shape
+        wp, stride, nbytes, qtype = self._weight("norm_route", router, None, d)
+        e = router.shape[0]
+        check_route_args("norm_route", e, k, n_group, topk_group, scale)
+        h, probs = np.empty((t, d), np.float32), np.empty((t, e), np.float32)
+        ids, wt = np.empty((t, k), np.int32), np.empty((t, k), np.float32)
+        if t:
+            f = self._f
+            sp, sn, _ = self._scratch(t * stride)
+            rc = self.lib.lite_norm_route(f(h), f(x), self.ffi.NULL if delta is None else f(delta), f(w), float(eps),
+                                          t, d, wp, nbytes, qtype, e, self.ffi.from_buffer("int32_t[]", ids), f(wt),
+                                          f(probs), k, n_group, topk_group, bool(norm), float(scale), sp, sn)
+            if rc:
+                self._check(rc, "norm_route", f"router {router.name} {router.shape}, input {x.shape}, K={k}")
+        return h, ids, wt, probs
+
+    def mla_prep(self, q: np.ndarray, kv: np.ndarray, norm: np.ndarray, eps: float, cos: np.ndarray,
+                 sin: np.ndarray, ckv: np.ndarray, kpe: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        q, kv, norm, cos, sin, ckv, kpe, start = check_mla_prep(q, kv, norm, eps, cos, sin, ckv, kpe, start)
+        t, h, qw = q.shape
+        c, r = ckv.shape[1], kpe.shape[1]
+        q_nope, q_pe = np.empty((t, h, qw - r), np.float32), np.empty((t, h, r), np.float32)
+        if t:
+            f = self._f
+            rc = self.lib.lite_mla_prep(f(q_nope), f(q_pe), f(ckv), f(kpe), ckv.shape[0], f(q), f(kv), f(norm), f(cos),
+                                        f(sin), t, h, qw - r, c, r, start, float(eps))
+            if rc:
+                self._check(rc, "mla_prep", f"q {q.shape} kv {kv.shape} start {start}")
+        return q_nope, q_pe
+
+    def mla_step(self, x: np.ndarray, delta: np.ndarray | None, w: MLAWeights, ckv: np.ndarray, kpe: np.ndarray,
+                 cos: np.ndarray, sin: np.ndarray, start: int, scale: float, eps: float,
+                 norm_eps: float) -> np.ndarray:
+        x, delta = check_residual_add("mla_step", x, delta)
+        t, d = x.shape
+        p = self._mla_pack(w, d)
+        ckv, kpe = check_residual(ckv, "mla_step ckv cache"), check_residual(kpe, "mla_step kpe cache")
+        cos, sin = check_f32("mla_step cos", cos, 2), check_f32("mla_step sin", sin, 2)
+        if (ckv.shape[1] != p.c or kpe.shape != (ckv.shape[0], p.r) or cos.shape != (t, p.r // 2)
+                or sin.shape != cos.shape or not isinstance(start, (int, np.integer)) or isinstance(start, bool)
+                or not 0 <= start <= ckv.shape[0] - t or not math.isfinite(scale) or not eps >= 0
+                or not norm_eps >= 0):
+            raise BackendError(f"mla_step: input {x.shape}, caches {ckv.shape}/{kpe.shape}, tables {cos.shape}/"
+                               f"{sin.shape}, start {start!r}, scale {scale!r}, eps {eps!r}/{norm_eps!r} do not "
+                               f"fit the weights (C={p.c}, R={p.r})")
+        out = np.empty((t, d), np.float32)
+        if t == 0:
+            return out
+        need = p.need.get(t)
+        if need is None:
+            box = self.ffi.new("int64_t *")
+            self._check(self.lib.lite_mla_step_scratch_bytes(box, p.types, t, d, *p.dims), "mla_step", "scratch size")
+            need = p.need[t] = int(box[0])
+        sp, sn, _ = self._scratch(need)
+        f = self._f
+        rc = self.lib.lite_mla_step(f(out), out.size, f(x), self.ffi.NULL if delta is None else f(delta), p.norm,
+                                    float(norm_eps), t, d, p.ptrs, p.nbytes, p.types, p.q_a_norm, p.kv_norm, *p.dims,
+                                    f(ckv), f(kpe), ckv.shape[0], f(cos), f(sin), int(start), float(scale),
+                                    float(eps), sp, sn)
+        if rc:
+            self._check(rc, "mla_step", f"input {x.shape} start {start}")
+        return out
+
+    def _mla_pack(self, w: MLAWeights, d: int) -> "_MLAPack":
+        """`w` validated for hidden size d and packed for lite_mla_step; cached per object (weights
+        are long-lived and frozen) like `_weight`."""
+        hit = self._ptrs.get(id(w))
+        if hit is not None and hit[0]() is w and hit[1].d == d:
+            return hit[1]
+        if not isinstance(w, MLAWeights):
+            raise BackendError(f"mla_step: weights must be MLAWeights, got {type(w).__name__}")
+        pack = _MLAPack.build(self.ffi, w, d)
+        if len(self._ptrs) > 4096:
+            self._ptrs.clear()
+        self._ptrs[id(w)] = (weakref.ref(w), pack)
+        return pack
+
     def moe(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
             experts: Mapping[int, FFNWeights], shared: FFNWeights | None) -> np.ndarray:
         x = check_f32("moe input", x, 2)
@@ -248,13 +354,20 @@ class CBackend:
         if ids.shape != weights.shape or ids.shape[0] != t:
             raise BackendError(f"moe: ids {ids.shape} / weights {weights.shape} do not fit input {x.shape}")
         k = ids.shape[1]
-        # The table: distinct routed ids ascending, then the shared MLP; `slots` index it per
-        # (token, k). Python sets beat np.unique by far at decode sizes (a handful of ids).
+        # The table: the shared MLP, then the distinct routed ids in order of first appearance
+        # (the kernel adds entry by entry: one token's terms go shared first, then slot by slot);
+        # `slots` index it per (token, k). Python dicts beat np.unique by far at decode sizes.
         table: list[MLPLayout] = []
+        shared_idx = -1
+        if shared is not None:
+            if not isinstance(shared, FFNWeights):
+                raise BackendError(f"moe: shared must be FFNWeights, got {type(shared).__name__}")
+            shared_idx = 0
+            table.append(shared.layout("moe shared", d))
         slots: Iterable[int] = ()
         if k:
             flat = ids.ravel().tolist()
-            uniq = sorted(set(flat))
+            uniq = dict.fromkeys(flat)
             get = getattr(experts, "get", None)
             for e in uniq:
                 f = get(e) if get is not None else None
@@ -263,13 +376,7 @@ class CBackend:
                 if not isinstance(f, FFNWeights):
                     raise BackendError(f"moe: expert {e} must be FFNWeights, got {type(f).__name__}")
                 table.append(f.layout(f"moe expert {e}", d))
-            slots = map(dict(zip(uniq, range(len(uniq)))).__getitem__, flat)
-        shared_idx = -1
-        if shared is not None:
-            if not isinstance(shared, FFNWeights):
-                raise BackendError(f"moe: shared must be FFNWeights, got {type(shared).__name__}")
-            shared_idx = len(table)
-            table.append(shared.layout("moe shared", d))
+            slots = map(dict(zip(uniq, range(len(table) - len(uniq), len(table)))).__getitem__, flat)
         n = len(table)
         if n > MOE_MAX_ENTRIES:
             raise BackendError(f"moe: {n} experts in one call exceed the C kernel's limit {MOE_MAX_ENTRIES}")
@@ -299,6 +406,64 @@ class CBackend:
         if rc:
             self._check(rc, "moe", f"T={t} D={d} K={k} experts={n}")
         return out
+
+
+class _MLAPack:
+    """One layer's attention weights as lite_mla_step takes them: pointer, byte size and type
+    arrays in the order q (or q_a), q_b, kv_a, k_b, v_b, out; the input, q_a and kv_a norms; the
+    dims (H, N, R, C, V, Q); scratch bytes by token count. Holds addresses only, never the arrays
+    (the cache must not keep a closed model's map alive); valid while the MLAWeights lives."""
+
+    def __init__(self, ffi, parts: list[QTensor | None], norms: tuple[np.ndarray, np.ndarray | None, np.ndarray],
+                 dims: tuple[int, ...], d: int) -> None:
+        self.d, self.dims = d, dims
+        self.r, self.c = dims[2], dims[3]
+        self.ptrs = ffi.new("const uint8_t *[]",
+                            [ffi.NULL if w is None else ffi.cast("const uint8_t *", w.data.ctypes.data) for w in parts])
+        self.nbytes = ffi.new("int64_t[]", [0 if w is None else w.data.nbytes for w in parts])
+        self.types = ffi.new("int32_t[]", [0 if w is None else int(w.qtype) for w in parts])
+        self.norm, self.q_a_norm, self.kv_norm = (ffi.NULL if a is None else ffi.cast("const float *", a.ctypes.data)
+                                                  for a in norms)
+        self.need: dict[int, int] = {}
+
+    @staticmethod
+    def build(ffi, w: MLAWeights, d: int) -> "_MLAPack":
+        op = "mla_step"
+        for name in ("k_b", "v_b"):
+            part = getattr(w, name)
+            if not isinstance(part, QTensor) or len(part.shape) != 3:
+                raise BackendError(f"{op}: {name} must be a 3-D QTensor [H, rows, cols]")
+            _check_heads_weight(op, part, None, None)
+        h, c, n = w.k_b.shape
+        if w.v_b.shape[0] != h or w.v_b.shape[2] != c:
+            raise BackendError(f"{op}: v_b {w.v_b.shape} does not fit k_b {w.k_b.shape} (want [{h}, V, {c}])")
+        v = w.v_b.shape[1]
+        check_weight(op, w.kv_a, None, d)
+        r = w.kv_a.shape[0] - c
+        if r <= 0 or r % 2:
+            raise BackendError(f"{op}: kv_a {w.kv_a.shape} leaves {r} rope dims for C={c} (want a positive even count)")
+        hq = h * (n + r)
+        if w.q is not None:
+            check_weight(op, w.q, hq, d)
+            q, first = 0, w.q
+        else:
+            check_weight(op, w.q_a, None, d)
+            q, first = w.q_a.shape[0], w.q_a
+            check_weight(op, w.q_b, hq, q)
+        check_weight(op, w.out, d, h * v)
+        if c > MLA_MAX_C:
+            raise BackendError(f"{op}: latent size {c} exceeds the C kernel's limit {MLA_MAX_C}")
+        norms = (_norm(op, "norm", w.norm, d), _norm(op, "q_a_norm", w.q_a_norm, q) if q else None,
+                 _norm(op, "kv_a_norm", w.kv_a_norm, c))
+        return _MLAPack(ffi, [first, w.q_b if q else None, w.kv_a, w.k_b, w.v_b, w.out], norms, (h, n, r, c, v, q), d)
+
+
+def _norm(op: str, name: str, a: np.ndarray, n: int) -> np.ndarray:
+    """A norm weight used in place (its address is kept): C-contiguous float32 `[n]`."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != (n,) or not a.flags.c_contiguous:
+        got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise BackendError(f"{op}: {name} must be a C-contiguous float32 array [{n}], got {got}")
+    return a
 
 
 def _check_heads_weight(op: str, w: QTensor, rows: int | None, cols: int | None) -> None:

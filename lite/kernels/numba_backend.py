@@ -34,6 +34,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BackendError
+from . import base
 from . import numba_kernels as nk
 from .base import FFNWeights, QTensor, QType, check_f32, check_heads_fit, check_mla, check_rmsnorm, check_rope
 
@@ -198,18 +199,17 @@ class NumbaBackend:
             tok_lists.append(np.arange(t, dtype=np.int64))
             wt_lists.append(np.ones(t, np.float32))
         if ids.size:
+            # Experts in order of first appearance, so that one token's terms add shared first,
+            # then slot by slot (the kernel adds expert by expert in table order).
             flat = ids.reshape(-1).astype(np.int64)
-            order = np.argsort(flat, kind="stable")  # by expert, then token, then slot
-            sorted_ids = flat[order]
-            uniq, first = np.unique(sorted_ids, return_index=True)
-            bounds = np.append(first, flat.size)
+            uniq, first = np.unique(flat, return_index=True)
             wflat = weights.reshape(-1)
             kk = ids.shape[1]
-            for j, e in enumerate(uniq.tolist()):
+            for e in uniq[np.argsort(first)].tolist():
                 if e not in experts:
                     raise BackendError(f"moe: expert {e} was routed to but not supplied")
                 add(f"expert {e}", experts[e])
-                sel = order[bounds[j]:bounds[j + 1]]
+                sel = np.nonzero(flat == e)[0]
                 tok_lists.append(sel // kk)
                 wt_lists.append(wflat[sel])
         out = np.zeros_like(x)
@@ -225,3 +225,7 @@ class NumbaBackend:
         wts = np.concatenate(wt_lists).astype(np.float32)
         nk.moe(x, addrs, rbytes, qts, widths, offs, toks, wts, nk.LUT_F16, nk.LUT_BF16, nk.N16, out)
         return out
+
+    # -- fused ops: the compositions of the ops above (base.py) -----------------------------------
+    add_rmsnorm, route, norm_route = base.add_rmsnorm, base.route, base.norm_route
+    mla_prep, mla_step = base.mla_prep, base.mla_step

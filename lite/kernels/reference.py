@@ -7,6 +7,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import BackendError
+from . import base
 from .base import FFNWeights, QTensor, check_f32, check_mla, check_rmsnorm, check_rope
 from .dequant import dequantize
 
@@ -74,10 +75,14 @@ class ReferenceBackend:
         if ids.shape != weights.shape or ids.ndim != 2 or ids.shape[0] != x.shape[0]:
             raise BackendError(f"moe: ids {ids.shape} / weights {weights.shape} do not fit input {x.shape}")
         out = self.ffn(x, shared) if shared is not None else np.zeros_like(x)
-        for e in np.unique(ids):
-            if int(e) not in experts:
-                raise BackendError(f"moe: expert {int(e)} was routed to but not supplied")
-            rows, slots = np.nonzero(ids == e)
-            y = self.ffn(x[rows], experts[int(e)])
-            np.add.at(out, rows, y * weights[rows, slots][:, None])
+        for k in range(ids.shape[1]):           # per token: shared, then slot by slot
+            for e in np.unique(ids[:, k]):
+                if int(e) not in experts:
+                    raise BackendError(f"moe: expert {int(e)} was routed to but not supplied")
+                rows = np.nonzero(ids[:, k] == e)[0]
+                out[rows] += self.ffn(x[rows], experts[int(e)]) * weights[rows, k][:, None]
         return out
+
+    # The fused ops: their compositions of the ops above are what they mean.
+    add_rmsnorm, route, norm_route = base.add_rmsnorm, base.route, base.norm_route
+    mla_prep, mla_step = base.mla_prep, base.mla_step

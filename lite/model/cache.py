@@ -45,9 +45,10 @@ class LatentCache:
         self._ckv[layer, start:start + t] = ckv
         self._kpe[layer, start:start + t] = kpe
 
-    def view(self, layer: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-        """Contiguous `[end, C]` latents and `[end, R]` rope keys of positions 0..end-1."""
-        return self._ckv[layer, :end], self._kpe[layer, :end]
+    def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's whole storage, `[capacity, C]` latents and `[capacity, R]` rope keys, for
+        kernels that write new positions in place (capacity ≥ what `reserve` asked for)."""
+        return self._ckv[layer], self._kpe[layer]
 
     def truncate(self, length: int) -> None:
         """Forget positions ≥ length (they will be overwritten)."""

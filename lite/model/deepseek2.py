@@ -8,14 +8,14 @@ from typing import Callable
 import numpy as np
 
 from ..errors import LiteError
-from ..kernels.base import Backend
+from ..kernels.base import Backend, fused
 from ..kernels.dequant import dequantize
 from ..weights.gguf_file import ModelFile
 from ..weights.store import ExpertSource, float_vector
 from .cache import LatentCache
 from .config import ModelConfig
-from .mla import MLAWeights, mla
-from .moe import FFNLayer, RouteHook, ffn, predict
+from .mla import load_weights, mla
+from .moe import FFNLayer, RouteHook, ffn, ffn_input, predict
 from .rope import RopeTables
 
 # observe(name, array): receives intermediate tensors (embed, attn_out_layerL, mlp_out_layerL,
@@ -33,9 +33,8 @@ class DeepSeek2:
         self.embed = t["token_embd.weight"]
         self.output = t["output.weight"]
         self.output_norm = float_vector(t["output_norm.weight"])
-        self.attn_norm = [float_vector(t[f"blk.{i}.attn_norm.weight"]) for i in range(self.cfg.n_layer)]
         self.ffn_norm = [float_vector(t[f"blk.{i}.ffn_norm.weight"]) for i in range(self.cfg.n_layer)]
-        self.attn = [MLAWeights.load(mf, i) for i in range(self.cfg.n_layer)]
+        self.attn = [load_weights(mf, i) for i in range(self.cfg.n_layer)]
         self.ffn = [FFNLayer.load(mf, i) for i in range(self.cfg.n_layer)]
         self.rope = RopeTables(self.cfg)
         self.route_hook: RouteHook | None = None   # e.g. a routing-trace recorder
@@ -55,7 +54,7 @@ class DeepSeek2:
         cache.reserve(start + len(ids))
         x = self.embed_tokens(ids)
         note = observe or (lambda name, a: None)
-        note("embed", x)
+        note("embed", x.copy())
         # guess[i]: the experts predicted for layer i one layer early (for prefetch accuracy).
         guess: dict[int, np.ndarray] = {}
 
@@ -64,19 +63,23 @@ class DeepSeek2:
                 self.experts.note_prediction(guess.pop(layer), np.unique(rid))
             if self.route_hook is not None:
                 self.route_hook(layer, rid, rw, probs)
-            note(f"router_layer{layer}_ids", rid)
-            note(f"router_layer{layer}_weights", rw)
-            note(f"router_layer{layer}_probs", probs)
+            if observe is not None:
+                observe(f"router_layer{layer}_ids", rid)
+                observe(f"router_layer{layer}_weights", rw)
+                observe(f"router_layer{layer}_probs", probs)
 
         # Without an observer, a hook or predictions to score, routing needs no callback.
         on_route = route_cb if observe is not None or self.route_hook is not None or self.prefetch_next else None
         cos, sin = self.rope(start, len(ids))
         self.file.check_unchanged()
+        # The residual stream x is updated in place: each sublayer's output `delta` is added by
+        # the (fused) op that also normalises x for the next sublayer (observers get copies).
+        delta = None
         for i in range(cfg.n_layer):
-            a = mla(be, cfg, self.attn[i], be.rmsnorm(x, self.attn_norm[i], cfg.rms_eps), i, cache, start, cos, sin)
+            a = mla(be, cfg, self.attn[i], x, delta, i, cache, start, cos, sin)
             if observe is not None:     # not `note`: the names would be formatted for nothing
                 observe(f"attn_out_layer{i}", a)
-            x = x + a
+            h, routing = ffn_input(be, cfg, self.ffn[i], x, a, self.ffn_norm[i])
             nxt = self.ffn[i + 1] if i + 1 < cfg.n_layer else None
             # The source says when a guess would go unused (all resident, or nothing worth
             # displacing): that spares the router pass.
@@ -84,14 +87,13 @@ class DeepSeek2:
                 # Start reading layer i+1's likely experts while layer i's FFN computes.
                 guess[i + 1] = predict(be, cfg, nxt, self.ffn_norm[i + 1], x)
                 self.experts.prefetch(i + 1, guess[i + 1])
-            m = ffn(be, cfg, self.ffn[i], be.rmsnorm(x, self.ffn_norm[i], cfg.rms_eps), self.experts, on_route)
-            x = x + m
+            delta = ffn(be, cfg, self.ffn[i], h, self.experts, on_route, routing)
             if observe is not None:
-                observe(f"mlp_out_layer{i}", m)
-                observe(f"hidden_after_layer{i}", x)
+                observe(f"mlp_out_layer{i}", delta)
+                observe(f"hidden_after_layer{i}", x + delta)
         cache.length = start + len(ids)
         if not all_logits:
-            x = x[-1:]
-        x = be.rmsnorm(np.ascontiguousarray(x), self.output_norm, cfg.rms_eps)
+            x, delta = x[-1:], delta[-1:]
+        x = fused(be, "add_rmsnorm")(x, delta, self.output_norm, cfg.rms_eps)
         note("final_norm", x)
         return be.matmul(x, self.output)

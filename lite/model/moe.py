@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..kernels.base import Backend, FFNWeights, QTensor
+from ..kernels.base import Backend, FFNWeights, QTensor, fused, topk_route
 from ..weights.gguf_file import ModelFile
 from ..weights.store import ExpertSource
 from .config import ModelConfig
@@ -31,34 +31,49 @@ class FFNLayer:
         return FFNLayer(layer, t[p + "ffn_gate_inp.weight"], shared)
 
 
+def groups(cfg: ModelConfig) -> tuple[int, int]:
+    """(n_group, topk_group) for the router ops: (1, 1) when routing is not group-limited."""
+    return (cfg.n_group, cfg.topk_group) if cfg.group_limited else (1, 1)
+
+
 def route(cfg: ModelConfig, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """probs `[T, E]` (softmax of router logits) → ids int32 `[T, K]`, weights float32 `[T, K]`,
     ordered by descending weight; ties go to the lower expert id."""
-    scores = probs
-    if cfg.group_limited:
-        T, E = probs.shape
-        grouped = probs.reshape(T, cfg.n_group, E // cfg.n_group)
-        group_score = grouped.max(axis=2)                       # V2: the group's best expert
-        keep = np.argsort(-group_score, axis=1, kind="stable")[:, :cfg.topk_group]
-        mask = np.zeros_like(group_score, dtype=bool)
-        np.put_along_axis(mask, keep, True, axis=1)
-        scores = np.where(np.repeat(mask, E // cfg.n_group, axis=1), probs, np.float32(0.0))
-    # Decode runs this once per layer with cold caches, so: methods and ufuncs called directly,
-    # not numpy's Python-level wrappers (np.argsort, take_along_axis, ndarray.sum) around them.
-    ids = (-scores).argsort(axis=1, kind="stable")[:, :cfg.n_expert_used]
-    w = probs[np.arange(probs.shape[0])[:, None], ids]
-    if cfg.expert_weights_norm and cfg.n_expert_used > 1:
-        w = w / (np.add.reduce(w, axis=1, keepdims=True) + np.float32(1e-20))
-    w = w * np.float32(cfg.expert_weights_scale)
-    return ids.astype(np.int32), w.astype(np.float32, copy=False)
+    return topk_route(probs, cfg.n_expert_used, *groups(cfg), cfg.expert_weights_norm, cfg.expert_weights_scale)
+
+
+def route_logits(be: Backend, cfg: ModelConfig, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Router logits `[T, E]` → (ids, weights, probs `[T, E]`): `route` of their softmax, in one
+    backend call where the backend has it."""
+    return fused(be, "route")(logits, cfg.n_expert_used, *groups(cfg), cfg.expert_weights_norm,
+                              cfg.expert_weights_scale)
 
 
 RouteHook = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
+Routing = tuple[np.ndarray, np.ndarray, np.ndarray]     # ids [T, K], weights [T, K], probs [T, E]
+
+
+def ffn_input(be: Backend, cfg: ModelConfig, f: FFNLayer, x: np.ndarray, delta: np.ndarray | None,
+              norm: np.ndarray) -> tuple[np.ndarray, Routing | None]:
+    """x `[T, D]` += delta in place, then the FFN's input h = norm(x) and, for an MoE layer, its
+    routing: one backend call where the backend has the fused op."""
+    if f.router is None:
+        return fused(be, "add_rmsnorm")(x, delta, norm, cfg.rms_eps), None
+    h, ids, w, probs = fused(be, "norm_route")(x, delta, norm, cfg.rms_eps, f.router, cfg.n_expert_used, *groups(cfg),
+                                               cfg.expert_weights_norm, cfg.expert_weights_scale)
+    return h, (ids, w, probs)
+
+
+def always_on(be: Backend, f: FFNLayer, h: np.ndarray) -> np.ndarray:
+    """The dense MLP's or the shared experts' output for h `[T, D]` (zeros when there are none)."""
+    T = h.shape[0]
+    return be.moe(h, np.zeros((T, 0), np.int32), np.zeros((T, 0), np.float32), {}, f.always) \
+        if f.always is not None else np.zeros_like(h)
 
 
 def ffn(be: Backend, cfg: ModelConfig, f: FFNLayer, h: np.ndarray, experts: ExpertSource,
-        on_route: RouteHook | None = None) -> np.ndarray:
-    """The layer's FFN output for h `[T, D]`.
+        on_route: RouteHook | None = None, routing: Routing | None = None) -> np.ndarray:
+    """The layer's FFN output for h `[T, D]` (routed here unless `routing` from `ffn_input`).
 
     Routed experts run in a canonical partition — the distinct routed ids, sorted, in chunks of
     K — whatever the expert source, so results are bit-identical whether experts come from the
@@ -68,18 +83,20 @@ def ffn(be: Backend, cfg: ModelConfig, f: FFNLayer, h: np.ndarray, experts: Expe
     ascending. While a chunk computes, the next one's reads are already under way.
     """
     T = h.shape[0]
-    out = be.moe(h, np.zeros((T, 0), np.int32), np.zeros((T, 0), np.float32), {}, f.always) \
-        if f.always is not None else np.zeros_like(h)
     if f.router is None:
-        return out
-    probs = be.softmax(be.matmul(h, f.router))
-    ids, w = route(cfg, probs)
+        return always_on(be, f, h)
+    ids, w, probs = routing if routing is not None else route_logits(be, cfg, be.matmul(h, f.router))
     if on_route is not None:
         on_route(f.layer, ids, w, probs)
     K = cfg.n_expert_used
     uniq = sorted(set(ids.ravel().tolist()))     # np.unique costs several times more in decode
+    if T == 1:
+        # Decode: the shared experts and the token's K routed ones in one call, which adds its
+        # terms shared first, then slot by slot: the order below.
+        return be.moe(h, ids, w, experts.experts(f.layer, uniq), f.always)
+    out = always_on(be, f, h)
     if len(uniq) <= K:
-        # One chunk holds every (token, slot) pair — always so in decode. In the row-major
+        # One chunk holds every (token, slot) pair (tokens routed alike). In the row-major
         # order the partition below would produce, the pairs' rows are each token K times and
         # their results add slot by slot to every token at once: no index arithmetic needed.
         y = be.moe(h.repeat(K, axis=0), ids.reshape(-1, 1), w.reshape(-1, 1),
@@ -104,5 +121,4 @@ def ffn(be: Backend, cfg: ModelConfig, f: FFNLayer, h: np.ndarray, experts: Expe
 def predict(be: Backend, cfg: ModelConfig, f: FFNLayer, norm: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Distinct experts layer `f` is expected to route `x` `[T, D]` (the residual stream one layer
     early) to: its own norm and router applied ahead of time."""
-    probs = be.softmax(be.matmul(be.rmsnorm(x, norm, cfg.rms_eps), f.router))
-    return np.unique(route(cfg, probs)[0])
+    return np.unique(route_logits(be, cfg, be.matmul(be.rmsnorm(x, norm, cfg.rms_eps), f.router))[0])

@@ -1,0 +1,255 @@
+/* Fused ops for the decode step: each replaces a run of small calls, and the numpy work between
+ * them, with one call (Python's cost per call is large next to a T=1 row op). Each computes
+ * exactly what the separate ops compute — by calling them, or by the same float operations in
+ * the same order — so results are bit-identical with the unfused path. */
+#include "internal.h"
+
+#define ROUTE_MAX_EXPERTS 1024
+
+int lite_add_rmsnorm_f32(float *out, float *x, const float *delta, const float *w, int64_t n_rows, int64_t dim,
+                         float eps) {
+    if (!out || !x || !w) return LITE_ERR_NULL;
+    if (n_rows < 0 || dim <= 0 || !(eps >= 0.0f)) return LITE_ERR_ARG;
+    if (delta)
+        for (int64_t i = 0; i < n_rows * dim; i++) x[i] += delta[i];
+    return lite_rmsnorm_f32(out, x, w, n_rows, dim, eps);
+}
+
+/* numpy's float32 add.reduce of a contiguous row (identity 0 plus its pairwise summation:
+ * sequential below 8 terms, else 8 accumulators per block of up to 128, halves above). */
+static float pairwise_sum(const float *a, int64_t n) {
+    if (n < 8) {
+        float r = 0.0f;
+        for (int64_t i = 0; i < n; i++) r += a[i];
+        return r;
+    }
+    if (n <= 128) {
+        float r[8];
+        int64_t i;
+        for (int j = 0; j < 8; j++) r[j] = a[j];
+        for (i = 8; i < n - n % 8; i += 8)
+            for (int j = 0; j < 8; j++) r[j] += a[i + j];
+        float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++) res += a[i];
+        return res;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+/* The k best of s[0..n) not yet taken, best first, into ids (marking them taken): numpy's stable
+ * argsort of -s — descending, ties to the lower index, NaN after every number. */
+static void pick(int32_t *ids, uint8_t *taken, const float *s, int64_t n, int64_t k) {
+    for (int64_t j = 0; j < k; j++) {
+        int64_t best = -1;
+        for (int64_t i = 0; i < n; i++) {
+            if (taken[i]) continue;
+            if (best < 0 || (isnan(s[best]) && !isnan(s[i])) || s[i] > s[best]) best = i;
+        }
+        taken[best] = 1;
+        ids[j] = (int32_t)best;
+    }
+}
+
+/* One token's routing from its probabilities p[n_exp] (see lite.h, lite_route). */
+static void route_row(int32_t *ids, float *wt, const float *p, int64_t n_exp, int64_t k, int64_t n_group,
+                      int64_t topk_group, int norm, float scale) {
+    float s[ROUTE_MAX_EXPERTS];
+    uint8_t taken[ROUTE_MAX_EXPERTS];
+    memcpy(s, p, sizeof(float) * n_exp);
+    if (n_group > 1) {
+        /* Group-limited: experts outside the best topk_group groups (a group scored by its best
+         * expert, NaN propagating like numpy's max) score 0. */
+        int64_t per = n_exp / n_group;
+        float gs[ROUTE_MAX_EXPERTS];
+        int32_t keep[ROUTE_MAX_EXPERTS];
+        for (int64_t g = 0; g < n_group; g++) {
+            float m = p[g * per];
+            for (int64_t i = 1; i < per; i++) {
+                float v = p[g * per + i];
+                if (isnan(v) || v > m) m = isnan(m) ? m : v;
+            }
+            gs[g] = m;
+        }
+        memset(taken, 0, (size_t)n_group);
+        pick(keep, taken, gs, n_group, topk_group);
+        for (int64_t g = 0; g < n_group; g++)
+            if (!taken[g])
+                for (int64_t i = 0; i < per; i++) s[g * per + i] = 0.0f;
+    }
+    memset(taken, 0, (size_t)n_exp);
+    pick(ids, taken, s, n_exp, k);
+    float w[ROUTE_MAX_EXPERTS];
+    for (int64_t j = 0; j < k; j++) w[j] = p[ids[j]];
+    if (norm && k > 1) {
+        float den = pairwise_sum(w, k) + 1e-20f;
+        for (int64_t j = 0; j < k; j++) w[j] = w[j] / den;
+    }
+    for (int64_t j = 0; j < k; j++) wt[j] = w[j] * scale;
+}
+
+static int route_args_ok(int64_t n_exp, int64_t k, int64_t n_group, int64_t topk_group, float scale) {
+    return n_exp > 0 && n_exp <= ROUTE_MAX_EXPERTS && k >= 0 && k <= n_exp && n_group > 0 && n_exp % n_group == 0 &&
+           topk_group > 0 && topk_group <= n_group && isfinite(scale);
+}
+
+int lite_route(int32_t *ids, float *weights, float *probs, const float *logits, int64_t n_tok, int64_t n_exp,
+               int64_t k, int64_t n_group, int64_t topk_group, int norm, float scale) {
+    if (!ids || !weights || !probs || !logits) return LITE_ERR_NULL;
+    if (n_tok < 0 || !route_args_ok(n_exp, k, n_group, topk_group, scale)) return LITE_ERR_ARG;
+    if (n_tok == 0) return LITE_OK;
+    int rc = lite_softmax_f32(probs, logits, n_tok, n_exp);
+    if (rc) return rc;
+    for (int64_t t = 0; t < n_tok; t++)
+        route_row(ids + t * k, weights + t * k, probs + t * n_exp, n_exp, k, n_group, topk_group, norm, scale);
+    return LITE_OK;
+}
+
+int lite_mla_prep(float *q_nope, float *q_pe, float *ckv, float *kpe, int64_t cache_rows, const float *q,
+                  const float *kv, const float *norm_w, const float *cos_t, const float *sin_t, int64_t n_tok,
+                  int64_t n_head, int64_t n_nope, int64_t c_dim, int64_t r_dim, int64_t start, float eps) {
+    if (!q_nope || !q_pe || !ckv || !kpe || !q || !kv || !norm_w || !cos_t || !sin_t) return LITE_ERR_NULL;
+    if (n_tok < 0 || n_head <= 0 || n_nope < 0 || c_dim <= 0 || r_dim <= 0 || r_dim % 2 || start < 0 ||
+        !(eps >= 0.0f))
+        return LITE_ERR_ARG;
+    if (cache_rows < start + n_tok) return LITE_ERR_SIZE;
+    const int64_t qw = n_nope + r_dim, half = r_dim / 2;
+    for (int64_t t = 0; t < n_tok; t++) {
+        const float *c = cos_t + t * half, *s = sin_t + t * half;
+        for (int64_t h = 0; h < n_head; h++) {
+            const float *qr = q + (t * n_head + h) * qw;
+            memcpy(q_nope + (t * n_head + h) * n_nope, qr, sizeof(float) * n_nope);
+            rope_pairs(q_pe + (t * n_head + h) * r_dim, qr + n_nope, c, s, half);
+        }
+        const float *kr = kv + t * (c_dim + r_dim);
+        int rc = lite_rmsnorm_f32(ckv + (start + t) * c_dim, kr, norm_w, 1, c_dim, eps);
+        if (rc) return rc;
+        rope_pairs(kpe + (start + t) * r_dim, kr + c_dim, c, s, half);
+    }
+    return LITE_OK;
+}
+
+/* ---- a whole attention sublayer ------------------------------------------------------------------ */
+
+/* The weights of lite_mla_step, in order: q (or q_a), q_b, kv_a, k_b, v_b, out. */
+enum { MW_Q, MW_QB, MW_KVA, MW_KB, MW_VB, MW_OUT, MW_COUNT };
+
+typedef struct { int64_t h, q_a, q_an, q, kv, q_nope, q_pe, q_lat, o_lat, o, act, total; } mla_layout;
+
+static int64_t fl64(int64_t n_floats) { return (n_floats * 4 + 63) & ~(int64_t)63; }
+
+/* Scratch regions (64-byte aligned): each intermediate, then the largest activation scratch of the
+ * step's matmuls. Fails on a bad type or shape (codes as lite_matmul_scratch_bytes). */
+static int mla_plan(mla_layout *L, const int32_t *types, int64_t n_tok, int64_t dim, int64_t n_head, int64_t n_nope,
+                    int64_t r_dim, int64_t c_dim, int64_t v_dim, int64_t q_rank) {
+    if (n_tok < 0 || dim <= 0 || n_head <= 0 || n_nope <= 0 || r_dim <= 0 || r_dim % 2 || c_dim <= 0 ||
+        c_dim > MLA_MAX_C || v_dim <= 0 || q_rank < 0 || n_tok > (1 << 24) || n_head > (1 << 16) ||
+        dim > (1 << 20) || n_nope > (1 << 16) || r_dim > (1 << 16) || v_dim > (1 << 16) || q_rank > (1 << 20))
+        return LITE_ERR_ARG;
+    const int64_t hq = n_head * (n_nope + r_dim);
+    int64_t need[MW_COUNT] = {0};
+    int rc = lite_matmul_scratch_bytes(&need[MW_Q], types[MW_Q], n_tok, dim);
+    if (!rc && q_rank) rc = lite_matmul_scratch_bytes(&need[MW_QB], types[MW_QB], n_tok, q_rank);
+    if (!rc) rc = lite_matmul_scratch_bytes(&need[MW_KVA], types[MW_KVA], n_tok, dim);
+    if (!rc) rc = lite_matmul_heads_scratch_bytes(&need[MW_KB], types[MW_KB], n_tok, n_head, n_nope);
+    if (!rc) rc = lite_matmul_heads_scratch_bytes(&need[MW_VB], types[MW_VB], n_tok, n_head, c_dim);
+    if (!rc) rc = lite_matmul_scratch_bytes(&need[MW_OUT], types[MW_OUT], n_tok, n_head * v_dim);
+    if (rc) return rc;
+    int64_t act = 0;
+    for (int i = 0; i < MW_COUNT; i++) act = need[i] > act ? need[i] : act;
+    L->h = 0;
+    L->q_a = L->h + fl64(n_tok * dim);
+    L->q_an = L->q_a + fl64(n_tok * q_rank);
+    L->q = L->q_an + fl64(n_tok * q_rank);
+    L->kv = L->q + fl64(n_tok * hq);
+    L->q_nope = L->kv + fl64(n_tok * (c_dim + r_dim));
+    L->q_pe = L->q_nope + fl64(n_tok * n_head * n_nope);
+    L->q_lat = L->q_pe + fl64(n_tok * n_head * r_dim);
+    L->o_lat = L->q_lat + fl64(n_tok * n_head * c_dim);
+    L->o = L->o_lat + fl64(n_tok * n_head * c_dim);
+    L->act = L->o + fl64(n_tok * n_head * v_dim);
+    L->total = L->act + act + 64;                     /* + 64: alignment slack */
+    return LITE_OK;
+}
+
+int lite_mla_step_scratch_bytes(int64_t *out, const int32_t *types, int64_t n_tok, int64_t dim, int64_t n_head,
+                                int64_t n_nope, int64_t r_dim, int64_t c_dim, int64_t v_dim, int64_t q_rank) {
+    if (!out || !types) return LITE_ERR_NULL;
+    mla_layout L;
+    int rc = mla_plan(&L, types, n_tok, dim, n_head, n_nope, r_dim, c_dim, v_dim, q_rank);
+    if (!rc) *out = L.total;
+    return rc;
+}
+
+int lite_mla_step(float *out, int64_t out_len, float *x, const float *delta, const float *norm, float norm_eps,
+                  int64_t n_tok, int64_t dim, const uint8_t **w, const int64_t *w_bytes, const int32_t *types,
+                  const float *q_a_norm, const float *kv_norm, int64_t n_head, int64_t n_nope, int64_t r_dim,
+                  int64_t c_dim, int64_t v_dim, int64_t q_rank, float *ckv, float *kpe, int64_t cache_rows,
+                  const float *cos_t, const float *sin_t, int64_t start, float scale, float eps, uint8_t *scratch,
+                  int64_t scratch_bytes) {
+    if (!out || !x || !norm || !w || !w_bytes || !types || !kv_norm || !ckv || !kpe || !cos_t || !sin_t || !scratch)
+        return LITE_ERR_NULL;
+    if (q_rank && (!q_a_norm || !w[MW_QB])) return LITE_ERR_NULL;
+    mla_layout L;
+    int rc = mla_plan(&L, types, n_tok, dim, n_head, n_nope, r_dim, c_dim, v_dim, q_rank);
+    if (rc) return rc;
+    if (out_len < 0 || start < 0 || !(eps >= 0.0f) || !(norm_eps >= 0.0f) || !isfinite(scale)) return LITE_ERR_ARG;
+    if (scratch_bytes < L.total || (n_tok && out_len / n_tok < dim) || cache_rows < start + n_tok)
+        return LITE_ERR_SIZE;
+    if (n_tok == 0) return LITE_OK;
+    uint8_t *base = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    float *h = (float *)(base + L.h), *q_a = (float *)(base + L.q_a), *q_an = (float *)(base + L.q_an);
+    float *q = (float *)(base + L.q), *kv = (float *)(base + L.kv), *q_nope = (float *)(base + L.q_nope);
+    float *q_pe = (float *)(base + L.q_pe);
+    float *q_lat = (float *)(base + L.q_lat), *o_lat = (float *)(base + L.o_lat), *o = (float *)(base + L.o);
+    uint8_t *act = base + L.act;
+    const int64_t an = L.total - 64 - L.act, hq = n_head * (n_nope + r_dim);
+    /* The calls the unfused path makes, in its order, with the same arguments. */
+    rc = lite_add_rmsnorm_f32(h, x, delta, norm, n_tok, dim, norm_eps);
+    if (rc) return rc;
+    if (q_rank) {
+        rc = lite_matmul(q_a, n_tok * q_rank, h, n_tok, dim, w[MW_Q], w_bytes[MW_Q], types[MW_Q], q_rank, act, an);
+        if (!rc) rc = lite_rmsnorm_f32(q_an, q_a, q_a_norm, n_tok, q_rank, eps);
+        if (!rc)
+            rc = lite_matmul(q, n_tok * hq, q_an, n_tok, q_rank, w[MW_QB], w_bytes[MW_QB], types[MW_QB], hq, act, an);
+    } else {
+        rc = lite_matmul(q, n_tok * hq, h, n_tok, dim, w[MW_Q], w_bytes[MW_Q], types[MW_Q], hq, act, an);
+    }
+    if (!rc)
+        rc = lite_matmul(kv, n_tok * (c_dim + r_dim), h, n_tok, dim, w[MW_KVA], w_bytes[MW_KVA], types[MW_KVA],
+                         c_dim + r_dim, act, an);
+    if (!rc)
+        rc = lite_mla_prep(q_nope, q_pe, ckv, kpe, cache_rows, q, kv, kv_norm, cos_t, sin_t, n_tok, n_head, n_nope,
+                           c_dim, r_dim, start, eps);
+    if (!rc)
+        rc = lite_matmul_heads(q_lat, n_tok * n_head * c_dim, q_nope, n_tok, n_head, n_nope, w[MW_KB],
+                               w_bytes[MW_KB], types[MW_KB], c_dim, act, an);
+    if (!rc)
+        rc = lite_mla_attention(o_lat, q_lat, q_pe, ckv, kpe, n_tok, n_head, c_dim, r_dim, start + n_tok, start, scale);
+    if (!rc)
+        rc = lite_matmul_heads(o, n_tok * n_head * v_dim, o_lat, n_tok, n_head, c_dim, w[MW_VB], w_bytes[MW_VB],
+                               types[MW_VB], v_dim, act, an);
+    if (!rc)
+        rc = lite_matmul(out, out_len, o, n_tok, n_head * v_dim, w[MW_OUT], w_bytes[MW_OUT], types[MW_OUT], dim, act,
+                         an);
+    return rc;
+}
+
+/* ---- the FFN sublayer's input: residual add, norm, router ------------------------------------ */
+
+int lite_norm_route(float *h, float *x, const float *delta, const float *norm, float eps, int64_t n_tok, int64_t dim,
+                    const uint8_t *router, int64_t router_bytes, int type, int64_t n_exp, int32_t *ids, float *weights,
+                    float *probs, int64_t k, int64_t n_group, int64_t topk_group, int renorm, float scale,
+                    uint8_t *scratch, int64_t scratch_bytes) {
+    if (!h || !x || !norm || !router || !ids || !weights || !probs) return LITE_ERR_NULL;
+    if (n_tok < 0 || dim <= 0 || !route_args_ok(n_exp, k, n_group, topk_group, scale)) return LITE_ERR_ARG;
+    if (n_tok == 0) return LITE_OK;
+    int rc = lite_add_rmsnorm_f32(h, x, delta, norm, n_tok, dim, eps);
+    if (!rc)
+        rc = lite_matmul(probs, n_tok * n_exp, h, n_tok, dim, router, router_bytes, type, n_exp, scratch,
+                         scratch_bytes);
+    /* The logits are softmaxed in place (each element is read before it is written). */
+    if (!rc) rc = lite_route(ids, weights, probs, probs, n_tok, n_exp, k, n_group, topk_group, renorm, scale);
+    return rc;
+}
