@@ -121,4 +121,6 @@ def ffn(be: Backend, cfg: ModelConfig, f: FFNLayer, h: np.ndarray, experts: Expe
 def predict(be: Backend, cfg: ModelConfig, f: FFNLayer, norm: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Distinct experts layer `f` is expected to route `x` `[T, D]` (the residual stream one layer
     early) to: its own norm and router applied ahead of time."""
-    return np.unique(route_logits(be, cfg, be.matmul(be.rmsnorm(x, norm, cfg.rms_eps), f.router))[0])
+    ids = fused(be, "norm_route")(x, None, norm, cfg.rms_eps, f.router, cfg.n_expert_used, *groups(cfg),
+                                  cfg.expert_weights_norm, cfg.expert_weights_scale)[1]
+    return np.unique(ids)
