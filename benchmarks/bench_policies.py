@@ -4,6 +4,11 @@ cache sizes of 12.5%, 25% and 50% of all routed experts; then the layer-cycle po
 next-layer prefetch replayed (where the trace holds the model's predictions): its hit rate and
 reads per request against no prefetch.
 
+The first columns are demand caching, as Belady's is: every read is a miss. The layer-cycle
+policy is given the model's next-layer predictions there too, as hints of what to keep (it
+reads nothing on them), so its ratio to Belady's is a fair one. The prefetch columns read
+guesses ahead: hits there can pass Belady's demand optimum, at the cost of reads ("+pf").
+
     python benchmarks/bench_policies.py --model demo --text heldout [--tokens N] [--save FILE]
     python benchmarks/bench_policies.py --trace routing.jsonl
     python benchmarks/bench_policies.py --synthetic
@@ -49,6 +54,9 @@ def record(model_path: str, text: str, tokens: int | None) -> tuple[RoutingTrace
     trace = RoutingTrace()
     m.record_routing(trace)
     m.experts.on_prediction = trace.guess_hook
+    # Everything is resident, so the pager would pause predictions that read nothing: record
+    # one for every layer-step, as a pager under a small budget would make them.
+    m.experts.wants_guess = lambda layer: True
     cache = m.new_cache()
     for n, t in enumerate(ids):
         if cache.length == m.n_ctx:    # a full context starts a new sequence, as a chat would
@@ -111,7 +119,7 @@ def table(title: str, steps: Steps, guesses: Steps | None, total: int) -> None:
     print(head)
     for frac in (0.125, 0.25, 0.5):
         cap = max(int(total * frac), max(len(s) for s in steps))
-        r = {p: simulate(steps, cap, p) for p in (*POLICIES, "belady")}
+        r = {p: simulate(steps, cap, p, guesses, prefetch=False) for p in (*POLICIES, "belady")}
         opt = r["belady"].hit_rate or float("nan")
         line = f"{frac:>6.1%} {cap:>6} " + " ".join(f"{r[n].hit_rate:>7.3f}" for n in POLICIES) \
             + f" {r['belady'].hit_rate:>7.3f} " + " ".join(f"{r[n].hit_rate / opt:>9.2f}" for n in POLICIES)

@@ -1,6 +1,7 @@
-"""The layer-cycle eviction policy, prefetch admission (a guess never displaces what is likelier
-to be needed), their replay on traces, and the pager's use of them: still bit-identical results,
-declined guesses, paused predictions."""
+"""The layer-cycle eviction policy, what it learns (recency, what follows a visit, what a guess
+says), prefetch admission (a guess never displaces what is likelier to be needed), their replay
+on traces, and the pager's use of them: still bit-identical results, declined guesses, paused
+predictions."""
 from __future__ import annotations
 
 import numpy as np
@@ -52,6 +53,36 @@ def test_learns_that_recently_used_experts_return():
     stale = [(1, e) for e in range(16) if all(k[1] != e for s in steps[-8:] for k in s)]
     assert stale
     assert min(policy.chance(k) for k in last) > 2 * max(policy.chance(k) for k in stale)
+
+
+def test_learns_what_follows_a_visit():
+    policy = LayerCycle([0, 1], 8, 2)
+    for t in range(200):                                   # layer 0 alternates {0, 1} and {2, 3}
+        for key in ((0, 0), (0, 1)) if t % 2 else ((0, 2), (0, 3)):
+            policy.touch(key)
+        policy.touch((1, 4)); policy.touch((1, 5))
+    policy.touch((0, 0)); policy.touch((0, 1))             # now {0, 1}: {2, 3} comes next
+    assert min(policy.chance((0, e)) for e in (2, 3)) > max(policy.chance((0, e)) for e in (0, 1)) + 0.2
+
+
+def test_a_hint_keeps_the_guessed_keys():
+    policy = LayerCycle([0, 1], 8, 2)
+    rng = np.random.default_rng(0)
+    for _ in range(300):                                   # layer 1's guesses are always right
+        policy.touch((0, 0)); policy.touch((0, 1))
+        ids = [int(e) for e in rng.choice(8, 2, replace=False)]
+        policy.hint(1, ids)
+        for e in ids:
+            policy.touch((1, e))
+    policy.touch((0, 0)); policy.touch((0, 1))
+    policy.hint(1, [3, 6])
+    # P(e used | g guessed), averaged over the K guessed g: a guessed key gets at least its own
+    # guess's certainty over K, an unguessed one only how often it came with a guessed one.
+    assert policy.chance((1, 3)) > 0.5 and policy.chance((1, 2)) < 0.2
+    assert set(policy.victims([(1, e) for e in range(8)], 6)) == {(1, e) for e in (0, 1, 2, 4, 5, 7)}
+    policy.touch((1, 3))                                   # the visit settles the hint
+    policy.touch((0, 0))
+    assert policy.chance((1, 6)) < 0.4
 
 
 def test_a_guess_displaces_only_colder_keys():
@@ -115,6 +146,12 @@ def test_replay_with_prefetch():
     assert bad.hit_rate == pytest.approx(simulate(steps, 16, "cycle").hit_rate, abs=0.02)
     # LRU and LFU cannot tell a cold slot, so their guesses only ever take free ones.
     assert simulate(steps, 16, "lru", guesses).prefetch_reads <= 16
+    # Without prefetch, guesses are hints only: every read is a miss, as for Belady. Right
+    # guesses tell which cached keys of the next layer to keep (in a small cache, where it matters).
+    for cap in (4, 6):
+        hinted = simulate(steps, cap, "cycle", steps, prefetch=False)
+        assert hinted.prefetch_reads == 0 and hinted.reads == hinted.requests - hinted.hits
+        assert simulate(steps, cap, "cycle").hit_rate < hinted.hit_rate <= simulate(steps, cap, "belady").hit_rate
 
 
 def minimum_budget(path) -> int:
@@ -151,6 +188,8 @@ def test_pager_declines_a_weak_guess(converted):
     reads = pager.stats.prefetch_issued
     pager.prefetch(2, [0, 1])                     # a guess, with the prior accuracy of 1/2
     assert pager.stats.prefetch_issued == reads and pager.stats.prefetch_declined == 2
+    # A declined guess still tells the policy what to keep, so a full pool keeps predicting.
+    assert all(pager.wants_guess(2) for _ in range(2 * IDLE_AFTER))
     pager.prefetch(1, [0, 1])                     # the layer being computed: a certain need
     assert pager.stats.prefetch_issued == reads + 2
     m.close()

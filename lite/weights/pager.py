@@ -10,7 +10,8 @@ reads early: for the next chunk of the layer being computed (a certain need) or 
 layer's predicted experts (a guess, right with the layer's running accuracy). A guess takes a
 free slot or a slot the policy holds to be worth less than it (`Policy.prefetch_victims`), never
 one it holds likelier to be needed: in a small cache, wasted reads that evict useful experts
-cost more than the prefetch saves. `wants_guess` tells the model when a guess would go unused.
+cost more than the prefetch saves. Every guess is also a hint to the policy, which keeps the
+cached keys it names. `wants_guess` tells the model when a guess would go unused.
 """
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ class ExpertPager:
                             f"tensors need {_fmt(self.resident_bytes)} and one layer's {self.K} experts "
                             f"{_fmt(self.K * self.slot_bytes)}; the minimum is {_fmt(minimum)}")
         self.n_slots = min(n_total, (budget - self.resident_bytes) // self.slot_bytes)
+        self._evicts = self.n_slots < n_total      # whether the pool can ever be short of a slot
         # Allocated once, never grown; page-aligned because O_DIRECT needs it. numpy owns the
         # memory, so views a backend may still cache stay valid after close().
         raw = np.empty(self.n_slots * self.slot_bytes + PAGE, dtype=np.uint8)
@@ -200,6 +202,7 @@ class ExpertPager:
             certain = layer == self._layer
             if not certain and len(ids) <= self.K:
                 self._guess[layer] = ids        # scored when the layer is requested
+                self._policy.hint(layer, ids)   # which cached keys to keep, even with no read
             chance = None if certain else self._accuracy[layer]
             wanted = [(layer, e) for e in ids[:self.K] if (layer, e) not in self._slot_of]
             # Prefetches use only the slack beyond one chunk of K: the next demand for K experts
@@ -224,11 +227,13 @@ class ExpertPager:
 
     def wants_guess(self, layer: int) -> bool:
         """Whether to predict `layer`'s experts (a router pass one layer early, ~0.15 ms on
-        the demo model): not while its last guesses started no read (all resident, or nothing worth
-        displacing), except at one call in SAMPLE_EVERY, which keeps its accuracy and the state
-        of the cache sampled."""
+        the demo model): always while the pool is full and smaller than the model, since the
+        policy then uses the guess to choose victims even when it reads nothing; otherwise not
+        while its last guesses started no read (all resident), except at one call in
+        SAMPLE_EVERY, which keeps its accuracy and the state of the cache sampled."""
         n = self._asked[layer] = self._asked.get(layer, 0) + 1
-        return self._idle.get(layer, 0) < IDLE_AFTER or n % SAMPLE_EVERY == 0
+        return (self._evicts and not self._free) or self._idle.get(layer, 0) < IDLE_AFTER \
+            or n % SAMPLE_EVERY == 0
 
     def note_prediction(self, predicted: Iterable[int], actual: Iterable[int]) -> None:
         p, a = set(int(x) for x in predicted), set(int(x) for x in actual)

@@ -5,9 +5,11 @@ Keys are (layer, expert) pairs. A policy sees `touch(key)` for every key of a re
 slot is taken for it (so it knows which layer is being computed when it picks victims),
 `victims(candidates, n)` when slots are needed, `forget(key)` when a key leaves the cache, and
 `expect(key, chance)` when a prefetch brought `key` in on a guess that is right with probability
-`chance`. `prefetch_victims(candidates, n, chance)` says which keys a guess may displace: a
-wrong guess costs a wasted read and possibly a later miss, so a guess must be worth more than
-what it displaces.
+`chance`, and `hint(layer, ids)` with every such guess (the model's prediction of the experts
+that `layer`'s next visit will use), whether or not it is prefetched.
+`prefetch_victims(candidates, n, chance)` says which keys a guess may displace: a wrong guess
+costs a wasted read and possibly a later miss, so a guess must be worth more than what it
+displaces.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ class Policy(Protocol):
         ...
 
     def expect(self, key: Key, chance: float) -> None: ...
+
+    def hint(self, layer: int, ids: Sequence[int]) -> None: ...
 
     def prefetch_victims(self, candidates: Sequence[Key], n: int, chance: float) -> list[Key]:
         """Up to n candidates that a guess right with probability `chance` may displace."""
@@ -64,6 +68,9 @@ class LRU:
 
     def expect(self, key: Key, chance: float) -> None:
         self.touch(key)                  # else the prefetched key is the oldest, the first evicted
+
+    def hint(self, layer: int, ids: Sequence[int]) -> None:
+        pass                             # recency has no use for a prediction
 
     def prefetch_victims(self, candidates: Sequence[Key], n: int, chance: float) -> list[Key]:
         # Recency cannot say how likely a key is to be used, so no guess may displace one: in a
@@ -100,6 +107,9 @@ class LFUAging:
     def expect(self, key: Key, chance: float) -> None:
         self._last[key] = self._clock
 
+    def hint(self, layer: int, ids: Sequence[int]) -> None:
+        pass                             # counts have no use for a prediction
+
     def prefetch_victims(self, candidates: Sequence[Key], n: int, chance: float) -> list[Key]:
         return []                        # counts are not probabilities: see LRU
 
@@ -115,8 +125,18 @@ class LayerCycle:
     `a`-th visit of their layer since their last use, for each age a (recency: a key just used
     is often used again) and each class of long-run frequency (an exponential average of the
     key's use per visit of its layer; some experts are simply popular). Counts are halved every
-    `period` touches so the estimate follows a change of text. A prefetched guess counts with
-    at least the guess's chance until its layer's next visit.
+    `period` touches so the estimate follows a change of text.
+
+    Two learned tables sharpen p where routing leaves more to go on (both per layer, E x E, so
+    they scale to Lite's 64 experts; both only from visits of at most n_used keys, i.e. decode):
+    - what a layer's experts at one visit say of the next: p is averaged with the mean, over the
+      experts f used at the layer's last visit, of P(e used | f used at the visit before);
+    - the model's guess for the layer computed next (`hint`): until that visit, p of its keys is
+      the mean, over the guessed experts g, of P(e used | g guessed). That is a better estimate
+      than the guess's raw accuracy (a guessed expert is often used, an unguessed one rarely; a
+      poor guesser's picks still say something), and it tells which cached keys of the next
+      layer to keep just before they are needed. A prefetched guess counts with at least the
+      guess's chance until its layer's next visit.
 
     Per-key state lives in arrays indexed by layer position · E + expert, so that scoring the
     ~800 candidates of a Lite-sized cache is one vectorised pass, not 800 Python calls.
@@ -149,6 +169,19 @@ class LayerCycle:
         self._touches = 0
         self._table: np.ndarray | None = None
         self._table_age = 0                             # reuses counted since the table was built
+        self._n_used = n_used
+        prior = np.full((self._n, n_expert, n_expert), self.mean_use)
+        # _follow[l, f, e] / _follow_n[l, f]: e used at the visit of l after one that used f.
+        self._follow, self._follow_n = prior, np.ones((self._n, n_expert))
+        # _hit[l, g, e] / _hit_n[l, g]: e used at a visit of l for which g was guessed.
+        self._hit, self._hit_n = prior.copy(), np.ones((self._n, n_expert))
+        self._visit_keys: list[int] = []                # experts used so far at the current visit
+        self._prev: list[list[int]] = [[] for _ in range(self._n)]    # per layer: its last visit's
+        self._guess: list[list[int]] = [[] for _ in range(self._n)]   # ... and its pending guess
+        self._after = np.zeros((self._n, n_expert))     # per layer: P(e | its last visit), by _follow
+        self._has_after = np.zeros(self._n, bool)
+        self._guessed = np.zeros((self._n, n_expert))   # per layer: P(e | pending guess), by _hit
+        self._has_guess = np.zeros(self._n, bool)
 
     def _id(self, key: Key) -> int:
         return self._pos[key[0]] * self._E + key[1]
@@ -156,11 +189,16 @@ class LayerCycle:
     def touch(self, key: Key) -> None:
         pos, i = self._pos[key[0]], self._id(key)
         if pos != self._current:
+            if self._current >= 0:
+                self._end_visit(self._current)
             self._visits[pos] += 1
             self._current = pos
+            self._has_guess[pos] = False                # the guess was for this visit, not the next
             settled = [j for j in self._expecting if j // self._E == pos]   # this visit settles them
             self._expected[settled] = 0.0
             self._expecting.difference_update(settled)
+        if key[1] not in self._visit_keys:
+            self._visit_keys.append(key[1])
         self._expected[i] = 0.0
         self._expecting.discard(i)
         now = int(self._visits[pos])
@@ -187,8 +225,42 @@ class LayerCycle:
         self._class[i] = c
         self._touches += 1
         if self._touches % self.period == 0:
-            self._uses *= 0.5
-            self._tail_tries *= 0.5
+            for counts in (self._uses, self._tail_tries, self._follow, self._follow_n, self._hit, self._hit_n):
+                counts *= 0.5
+
+    def _end_visit(self, pos: int) -> None:
+        """Learn from the visit of layer position `pos` that just ended: which experts followed its
+        previous visit's, and which followed its guess."""
+        used, prev, guess = self._visit_keys, self._prev[pos], self._guess[pos]
+        self._visit_keys, self._guess[pos] = [], []
+        self._has_guess[pos] = False
+        if len(used) > self._n_used:                   # a prefill chunk: not a decode step
+            self._prev[pos] = []
+            self._has_after[pos] = False
+            return
+        row = np.zeros(self._E)
+        row[used] = 1.0
+        if prev:
+            self._follow[pos, prev] += row
+            self._follow_n[pos, prev] += 1.0
+        if guess:
+            self._hit[pos, guess] += row
+            self._hit_n[pos, guess] += 1.0
+        self._prev[pos] = used
+        self._after[pos] = self._follows(pos, used)
+        self._has_after[pos] = True
+
+    def _follows(self, pos: int, used: Sequence[int]) -> np.ndarray:
+        return (self._follow[pos, used] / self._follow_n[pos, used, None]).mean(axis=0)
+
+    def hint(self, layer: int, ids: Sequence[int]) -> None:
+        pos = self._pos[layer]
+        ids = [int(e) for e in ids]
+        if pos == self._current or not ids or len(ids) > self._n_used:
+            return                                      # (a prefill's guess covers many tokens)
+        self._guess[pos] = ids
+        self._guessed[pos] = (self._hit[pos, ids] / self._hit_n[pos, ids, None]).mean(axis=0)
+        self._has_guess[pos] = True
 
     def _hazards(self) -> np.ndarray:
         """[class, age] → chance of use at that visit, given no use since: uses at that age over
@@ -213,6 +285,16 @@ class LayerCycle:
         last = self._last[ids]
         age = np.minimum(self._visits[lp] - last + 1, self.AGES + 1)
         p = np.where(last < 0, self.mean_use, self._hazards()[self._class[ids], age])
+        e = ids % E
+        after = self._after[lp, e]
+        has_after = self._has_after[lp]
+        if self._current >= 0 and 0 < len(self._visit_keys) <= self._n_used:
+            # The current layer's next visit follows this one, not the one before.
+            now = lp == self._current
+            after = np.where(now, self._follows(self._current, self._visit_keys)[e], after)
+            has_after = has_after | now
+        p = np.where(has_after, 0.5 * (p + after), p)
+        p = np.where(self._has_guess[lp], self._guessed[lp, e], p)
         p = np.maximum(p, self._expected[ids])
         return p, p / ((lp - self._current - 1) % self._n + 1)
 
@@ -308,13 +390,15 @@ class GuessAccuracy:
 
 
 def simulate(trace: Sequence[Sequence[Key]], capacity: int, policy: str,
-             guesses: Sequence[Sequence[Key]] | None = None) -> Replay:
+             guesses: Sequence[Sequence[Key]] | None = None, prefetch: bool = True) -> Replay:
     """Replay `trace` (a list of steps, each the keys one layer of one token needs at once; they
     are pinned together, as in the pager) through a cache of `capacity` experts, as the pager
     runs it. `policy` is a name in POLICIES or "belady" (evict the keys whose next use is
     farthest: the optimum without prefetch). With `guesses` (guesses[i]: the keys predicted for
-    step i, made just before step i-1 is requested, as decode does) prefetch is replayed too:
-    reads are instantaneous, and a guess takes a free slot or what `prefetch_victims` allows."""
+    step i, made just before step i-1 is requested, as decode does) the policy is given each as a
+    hint and, if `prefetch`, prefetch is replayed too: reads are instantaneous, and a guess takes
+    a free slot or what `prefetch_victims` allows. Without `prefetch` every read is a miss, as
+    for Belady, so the two compare fairly."""
     flat = [k for step in trace for k in step]
     next_use: list[int] = [0] * len(flat)
     seen: dict[Key, int] = {}
@@ -353,7 +437,8 @@ def simulate(trace: Sequence[Sequence[Key]], capacity: int, policy: str,
     for s, step in enumerate(trace):
         if online is not None and guesses is not None and s + 1 < len(trace) and guesses[s + 1]:
             chance = accuracy[guesses[s + 1][0][0]]
-            wanted = [k for k in list(guesses[s + 1])[:K] if k not in cached]
+            online.hint(guesses[s + 1][0][0], [k[1] for k in guesses[s + 1]])
+            wanted = [k for k in list(guesses[s + 1])[:K] if k not in cached] if prefetch else []
             for key in make_room(wanted, set(trace[s - 1]) if s else set(), chance):
                 cached[key] = 0
                 online.expect(key, chance)
