@@ -1,5 +1,5 @@
 """The fused decode ops (add_rmsnorm, route, norm_route, mla_prep, mla_step) on every backend: bit
-for bit what the unfused ops of the same backend compute (their composition in base.py is the
+for bit what the unfused ops of the same backend compute (their composition in composed.py is the
 meaning; the C library's own versions must match it exactly, which keeps decode logits
 unchanged), the C router bit for bit with numpy's top-k (ties, groups, renormalisation), and bad
 input refused."""
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from lite.errors import BackendError
-from lite.kernels import base, get_backend
-from lite.kernels.base import MLAWeights, QTensor, QType, topk_route
+from lite.kernels import composed, get_backend
+from lite.kernels.base import MLAWeights, QTensor, QType
+from lite.kernels.composed import topk_route
 
 from conftest import backends
 
@@ -137,7 +138,7 @@ def test_mla_step_is_its_composition(be, lora, t, start):
     cos, sin = np.cos(ang), np.sin(ang)
     caches = [rng.standard_normal((32, 32)).astype(np.float32), rng.standard_normal((32, 8)).astype(np.float32)]
     want_x, want_caches = x.copy(), [a.copy() for a in caches]
-    want = base.mla_step(be, want_x, delta, w, *want_caches, cos, sin, start, 0.2, 1e-6, 1e-5)
+    want = composed.mla_step(be, want_x, delta, w, *want_caches, cos, sin, start, 0.2, 1e-6, 1e-5)
     got = be.mla_step(x, delta, w, *caches, cos, sin, start, 0.2, 1e-6, 1e-5)
     for g, wv in [(got, want), (x, want_x), *zip(caches, want_caches)]:
         np.testing.assert_array_equal(bits(g), bits(wv))
@@ -150,9 +151,9 @@ def test_composed_defaults_serve_a_backend_without_fused_ops():
             self.rmsnorm, self.rope, self.softmax = ref.rmsnorm, ref.rope, ref.softmax
     core = Core()
     x = np.ones((1, 8), np.float32)
-    np.testing.assert_array_equal(base.fused(core, "add_rmsnorm")(x, x.copy(), np.ones(8, np.float32), 0.0),
+    np.testing.assert_array_equal(composed.fused(core, "add_rmsnorm")(x, x.copy(), np.ones(8, np.float32), 0.0),
                                   np.ones((1, 8), np.float32))
-    ids, _, _ = base.fused(core, "route")(np.arange(8, dtype=np.float32)[None], 2)
+    ids, _, _ = composed.fused(core, "route")(np.arange(8, dtype=np.float32)[None], 2)
     np.testing.assert_array_equal(ids, [[7, 6]])
 
 

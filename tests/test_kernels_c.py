@@ -199,7 +199,7 @@ def test_matmul_heads(cb, qtype, t):
 
 def test_matmul_heads_model_path():
     """mla.per_head takes the batched op and matches the per-head loop."""
-    from lite.kernels.base import per_head
+    from lite.kernels.composed import per_head
     w3 = QTensor("k_b", QType.Q8_0, (4, 16, 64),
                  np.stack([make_weight(QType.Q8_0, 16, 64, seed=i).data for i in range(4)]))
     x = rng(3).standard_normal((2, 4, 64)).astype(np.float32)

@@ -1,8 +1,8 @@
 """The Backend protocol: the small op set every compute backend implements (reference numpy,
 Numba, C, CUDA), plus the weight handles kernels receive. Fused ops (a residual add with the next
-norm, routing, a whole attention sublayer) are optional: their compositions of the core ops here
-define them and serve any backend without its own (`fused`); the C backend's own ones replace ~20
-calls per decode layer with 3, since Python's cost per call dominates at one token.
+norm, routing, a whole attention sublayer) are optional: their compositions of the core ops
+(composed.py) define them and serve any backend without its own; the C backend's own ones replace
+~20 calls per decode layer with 3, since Python's cost per call dominates at one token.
 
 Shape legend: T tokens, S cached positions, D hidden, H heads, C kv_lora_rank, R rope dims,
 K experts per token, F expert width, N rows (output features) of a weight.
@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable, Mapping, NamedTuple, Protocol
+from typing import Mapping, NamedTuple, Protocol
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -176,7 +175,7 @@ class Backend(Protocol):
         on it to match the canonical partition bit for bit)."""
         ...
 
-    # Fused ops: optional; `fused(be, name)` gives the backend's own, else the composition below.
+    # Fused ops: optional; `composed.fused(be, name)` gives the backend's own, else the composition.
 
     def add_rmsnorm(self, x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float) -> np.ndarray:
         """x += delta in place (x C-contiguous float32 `[T, D]`; no add when delta is None), then
@@ -186,7 +185,7 @@ class Backend(Protocol):
     def route(self, logits: np.ndarray, k: int, n_group: int = 1, topk_group: int = 1, norm: bool = False,
               scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Router logits `[T, E]` → (ids int32 `[T, K]`, weights `[T, K]`, probs `[T, E]`):
-        `topk_route` of `softmax(logits)`."""
+        `composed.topk_route` of `softmax(logits)`."""
         ...
 
     def norm_route(self, x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float, router: QTensor,
@@ -362,30 +361,6 @@ def check_route(logits: np.ndarray, k: int, n_group: int, topk_group: int, scale
     return logits
 
 
-def topk_route(probs: np.ndarray, k: int, n_group: int = 1, topk_group: int = 1, norm: bool = False,
-               scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """probs `[T, E]` → ids int32 `[T, K]`, weights float32 `[T, K]`: the K experts of highest
-    probability, best first, ties to the lower id; with n_group > 1 only experts in the topk_group
-    groups of best top expert compete. Weights are the chosen probabilities, renormalised (sum +
-    1e-20) when `norm` and K > 1, times `scale`."""
-    scores = probs
-    if n_group > 1:
-        t, e = probs.shape
-        group_score = probs.reshape(t, n_group, e // n_group).max(axis=2)    # V2: the group's best expert
-        keep = np.argsort(-group_score, axis=1, kind="stable")[:, :topk_group]
-        mask = np.zeros_like(group_score, dtype=bool)
-        np.put_along_axis(mask, keep, True, axis=1)
-        scores = np.where(np.repeat(mask, e // n_group, axis=1), probs, np.float32(0.0))
-    # Methods and ufuncs called directly, not numpy's Python-level wrappers (np.argsort,
-    # take_along_axis, ndarray.sum): several times cheaper once per layer with cold caches.
-    ids = (-scores).argsort(axis=1, kind="stable")[:, :k]
-    w = probs[np.arange(probs.shape[0])[:, None], ids]
-    if norm and k > 1:
-        w = w / (np.add.reduce(w, axis=1, keepdims=True) + np.float32(1e-20))
-    w = w * np.float32(scale)
-    return ids.astype(np.int32), w.astype(np.float32, copy=False)
-
-
 def check_mla_prep(q: np.ndarray, kv: np.ndarray, norm: np.ndarray, eps: float, cos: np.ndarray, sin: np.ndarray,
                    ckv: np.ndarray, kpe: np.ndarray, start: int) -> tuple:
     """`mla_prep`'s inputs validated once for every backend: (q, kv, norm, cos, sin, ckv, kpe, start)
@@ -403,72 +378,3 @@ def check_mla_prep(q: np.ndarray, kv: np.ndarray, norm: np.ndarray, eps: float, 
         raise BackendError(f"mla_prep: inconsistent shapes q {q.shape} kv {kv.shape} cos {cos.shape} "
                            f"sin {sin.shape} caches {ckv.shape}/{kpe.shape} start {start}")
     return q, kv, norm, cos, sin, ckv, kpe, int(start)
-
-
-# ---- fused ops composed from the core ones: their meaning, and every backend's fallback -------
-
-def add_rmsnorm(be: Backend, x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float) -> np.ndarray:
-    x, delta, w = check_add_rmsnorm(x, delta, w, eps)
-    if delta is not None:
-        np.add(x, delta, out=x)
-    return be.rmsnorm(x, w, eps)
-
-
-def route(be: Backend, logits: np.ndarray, k: int, n_group: int = 1, topk_group: int = 1, norm: bool = False,
-          scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    probs = be.softmax(check_route(logits, k, n_group, topk_group, scale))
-    return (*topk_route(probs, k, n_group, topk_group, norm, scale), probs)
-
-
-def norm_route(be: Backend, x: np.ndarray, delta: np.ndarray | None, w: np.ndarray, eps: float, router: QTensor,
-               k: int, n_group: int = 1, topk_group: int = 1, norm: bool = False,
-               scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    h = fused(be, "add_rmsnorm")(x, delta, w, eps)
-    return (h, *fused(be, "route")(be.matmul(h, router), k, n_group, topk_group, norm, scale))
-
-
-def mla_prep(be: Backend, q: np.ndarray, kv: np.ndarray, norm: np.ndarray, eps: float, cos: np.ndarray,
-             sin: np.ndarray, ckv: np.ndarray, kpe: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
-    q, kv, norm, cos, sin, ckv, kpe, start = check_mla_prep(q, kv, norm, eps, cos, sin, ckv, kpe, start)
-    t, c, r = q.shape[0], ckv.shape[1], kpe.shape[1]
-    n = q.shape[2] - r
-    ckv[start:start + t] = be.rmsnorm(kv[:, :c], norm, eps)
-    kpe[start:start + t] = be.rope(kv[:, None, c:], cos, sin)[:, 0]
-    return np.ascontiguousarray(q[..., :n]), be.rope(q[..., n:], cos, sin)
-
-
-def per_head(be: Backend, x: np.ndarray, w: QTensor) -> np.ndarray:
-    """x `[T, H, cols]` times each head's own weight `w[h]` `[rows, cols]` → `[T, H, rows]`.
-    One backend call for all heads where the backend has `matmul_heads` (an optional op)."""
-    heads = getattr(be, "matmul_heads", None)
-    if heads is not None:
-        return heads(x, w)
-    return np.stack([be.matmul(np.ascontiguousarray(x[:, h]), w.expert(h)) for h in range(w.shape[0])], axis=1)
-
-
-def mla_step(be: Backend, x: np.ndarray, delta: np.ndarray | None, w: MLAWeights, ckv: np.ndarray, kpe: np.ndarray,
-             cos: np.ndarray, sin: np.ndarray, start: int, scale: float, eps: float, norm_eps: float) -> np.ndarray:
-    h = fused(be, "add_rmsnorm")(x, delta, w.norm, norm_eps)
-    t, n_head = h.shape[0], w.k_b.shape[0]
-    if w.q is not None:
-        q = be.matmul(h, w.q)
-    else:
-        q = be.matmul(be.rmsnorm(be.matmul(h, w.q_a), w.q_a_norm, eps), w.q_b)
-    kv = be.matmul(h, w.kv_a)                                                  # [T, C+R]
-    q = q.reshape(t, n_head, q.shape[1] // n_head)                            # [T, H, N+R]
-    q_nope, q_pe = fused(be, "mla_prep")(q, kv, w.kv_a_norm, eps, cos, sin, ckv, kpe, start)   # [T, H, N], [T, H, R]
-    q_lat = per_head(be, q_nope, w.k_b)                                        # [T, H, C]
-    o_lat = be.mla_attention(q_lat, q_pe, ckv[:start + t], kpe[:start + t], scale, start)
-    o = per_head(be, o_lat, w.v_b)                                             # [T, H, V]
-    return be.matmul(o.reshape(t, o.shape[1] * o.shape[2]), w.out)
-
-
-_COMPOSED = {"add_rmsnorm": add_rmsnorm, "route": route, "norm_route": norm_route, "mla_prep": mla_prep,
-             "mla_step": mla_step}
-
-
-def fused(be: Backend, name: str) -> Callable:
-    """`be`'s own fused op `name` (a key of _COMPOSED), else its composition from the core ops
-    above."""
-    own = getattr(be, name, None)
-    return own if own is not None else partial(_COMPOSED[name], be)

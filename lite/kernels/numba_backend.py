@@ -34,7 +34,7 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES
 
 from ..errors import BackendError
-from . import base
+from . import composed
 from . import numba_kernels as nk
 from .base import FFNWeights, QTensor, QType, check_f32, check_heads_fit, check_mla, check_rmsnorm, check_rope
 
@@ -226,6 +226,6 @@ class NumbaBackend:
         nk.moe(x, addrs, rbytes, qts, widths, offs, toks, wts, nk.LUT_F16, nk.LUT_BF16, nk.N16, out)
         return out
 
-    # -- fused ops: the compositions of the ops above (base.py) -----------------------------------
-    add_rmsnorm, route, norm_route = base.add_rmsnorm, base.route, base.norm_route
-    mla_prep, mla_step = base.mla_prep, base.mla_step
+    # -- fused ops: the compositions of the ops above (composed.py) --------------------------------
+    add_rmsnorm, route, norm_route = composed.add_rmsnorm, composed.route, composed.norm_route
+    mla_prep, mla_step = composed.mla_prep, composed.mla_step

@@ -7,7 +7,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import BackendError
-from . import base
+from . import composed
 from .base import FFNWeights, QTensor, check_f32, check_mla, check_rmsnorm, check_rope
 from .dequant import dequantize
 
@@ -84,5 +84,5 @@ class ReferenceBackend:
         return out
 
     # The fused ops: their compositions of the ops above are what they mean.
-    add_rmsnorm, route, norm_route = base.add_rmsnorm, base.route, base.norm_route
-    mla_prep, mla_step = base.mla_prep, base.mla_step
+    add_rmsnorm, route, norm_route = composed.add_rmsnorm, composed.route, composed.norm_route
+    mla_prep, mla_step = composed.mla_prep, composed.mla_step

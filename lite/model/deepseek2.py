@@ -8,7 +8,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import LiteError
-from ..kernels.base import Backend, fused
+from ..kernels.base import Backend
+from ..kernels.composed import fused
 from ..kernels.dequant import dequantize
 from ..weights.gguf_file import ModelFile
 from ..weights.store import ExpertSource, float_vector

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels.base import Backend, MLAWeights, fused
+from ..kernels.base import Backend, MLAWeights
+from ..kernels.composed import fused
 from ..weights.gguf_file import ModelFile
 from ..weights.store import attention_up_projections, float_vector
 from .cache import LatentCache

@@ -8,7 +8,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..kernels.base import Backend, FFNWeights, QTensor, fused, topk_route
+from ..kernels.base import Backend, FFNWeights, QTensor
+from ..kernels.composed import fused, topk_route
 from ..weights.gguf_file import ModelFile
 from ..weights.store import ExpertSource
 from .config import ModelConfig
