@@ -14,22 +14,8 @@ from lite.errors import BackendError
 from lite.kernels import numba_kernels as nk
 from lite.kernels.base import FFNWeights, QTensor
 from lite.kernels.dequant import dequantize
-from lite.kernels.numba_backend import NumbaBackend, set_threads
-from lite.kernels.reference import ReferenceBackend
-from test_kernels_numba import random_weight, rel
-
-NB = NumbaBackend()
-REF = ReferenceBackend()
-TOL = 1e-5
-THREADS = [1, 2] if numba.config.NUMBA_NUM_THREADS >= 2 else [1]
-
-
-@pytest.fixture(params=THREADS, ids=lambda n: f"{n}thr")
-def threads(request):
-    before = numba.get_num_threads()
-    set_threads(request.param)
-    yield request.param
-    set_threads(before)
+from lite.kernels.numba_backend import set_threads
+from test_kernels_numba import NB, REF, THREADS, TOL, random_weight, rel, threads  # noqa: F401 (threads: a fixture)
 
 
 @pytest.mark.parametrize("qt", [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_K, QT.Q6_K],

@@ -235,24 +235,29 @@ INLINE void q6k_fixed(const int NR, const int NT, float *out, int64_t ldo, const
         for (int t = 0; t < NT; t++) out[t * ldo + r] = hsum8(acc[r][t]);
 }
 
+/* Rows one at a time, each over the tile's tokens in runs of up to 4: FIXED(1, NT, ...) with NT a
+ * compile-time constant. LEN: what FIXED takes as the row length (blocks or weights). */
+#define EACH_ROW_OVER_TOKENS(FIXED, LEN)                                                            \
+    for (int t0 = 0; t0 < nt; t0 += 4) {                                                            \
+        const uint8_t *at = a + t0 * astride;                                                       \
+        float *ot = out + t0 * ldo;                                                                 \
+        for (int r = 0; r < nr; r++) {                                                              \
+            const uint8_t *wr = w + r * wstride;                                                    \
+            switch (nt - t0) {                                                                      \
+            case 1: FIXED(1, 1, ot + r, ldo, wr, wstride, at, astride, LEN); break;                 \
+            case 2: FIXED(1, 2, ot + r, ldo, wr, wstride, at, astride, LEN); break;                 \
+            case 3: FIXED(1, 3, ot + r, ldo, wr, wstride, at, astride, LEN); break;                 \
+            default: FIXED(1, 4, ot + r, ldo, wr, wstride, at, astride, LEN); break;                \
+            }                                                                                       \
+        }                                                                                           \
+    }
+
 #define DEF_K_TILE(NAME, FIXED)                                                                    \
     static void NAME(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,           \
                      const uint8_t *a, int64_t astride, int nt, int64_t cols) {                    \
         int64_t nb = cols / QKK;                                                                    \
         /* Each row unpacked once per block for up to 4 tokens (the unpack costs more than a dot). */ \
-        for (int t0 = 0; t0 < nt; t0 += 4) {                                                        \
-            const uint8_t *at = a + t0 * astride;                                                   \
-            float *ot = out + t0 * ldo;                                                             \
-            for (int r = 0; r < nr; r++) {                                                          \
-                const uint8_t *wr = w + r * wstride;                                                \
-                switch (nt - t0) {                                                                  \
-                case 1: FIXED(1, 1, ot + r, ldo, wr, wstride, at, astride, nb); break;              \
-                case 2: FIXED(1, 2, ot + r, ldo, wr, wstride, at, astride, nb); break;              \
-                case 3: FIXED(1, 3, ot + r, ldo, wr, wstride, at, astride, nb); break;              \
-                default: FIXED(1, 4, ot + r, ldo, wr, wstride, at, astride, nb); break;             \
-                }                                                                                   \
-            }                                                                                       \
-        }                                                                                           \
+        EACH_ROW_OVER_TOKENS(FIXED, nb)                                                             \
     }
 
 DEF_K_TILE(tile_q4_k, q4k_fixed)
@@ -293,19 +298,7 @@ INLINE float sc_bf16(const uint8_t *p) { return bf16_to_f32(rd16(p)); }
     static void NAME(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int nr,           \
                      const uint8_t *a, int64_t astride, int nt, int64_t cols) {                    \
         if (nt == 1 && nr == 4) { NAME##_fixed(4, 1, out, ldo, w, wstride, a, astride, cols); return; } \
-        for (int t0 = 0; t0 < nt; t0 += 4) {                                                        \
-            const uint8_t *at = a + t0 * astride;                                                   \
-            float *ot = out + t0 * ldo;                                                             \
-            for (int r = 0; r < nr; r++) {                                                          \
-                const uint8_t *wr = w + r * wstride;                                                \
-                switch (nt - t0) {                                                                  \
-                case 1: NAME##_fixed(1, 1, ot + r, ldo, wr, wstride, at, astride, cols); break;     \
-                case 2: NAME##_fixed(1, 2, ot + r, ldo, wr, wstride, at, astride, cols); break;     \
-                case 3: NAME##_fixed(1, 3, ot + r, ldo, wr, wstride, at, astride, cols); break;     \
-                default: NAME##_fixed(1, 4, ot + r, ldo, wr, wstride, at, astride, cols); break;    \
-                }                                                                                   \
-            }                                                                                       \
-        }                                                                                           \
+        EACH_ROW_OVER_TOKENS(NAME##_fixed, cols)                                                    \
     }
 
 DEF_F_TILE(tile_f32, load_f32, sc_f32, 4)
