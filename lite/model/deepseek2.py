@@ -55,7 +55,8 @@ class DeepSeek2:
         cache.reserve(start + len(ids))
         x = self.embed_tokens(ids)
         note = observe or (lambda name, a: None)
-        note("embed", x.copy())
+        if observe is not None:             # x is updated in place below: the observer gets a copy
+            observe("embed", x.copy())
         # guess[i]: the experts predicted for layer i one layer early (for prefetch accuracy).
         guess: dict[int, np.ndarray] = {}
 
