@@ -173,7 +173,7 @@ def test_matmul_quant(cb, qtype, t, odd):
 
 
 def test_matmul_large_tiles(cb):
-    """Enough tokens and rows to cross the token chunk (64) and every tile edge."""
+    """Enough rows to cross a panel (64 rows) and tokens for many tiles, every tile edge too."""
     w = make_weight(QType.Q4_0, 70, 256, seed=5)
     x = rng(5).standard_normal((130, 256)).astype(np.float32)
     tight = quant_act(x, QType.Q4_0).astype(np.float64) @ dequantize(w.data, QType.Q4_0).astype(np.float64).T
@@ -328,6 +328,19 @@ def test_moe(cb, types, d, f, t):
     assert rel(got, REF.moe(x, ids, weights, experts, shared)) < 6e-2
     got2 = cb.moe(x, ids.astype(np.int64), weights, experts, None)
     assert rel(got2, REF.moe(x, ids, weights, experts, None)) < 6e-2
+
+
+def test_moe_many_tokens(cb):
+    """Experts with dozens of tokens each: panels of 64 rows (f = 160) and token tiles edge to edge."""
+    types, d, f, t = (QType.Q4_0, QType.Q8_0, QType.Q4_0), 256, 160, 70
+    g = rng(11)
+    experts = {e: ffn(types, d, f, 300 + e) for e in range(5)}
+    ids = np.stack([g.choice(5, 2, replace=False) for _ in range(t)]).astype(np.int32)
+    weights = g.random(ids.shape).astype(np.float32)
+    x = g.standard_normal((t, d)).astype(np.float32)
+    shared = ffn(types, d, 2 * f, 901)
+    got = cb.moe(x, ids, weights, experts, shared)
+    assert rel(got, moe_tight(x, ids, weights, experts, shared)) < 1e-4
 
 
 def test_moe_dense(cb):

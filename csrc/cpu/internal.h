@@ -156,6 +156,13 @@ void lite_gemm_compute(float *out, const uint8_t *w, int64_t row_bytes, int64_t 
 /* The same with an explicit output row stride (ldo floats between tokens). */
 void lite_gemm_compute_ld(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t n_rows,
                           int kind, const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols);
+/* Rows [0, nr) of a weight panel (nr <= PANEL_R) times n_tok activation rows (the streaming
+ * kernel for one token), single-threaded; callers share panels between threads. */
+void lite_gemm_panel(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t nr, int kind,
+                     const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols);
+/* Rows per panel, the unit of work of a multi-token product: 64 rows of a 2048-wide Q4_0 or
+ * Q8_0 matrix (72-136 KiB) stay in L2 while each 4-token tile of activations passes over them. */
+#define PANEL_R 64
 /* Rows [0, nr) of w times one activation row: the ISA's streaming kernel when it has one for
  * this kind and size, else 4-row tiles. Single-threaded; callers share rows between threads. */
 void lite_rows_one_token(float *out, const uint8_t *w, int64_t row_bytes, int64_t nr, int kind,

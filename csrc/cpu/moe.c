@@ -46,20 +46,6 @@ int lite_moe_scratch_bytes(int64_t *out, int64_t n_tok, int64_t dim, int64_t k, 
     return LITE_OK;
 }
 
-/* Rows [0, nr) of one entry's matrix over its n gathered tokens (outputs ldo floats apart): the
- * streaming kernel for a lone token, else tiles (nr <= TILE_R then). */
-static void run_rows(tile_fn fn, float *o, int64_t ldo, const uint8_t *w, int64_t rb, int64_t nr, int kind,
-                     const uint8_t *a0, int64_t as, int64_t n, int64_t cols) {
-    if (n == 1) {
-        lite_rows_one_token(o, w, rb, nr, kind, a0, cols);
-        return;
-    }
-    for (int64_t t = 0; t < n; t += TILE_T) {
-        int nt = (int)(n - t < TILE_T ? n - t : TILE_T);
-        fn(o + t * ldo, ldo, w, rb, (int)nr, a0 + t * as, as, nt, cols);
-    }
-}
-
 static int act_class(int kind) { return (kind == K_Q4_0 || kind == K_Q8_0) ? 0 : (kind <= K_Q6_K ? 1 : 2); }
 
 int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t dim,
@@ -128,16 +114,16 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
     }
     const int64_t n_assign = off[n_exp];
 
-    /* Work items of the two matmul phases: every entry's row tiles (gate and up tiles together,
-     * then down tiles), numbered consecutively so one work-sharing loop covers all experts with
+    /* Work items of the two matmul phases: every entry's row panels (gate and up panels together,
+     * then down panels), numbered consecutively so one work-sharing loop covers all experts with
      * a single barrier. iu[e] / id[e]: first item of entry e. */
     int64_t iu[MOE_MAX_ENTRIES + 1], idn[MOE_MAX_ENTRIES + 1];
     int kg[MOE_MAX_ENTRIES], ku[MOE_MAX_ENTRIES], kd[MOE_MAX_ENTRIES];
     iu[0] = idn[0] = 0;
-    int64_t rpi[MOE_MAX_ENTRIES];   /* rows per work item: streaming chunks for a lone token */
+    int64_t rpi[MOE_MAX_ENTRIES];   /* rows per work item: streaming runs for a lone token, else panels */
     for (int64_t e = 0; e < n_exp; e++) {
         int64_t n = off[e + 1] - off[e];
-        rpi[e] = n == 1 ? MV_ROWS : TILE_R;
+        rpi[e] = n == 1 ? MV_ROWS : PANEL_R;
         int64_t rt_f = (ffn[e] + rpi[e] - 1) / rpi[e], rt_d = (dim + rpi[e] - 1) / rpi[e];
         int has = n > 0;
         iu[e + 1] = iu[e] + (has ? 2 * rt_f : 0);
@@ -165,7 +151,7 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
             if (cg < 2) (cg == 0 ? kt->quant_a8 : kt->quant_a8k)(act + a * arow, arow, xa, 1, dim);
             if (cu < 2 && cu != cg) (cu == 0 ? kt->quant_a8 : kt->quant_a8k)(act2 + a * arow, arow, xa, 1, dim);
         }
-        /* 2: gate and up row tiles of every entry, each over all of the entry's tokens. */
+        /* 2: gate and up panels of every entry, each over all of the entry's tokens. */
 #pragma omp for schedule(guided)
         for (int64_t it = 0; it < iu[n_exp]; it++) {
             int64_t lo = 0, hi = n_exp;                       /* entry e with iu[e] <= it < iu[e+1] */
@@ -186,7 +172,7 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
             if (cls == 2) { a0 = (const uint8_t *)(xg + off[e] * dim); as = dim * 4; }
             else { a0 = (is_up && cls != act_class(kg[e]) ? act2 : act) + off[e] * arow; as = arow; }
             float *o = (is_up ? u : g) + off[e] * max_ffn + r0;
-            run_rows(kt->tile[kind], o, max_ffn, w, rb, nr, kind, a0, as, off[e + 1] - off[e], dim);
+            lite_gemm_panel(o, max_ffn, w, rb, nr, kind, a0, as, off[e + 1] - off[e], dim);
         }
         /* 3: hidden = silu(gate) * up, quantized for down. */
 #pragma omp for schedule(static)
@@ -200,7 +186,7 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
             int cd = act_class(kd[e]);
             if (cd < 2) (cd == 0 ? kt->quant_a8 : kt->quant_a8k)(act + a * arow, arow, ga, 1, f);
         }
-        /* 4: down row tiles of every entry -> y (the gathered inputs' space). */
+        /* 4: down panels of every entry -> y (the gathered inputs' space). */
 #pragma omp for schedule(guided)
         for (int64_t it = 0; it < idn[n_exp]; it++) {
             int64_t lo = 0, hi = n_exp;
@@ -216,7 +202,7 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
             const uint8_t *a0 = act_class(kind) == 2 ? (const uint8_t *)(g + off[e] * max_ffn) : act + off[e] * arow;
             int64_t as = act_class(kind) == 2 ? max_ffn * 4 : arow;
             float *o = y + off[e] * dim + r0;
-            run_rows(kt->tile[kind], o, dim, w, rb, nr, kind, a0, as, off[e + 1] - off[e], f);
+            lite_gemm_panel(o, dim, w, rb, nr, kind, a0, as, off[e + 1] - off[e], f);
         }
         /* 5: scale and add into the output, by column ranges (no two threads share an element);
          * assignments in entry order, as before. */
