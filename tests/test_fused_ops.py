@@ -1,5 +1,6 @@
-"""The fused decode ops (add_rmsnorm, route, norm_route, mla_prep, mla_step) on every backend: bit
-for bit what the unfused ops of the same backend compute (their composition in composed.py is the
+"""The fused decode ops (add_rmsnorm, route, norm_route, mla_prep, mla_step) on every backend, and
+the C backend's whole-stack decode_layers: bit for bit what the unfused ops of the same backend
+compute (their composition in composed.py is the
 meaning; the C library's own versions must match it exactly, which keeps decode logits
 unchanged), the C router bit for bit with numpy's top-k (ties, groups, renormalisation), and bad
 input refused."""
@@ -14,7 +15,8 @@ from lite.kernels import composed, get_backend
 from lite.kernels.base import MLAWeights, QTensor, QType
 from lite.kernels.composed import topk_route
 
-from conftest import backends
+import lite
+from conftest import FIXTURE_NAMES, backends
 
 
 def bits(a: np.ndarray) -> np.ndarray:
@@ -262,3 +264,62 @@ def test_c_side_checks():
     assert lib.lite_mla_step_scratch_bytes(box, types, 1, 64, 4, 16, 8, 2048, 16, 0) == lib.LITE_ERR_ARG  # C > max
     types[2] = 99
     assert lib.lite_mla_step_scratch_bytes(box, types, 1, 64, 4, 16, 8, 32, 16, 0) == lib.LITE_ERR_TYPE
+
+
+def per_layer(model) -> None:
+    """Make `model` decode op by op, as it does without decode_layers."""
+    model._net._pack, model._net._pack_tried = None, True
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m", "f16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_layers_is_the_per_layer_path(converted, name, preset, threads):
+    """A decode step through all layers in one C call: the same logits, bit for bit, as the
+    per-layer calls, over a prompt and several steps (dense lead layers, shared experts, q-LoRA
+    in v2-tiny-yarn, K-quants, float weights)."""
+    c_backend()
+    path = converted(name, preset)
+    runs = []
+    for fused_stack in (True, False):
+        m = lite.load(path, backend="c")
+        m.backend.set_threads(threads)
+        if not fused_stack:
+            per_layer(m)
+        cache = m.new_cache()
+        steps = [m.forward([3, 14, 15, 92, 65], cache)]
+        for tok in (35, 89, 79, 32):
+            steps.append(m.forward([tok], cache))
+        assert (m._net._pack is not None) == fused_stack
+        runs.append(np.concatenate([bits(s) for s in steps], axis=0))
+        m.close()
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_decode_layers_refuses_bad_input(converted):
+    cb = c_backend()
+    m = lite.load(converted("lite-tiny", "q8_0"), backend="c")
+    m.forward([3], m.new_cache())
+    net, pack = m._net, m._net._pack
+    cache = m.new_cache()
+    cache.reserve(4)
+    caches = [cache.layer(i) for i in range(net.cfg.n_layer)]
+    cos, sin = net.rope(0, 1)
+    x = np.zeros((1, net.cfg.d_model), np.float32)
+    args = (cos, sin, 0, 0.1, 1e-6, 1e-6)
+    with pytest.raises(BackendError, match="pack must come from this backend"):
+        cb.decode_layers(x, pack, caches, *args)
+    with pytest.raises(BackendError, match="caches do not fit"):
+        m.backend.decode_layers(x, pack, caches[:-1], *args)
+    with pytest.raises(BackendError, match="do not fit"):
+        m.backend.decode_layers(np.zeros((2, net.cfg.d_model), np.float32), pack, caches, *args)
+    rows = caches[0][0].shape[0]
+    with pytest.raises(BackendError, match=f"start {rows} "):
+        m.backend.decode_layers(x, pack, caches, cos, sin, rows, 0.1, 1e-6, 1e-6)
+    bad = list(caches)
+    bad[1] = (caches[1][0][:2], caches[1][1])
+    with pytest.raises(BackendError, match="layer 1 caches"):
+        m.backend.decode_layers(x, pack, bad, *args)
+    with pytest.raises(BackendError, match="prepare_layers"):
+        m.backend.prepare_layers([], net.cfg.d_model, 2)
+    m.close()

@@ -11,7 +11,7 @@
 #define LITE_H
 #include <stdint.h>
 
-#define LITE_ABI_VERSION 3
+#define LITE_ABI_VERSION 4
 
 #define LITE_OK 0
 #define LITE_ERR_ARG -1      /* a size, count, index or option is invalid */
@@ -160,5 +160,55 @@ int lite_norm_route(float *h, float *x, const float *delta, const float *norm, f
                     const uint8_t *router, int64_t router_bytes, int type, int64_t n_exp, int32_t *ids, float *weights,
                     float *probs, int64_t k, int64_t n_group, int64_t topk_group, int renorm, float scale,
                     uint8_t *scratch, int64_t scratch_bytes);
+
+/* ---- a decode step through every layer (csrc/cpu/layers.c) ---------------------------------- */
+
+/* One layer as lite_layers takes it. Attention: the weights, norms and dims of lite_mla_step, and
+ * the layer's caches ckv [cache_rows, C] / kpe [cache_rows, R]. FFN: its norm, then either a
+ * router [n_exp, D] (type router_type, router_bytes long) over n_exp routed experts, or
+ * router = NULL for a dense layer (n_exp = 0). The expert table has n_exp + 1 entries as
+ * lite_moe takes them: the routed experts by id, then the always-on MLP (shared experts or the
+ * dense MLP), whose pointers are NULL when has_always is 0. */
+typedef struct {
+    const uint8_t **attn_w;
+    const int64_t *attn_bytes;
+    const int32_t *attn_types;
+    const float *attn_norm;
+    const float *q_a_norm;
+    const float *kv_norm;
+    float *ckv;
+    float *kpe;
+    const float *ffn_norm;
+    const uint8_t *router;
+    int64_t router_bytes;
+    int32_t router_type;
+    int32_t has_always;
+    int64_t n_exp;
+    const uint8_t **gate;
+    const uint8_t **up;
+    const uint8_t **down;
+    const int32_t *types;
+    const int64_t *nbytes;
+    const int64_t *ffn;
+} lite_layer;
+
+#define LITE_LAYERS_MAX_K 64
+
+/* One token through n_layer layers, with the results of the per-layer calls it makes in order:
+ * lite_mla_step (x += the previous layer's FFN output, none before the first), then
+ * lite_norm_route (or lite_add_rmsnorm_f32 for a dense layer) with eps norm_eps, then lite_moe
+ * over the always-on MLP first and the routed experts in slot order. x [D] is the residual stream,
+ * updated in place; delta [D] receives the last layer's FFN output (not added to x); ids
+ * [n_layer, k] the experts each layer routed to (-1 for dense layers). Rope tables cos/sin
+ * [R/2] for position `start`; scale, eps as lite_mla_step; routing as lite_route, k <=
+ * LITE_LAYERS_MAX_K. Scratch as lite_layers_scratch_bytes says for the same layers. */
+int lite_layers_scratch_bytes(int64_t *out, const lite_layer *layers, int64_t n_layer, int64_t dim, int64_t n_head,
+                              int64_t n_nope, int64_t r_dim, int64_t c_dim, int64_t v_dim, int64_t q_rank,
+                              int64_t k);
+int lite_layers(float *x, float *delta, int64_t dim, const lite_layer *layers, int64_t n_layer, int64_t n_head,
+                int64_t n_nope, int64_t r_dim, int64_t c_dim, int64_t v_dim, int64_t q_rank, int64_t cache_rows,
+                const float *cos_t, const float *sin_t, int64_t start, float scale, float eps, float norm_eps,
+                int64_t k, int64_t n_group, int64_t topk_group, int renorm, float route_scale, int32_t *ids,
+                uint8_t *scratch, int64_t scratch_bytes);
 
 #endif

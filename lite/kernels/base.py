@@ -129,6 +129,19 @@ class MLAWeights:
     out: QTensor
 
 
+@dataclass(frozen=True, eq=False)
+class DecodeLayer:
+    """One whole layer for `decode_layers`: attention weights, the FFN norm, and either a router
+    `[E, D]` with every routed expert by id (`experts[e]`, fixed for the model's lifetime) or no
+    router and no experts (a dense layer); `always` is the shared experts' or the dense MLP."""
+
+    attn: MLAWeights
+    ffn_norm: np.ndarray
+    router: QTensor | None
+    experts: tuple[FFNWeights, ...]
+    always: FFNWeights | None
+
+
 class Backend(Protocol):
     """What model code may call. Every method validates its inputs and raises BackendError."""
 

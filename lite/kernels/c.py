@@ -18,13 +18,13 @@ import threading
 import weakref
 from functools import partial
 from itertools import chain
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import BackendError
 from .native import open_library
-from .base import (FFNWeights, MLAWeights, MLPLayout, QTensor, QType, check_add_rmsnorm, check_f32,
+from .base import (DecodeLayer, FFNWeights, MLAWeights, MLPLayout, QTensor, QType, check_add_rmsnorm, check_f32,
                    check_heads_fit, check_mla, check_mla_prep, check_residual, check_residual_add, check_rmsnorm,
                    check_rope, check_route, check_route_args, check_weight)
 
@@ -343,6 +343,59 @@ class CBackend:
         self._ptrs[id(w)] = (weakref.ref(w), pack)
         return pack
 
+    # ---- a decode step through every layer (optional op: the model runs the per-layer ops where
+    # a backend lacks it) ----------------------------------------------------------------------
+    def prepare_layers(self, layers: Sequence[DecodeLayer], d: int, k: int) -> "_LayersPack":
+        """`layers` validated for hidden size d and K routed experts per token, packed for
+        `decode_layers`. The pack holds addresses only: its owner keeps the weights alive."""
+        if not layers or not all(isinstance(L, DecodeLayer) for L in layers):
+            raise BackendError("prepare_layers: expected a non-empty sequence of DecodeLayer")
+        if not 0 <= k <= self.lib.LITE_LAYERS_MAX_K:
+            raise BackendError(f"prepare_layers: K={k} outside 0..{self.lib.LITE_LAYERS_MAX_K}")
+        return _LayersPack(self, layers, d, k)
+
+    def decode_layers(self, x: np.ndarray, pack: "_LayersPack", caches: Sequence[tuple[np.ndarray, np.ndarray]],
+                      cos: np.ndarray, sin: np.ndarray, start: int, scale: float, eps: float, norm_eps: float,
+                      n_group: int = 1, topk_group: int = 1, norm: bool = False,
+                      route_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """One token through every layer of `pack` in one C call, with the results of the calls
+        the model makes per layer (mla_step; norm_route, or add_rmsnorm for a dense layer; moe
+        with the always-on MLP first): x `[1, D]` is updated in place up to the last layer's FFN
+        output, which is returned `[1, D]` with the routed ids `[L, K]` (-1 for dense layers).
+        caches[i] is layer i's (ckv `[S, C]`, kpe `[S, R]`) storage, written at `start`."""
+        if not isinstance(pack, _LayersPack) or pack.owner is not self:
+            raise BackendError("decode_layers: pack must come from this backend's prepare_layers")
+        x = check_residual(x, "decode_layers input")
+        n, h, nn, r, c, v, q = pack.n, *pack.dims
+        if x.shape != (1, pack.d) or len(caches) != n:
+            raise BackendError(f"decode_layers: input {x.shape} and {len(caches)} caches do not fit "
+                               f"{n} layers of D={pack.d}")
+        cos, sin = check_f32("decode_layers cos", cos, 2), check_f32("decode_layers sin", sin, 2)
+        for e in pack.n_exps:
+            check_route_args("decode_layers", e, pack.k, n_group, topk_group, route_scale)
+        rows = caches[0][0].shape[0] if caches and isinstance(caches[0][0], np.ndarray) else -1
+        if (cos.shape != (1, r // 2) or sin.shape != cos.shape or not isinstance(start, (int, np.integer))
+                or isinstance(start, bool) or not 0 <= start < rows or not math.isfinite(scale) or not eps >= 0
+                or not norm_eps >= 0):
+            raise BackendError(f"decode_layers: tables {cos.shape}/{sin.shape}, start {start!r} (cache rows "
+                               f"{rows}), scale {scale!r}, eps {eps!r}/{norm_eps!r} do not fit (R={r})")
+        arr, f = pack.arr, self._f
+        for i, (ckv, kpe) in enumerate(caches):
+            ckv, kpe = check_residual(ckv, "decode_layers ckv cache"), check_residual(kpe, "decode_layers kpe cache")
+            if ckv.shape != (rows, c) or kpe.shape != (rows, r):
+                raise BackendError(f"decode_layers: layer {i} caches {ckv.shape}/{kpe.shape}, want [{rows}, {c}]"
+                                   f"/[{rows}, {r}]")
+            arr[i].ckv, arr[i].kpe = f(ckv), f(kpe)
+        delta = np.empty_like(x)
+        ids = np.empty((n, pack.k), np.int32)
+        sp, sn, _ = self._scratch(pack.need)
+        rc = self.lib.lite_layers(f(x), f(delta), pack.d, arr, n, h, nn, r, c, v, q, rows, f(cos), f(sin),
+                                  int(start), float(scale), float(eps), float(norm_eps), pack.k, n_group, topk_group,
+                                  bool(norm), float(route_scale), self.ffi.from_buffer("int32_t[]", ids), sp, sn)
+        if rc:
+            self._check(rc, "decode_layers", f"{n} layers, start {start}")
+        return delta, ids
+
     def moe(self, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
             experts: Mapping[int, FFNWeights], shared: FFNWeights | None) -> np.ndarray:
         x = check_f32("moe input", x, 2)
@@ -406,6 +459,54 @@ class CBackend:
         if rc:
             self._check(rc, "moe", f"T={t} D={d} K={k} experts={n}")
         return out
+
+
+class _LayersPack:
+    """Layers as lite_layers takes them: one lite_layer struct per layer (cache pointers are set
+    per call), pointing into arrays this object keeps, and the scratch size."""
+
+    def __init__(self, be: CBackend, layers: Sequence[DecodeLayer], d: int, k: int) -> None:
+        op, ffi = "decode_layers", be.ffi
+        self.owner, self.n, self.d, self.k = be, len(layers), d, k
+        self.arr = ffi.new("lite_layer[]", self.n)
+        self._keep: list = []
+        dims = None
+        n_exps = []
+        for i, L in enumerate(layers):
+            mla = be._mla_pack(L.attn, d)
+            if dims not in (None, mla.dims):
+                raise BackendError(f"{op}: layer {i} attention dims {mla.dims} differ from layer 0's {dims}")
+            dims = mla.dims
+            self._keep.append(mla)     # its arrays must outlive the backend's cache of packs
+            s = self.arr[i]
+            s.attn_w, s.attn_bytes, s.attn_types = mla.ptrs, mla.nbytes, mla.types
+            s.attn_norm, s.q_a_norm, s.kv_norm = mla.norm, mla.q_a_norm, mla.kv_norm
+            s.ffn_norm = ffi.cast("const float *", _norm(op, f"layer {i} ffn_norm", L.ffn_norm, d).ctypes.data)
+            if (L.router is None) != (len(L.experts) == 0) or (L.router is None and L.always is None):
+                raise BackendError(f"{op}: layer {i} needs a router with its experts, or neither and a dense MLP")
+            if L.router is not None:
+                wp, _, nbytes, qtype = be._weight(op, L.router, len(L.experts), d)
+                s.router, s.router_bytes, s.router_type = wp, nbytes, qtype
+                n_exps.append(len(L.experts))
+                if len(L.experts) < k or len(L.experts) + 1 > MOE_MAX_ENTRIES:
+                    raise BackendError(f"{op}: layer {i} has {len(L.experts)} experts for K={k}")
+            table = [f.layout(f"{op} layer {i} expert {e}", d) for e, f in enumerate(L.experts)]
+            table.append(L.always.layout(f"{op} layer {i} always-on MLP", d) if L.always is not None
+                         else MLPLayout(0, 0, 0, (0, 0, 0), (0, 0, 0), 0, d))
+            gate, up, down, types, nbytes, widths, _ = zip(*table)
+            ptrs = ffi.new("const uint8_t *[]", [ffi.cast("const uint8_t *", a) for a in (*gate, *up, *down)])
+            i64 = ffi.new("int64_t[]", [*chain.from_iterable(nbytes), *widths])
+            i32 = ffi.new("int32_t[]", list(chain.from_iterable(types)))
+            self._keep += [ptrs, i64, i32]
+            m = len(table)
+            s.has_always, s.n_exp = L.always is not None, m - 1
+            s.gate, s.up, s.down = ptrs, ptrs + m, ptrs + 2 * m
+            s.types, s.nbytes, s.ffn = i32, i64, i64 + 3 * m
+        self.dims: tuple[int, ...] = dims
+        self.n_exps = sorted(set(n_exps)) or [max(k, 1)]
+        box = ffi.new("int64_t *")
+        be._check(be.lib.lite_layers_scratch_bytes(box, self.arr, self.n, d, *dims, k), op, "scratch size")
+        self.need = int(box[0])
 
 
 class _MLAPack:

@@ -8,15 +8,15 @@ from typing import Callable
 import numpy as np
 
 from ..errors import LiteError
-from ..kernels.base import Backend
+from ..kernels.base import Backend, DecodeLayer
 from ..kernels.composed import fused
 from ..kernels.dequant import dequantize
 from ..weights.gguf_file import ModelFile
 from ..weights.store import ExpertSource, float_vector
 from .cache import LatentCache
 from .config import ModelConfig
-from .mla import load_weights, mla
-from .moe import FFNLayer, RouteHook, ffn, ffn_input, predict
+from .mla import LATENT_NORM_EPS, load_weights, mla
+from .moe import FFNLayer, RouteHook, ffn, ffn_input, groups, predict
 from .rope import RopeTables
 
 # observe(name, array): receives intermediate tensors (embed, attn_out_layerL, mlp_out_layerL,
@@ -40,6 +40,8 @@ class DeepSeek2:
         self.rope = RopeTables(self.cfg)
         self.route_hook: RouteHook | None = None   # e.g. a routing-trace recorder
         self.prefetch_next = True
+        self._pack: object | None = None     # the backend's decode_layers pack, once built
+        self._pack_tried = False
 
     def embed_tokens(self, ids: np.ndarray) -> np.ndarray:
         if ids.size and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
@@ -57,6 +59,43 @@ class DeepSeek2:
         note = observe or (lambda name, a: None)
         if observe is not None:             # x is updated in place below: the observer gets a copy
             observe("embed", x.copy())
+        cos, sin = self.rope(start, len(ids))
+        self.file.check_unchanged()
+        pack = self._decode_pack() if len(ids) == 1 and observe is None and self.route_hook is None \
+            and not self.prefetch_next else None
+        if pack is not None:
+            # One backend call for the whole stack: nothing outside needs the layers' insides.
+            delta = be.decode_layers(x, pack, [cache.layer(i) for i in range(cfg.n_layer)], cos, sin, start,
+                                     cfg.softmax_scale, LATENT_NORM_EPS, cfg.rms_eps, *groups(cfg),
+                                     cfg.expert_weights_norm, cfg.expert_weights_scale)[0]
+        else:
+            delta = self._layers(x, cache, start, cos, sin, observe)
+        cache.length = start + len(ids)
+        if not all_logits:
+            x, delta = x[-1:], delta[-1:]
+        x = fused(be, "add_rmsnorm")(x, delta, self.output_norm, cfg.rms_eps)
+        note("final_norm", x)
+        return be.matmul(x, self.output)
+
+    def _decode_pack(self) -> object | None:
+        """The backend's pack for `decode_layers`, built on first use; None where the backend has
+        no such op or the expert source hands out experts that move (a pool)."""
+        if not self._pack_tried:
+            self._pack_tried = True
+            prepare = getattr(self.backend, "prepare_layers", None)
+            table = getattr(self.experts, "table", None)
+            tables = [() if f.router is None else table(i) if table is not None else None
+                      for i, f in enumerate(self.ffn)]
+            if prepare is not None and all(t is not None for t in tables):
+                self._pack = prepare([DecodeLayer(self.attn[i], self.ffn_norm[i], f.router, tables[i], f.always)
+                                      for i, f in enumerate(self.ffn)], self.cfg.d_model, self.cfg.n_expert_used)
+        return self._pack
+
+    def _layers(self, x: np.ndarray, cache: LatentCache, start: int, cos: np.ndarray, sin: np.ndarray,
+                observe: Observer | None) -> np.ndarray:
+        """Every layer, op by op: x `[T, D]` updated in place up to the last layer's FFN output,
+        which is returned."""
+        be, cfg = self.backend, self.cfg
         # guess[i]: the experts predicted for layer i one layer early (for prefetch accuracy).
         guess: dict[int, np.ndarray] = {}
 
@@ -72,8 +111,6 @@ class DeepSeek2:
 
         # Without an observer, a hook or predictions to score, routing needs no callback.
         on_route = route_cb if observe is not None or self.route_hook is not None or self.prefetch_next else None
-        cos, sin = self.rope(start, len(ids))
-        self.file.check_unchanged()
         # The residual stream x is updated in place: each sublayer's output `delta` is added by
         # the (fused) op that also normalises x for the next sublayer (observers get copies).
         delta = None
@@ -93,9 +130,4 @@ class DeepSeek2:
             if observe is not None:
                 observe(f"mlp_out_layer{i}", delta)
                 observe(f"hidden_after_layer{i}", x + delta)
-        cache.length = start + len(ids)
-        if not all_logits:
-            x, delta = x[-1:], delta[-1:]
-        x = fused(be, "add_rmsnorm")(x, delta, self.output_norm, cfg.rms_eps)
-        note("final_norm", x)
-        return be.matmul(x, self.output)
+        return delta

@@ -235,6 +235,9 @@ class ExpertPager:
         return (self._evicts and not self._free) or self._idle.get(layer, 0) < IDLE_AFTER \
             or n % SAMPLE_EVERY == 0
 
+    def table(self, layer: int) -> None:
+        return None     # experts move between slots of the pool
+
     def note_prediction(self, predicted: Iterable[int], actual: Iterable[int]) -> None:
         p, a = set(int(x) for x in predicted), set(int(x) for x in actual)
         self.stats.predicted += len(a)

@@ -30,6 +30,11 @@ class ExpertSource(Protocol):
         """Whether a prediction of `layer`'s experts would be used now (it costs a router pass)."""
         ...
 
+    def table(self, layer: int) -> tuple[FFNWeights, ...] | None:
+        """Every routed expert of `layer` by id, fixed for the source's lifetime (what lets one
+        backend call run all layers), or None where experts move, as in a pool."""
+        ...
+
     stats: Any
 
 
@@ -82,6 +87,10 @@ class MappedExperts:
 
     def wants_guess(self, layer: int) -> bool:
         return True
+
+    def table(self, layer: int) -> tuple[FFNWeights, ...] | None:
+        n = self._t[f"blk.{layer}.ffn_gate_exps.weight"].shape[0]
+        return tuple(self._expert(layer, e) for e in range(n))
 
     def close(self) -> None:
         pass
