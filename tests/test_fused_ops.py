@@ -323,3 +323,24 @@ def test_decode_layers_refuses_bad_input(converted):
     with pytest.raises(BackendError, match="prepare_layers"):
         m.backend.prepare_layers([], net.cfg.d_model, 2)
     m.close()
+
+
+def test_decode_falls_back_when_the_stack_is_refused(converted, monkeypatch):
+    """A stack the one-call op refuses (say K beyond its limit) decodes op by op instead."""
+    from lite.kernels.c import CBackend
+    c_backend()
+    path = converted("lite-tiny", "q8_0")
+    want = lite.load(path, backend="c")
+    per_layer(want)
+    cache = want.new_cache()
+    want_logits = [want.forward([3, 1, 4], cache), want.forward([1], cache)]
+
+    def refuse(self, layers, d, k):
+        raise BackendError("prepare_layers: refused for the test")
+    monkeypatch.setattr(CBackend, "prepare_layers", refuse)
+    m = lite.load(path, backend="c")
+    cache = m.new_cache()
+    got = [m.forward([3, 1, 4], cache), m.forward([1], cache)]
+    assert m._net._pack is None and m._net._pack_tried
+    for a, b in zip(got, want_logits):
+        np.testing.assert_array_equal(bits(a), bits(b))

@@ -7,7 +7,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import LiteError
+from ..errors import BackendError, LiteError
 from ..kernels.base import Backend, DecodeLayer
 from ..kernels.composed import fused
 from ..kernels.dequant import dequantize
@@ -87,8 +87,11 @@ class DeepSeek2:
             tables = [() if f.router is None else table(i) if table is not None else None
                       for i, f in enumerate(self.ffn)]
             if prepare is not None and all(t is not None for t in tables):
-                self._pack = prepare([DecodeLayer(self.attn[i], self.ffn_norm[i], f.router, tables[i], f.always)
-                                      for i, f in enumerate(self.ffn)], self.cfg.d_model, self.cfg.n_expert_used)
+                try:
+                    self._pack = prepare([DecodeLayer(self.attn[i], self.ffn_norm[i], f.router, tables[i], f.always)
+                                          for i, f in enumerate(self.ffn)], self.cfg.d_model, self.cfg.n_expert_used)
+                except BackendError:
+                    pass    # beyond what the one-call op takes (e.g. K > 64): the per-layer ops serve
         return self._pack
 
     def _layers(self, x: np.ndarray, cache: LatentCache, start: int, cos: np.ndarray, sin: np.ndarray,
