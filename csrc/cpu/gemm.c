@@ -44,8 +44,14 @@ void lite_gemm_panel(float *out, int64_t ldo, const uint8_t *w, int64_t row_byte
         lite_rows_one_token(out, w, row_bytes, nr, kind, act, cols);
         return;
     }
-    tile_fn f = lite_active_kernels()->tile[kind];
-    for (int64_t t = 0; t < n_tok; t += TILE_T) {
+    const kernel_table *kt = lite_active_kernels();
+    int64_t r8 = kt->rows8[kind] ? nr & ~(int64_t)7 : 0;
+    if (r8) {
+        kt->rows8[kind](out, ldo, w, row_bytes, r8, act, astride, n_tok, cols);
+        out += r8, w += r8 * row_bytes, nr -= r8;
+    }
+    tile_fn f = kt->tile[kind];
+    for (int64_t t = 0; t < n_tok && nr > 0; t += TILE_T) {
         int nt = (int)(n_tok - t < TILE_T ? n_tok - t : TILE_T);
         for (int64_t r = 0; r < nr; r += TILE_R)
             f(out + t * ldo + r, ldo, w + r * row_bytes, row_bytes, (int)(nr - r < TILE_R ? nr - r : TILE_R),

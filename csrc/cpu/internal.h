@@ -103,6 +103,10 @@ typedef void (*tile_fn)(float *out, int64_t ldo, const uint8_t *w, int64_t wstri
  * r < nr, each row read start to end before the next. NULL where an ISA has none: the 4-row tiles
  * serve instead. cols <= MV_MAX_COLS (the kernels keep per-block values on the stack). */
 typedef void (*mv_fn)(float *out, const uint8_t *w, int64_t wstride, int64_t nr, const uint8_t *a, int64_t cols);
+/* Many-token kernel over whole groups of 8 rows: out[t*ldo + r] = dot(weight row r, activation
+ * row t) for r < nr (a multiple of 8), t < n_tok. NULL where an ISA has none: tiles serve. */
+typedef void (*rows8_fn)(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int64_t nr, const uint8_t *a,
+                         int64_t astride, int64_t n_tok, int64_t cols);
 #define MV_MAX_COLS 32768
 /* Rows per work item when one token streams through a matrix: long enough runs for the prefetch,
  * short enough to share rows evenly between threads. */
@@ -124,6 +128,7 @@ enum { K_Q4_0, K_Q8_0, K_Q4_K, K_Q6_K, K_F32, K_F16, K_BF16, K_COUNT };
 typedef struct {
     tile_fn tile[K_COUNT];
     mv_fn mv[K_COUNT];
+    rows8_fn rows8[K_COUNT];
     mla_fn mla;
     quant_fn quant_a8;
     quant_fn quant_a8k;

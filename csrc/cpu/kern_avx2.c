@@ -144,6 +144,113 @@ INLINE void q8_rows(const int KIND, const int NT, float *out, int64_t ldo, const
 DEF_Q8_KERNELS(tile_q4_0, mv_q4_0, K_Q4_0)
 DEF_Q8_KERNELS(tile_q8_0, mv_q8_0, K_Q8_0)
 
+/* Q4_0 for many tokens, rows in the lanes: 8 rows' blocks are repacked (a chunk of blocks at a
+ * time, into L1) so that vector v of a block holds nibbles 4v..4v+3 of each row as bytes. Four
+ * activation bytes broadcast to every lane then give, per maddubs, two products per row; four of
+ * those add in 16 bits (|sum| <= 4 * 2 * 15 * 128), and one convert and FMA per block and token
+ * serve all 8 rows, with no permutes or horizontal sums. The +8 nibble offset comes off in float
+ * through the activation sums s[b]. */
+#define R8_CHUNK 16
+
+/* Blocks [b0, b0 + n) of rows w[0..7] → dst (8 vectors per block) and their scales → dws[8 n]. */
+static inline void r8_repack(__m256i *dst, float *dws, const uint8_t *w, int64_t ws, int64_t b0, int n) {
+    const __m128i m4 = _mm_set1_epi8(15);
+    for (int k = 0; k < n; k++) {
+        __m256i r[8];
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *blk = w + i * ws + (b0 + k) * Q4_0_BYTES;
+            dws[8 * k + i] = fp16(blk);
+            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
+            r[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(q, m4)),
+                                           _mm_and_si128(_mm_srli_epi16(q, 4), m4), 1);
+        }
+        /* 8 x 8 transpose of 32-bit groups: vector v = group v of every row. */
+        __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+        __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+        __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+        __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+        __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+        __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+        __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+        __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+        __m256i *d = dst + 8 * k;
+        d[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+        d[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+        d[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+        d[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+        d[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+        d[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+        d[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+        d[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+    }
+}
+
+/* One repacked block times NT tokens' activation blocks y[t]: each token's 8 rows' integer dots
+ * (every weight vector loaded once for the NT tokens). */
+INLINE void r8_dot(const int NT, __m256i *dot, const __m256i *wv, const uint8_t *const *y) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int t = 0; t < NT; t++) dot[t] = _mm256_setzero_si256();
+    for (int h = 0; h < 8; h += 4) {
+        __m256i s16[2];
+        for (int t = 0; t < NT; t++) s16[t] = _mm256_setzero_si256();
+        for (int v = h; v < h + 4; v++) {
+            __m256i w = _mm256_load_si256(wv + v);
+            for (int t = 0; t < NT; t++) {
+                int32_t g;
+                memcpy(&g, y[t] + 4 * v, 4);
+                s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(w, _mm256_set1_epi32(g)));
+            }
+        }
+        for (int t = 0; t < NT; t++) dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(s16[t], ones));
+    }
+}
+
+/* Tokens t0..t0+NT-1 over the repacked blocks [b0, b0 + n) of 8 rows: out[t*ldo + r..r+8], set
+ * for the first chunk of blocks and added to after. */
+INLINE void r8_tokens(const int NT, float *out, int64_t ldo, const __m256i *rep, const float *dws, const uint8_t *a,
+                      int64_t as, int64_t nb, int64_t b0, int n) {
+    const __m256 eight = _mm256_set1_ps(8.0f);
+    const float *dy[2], *sy[2];
+    __m256 acc[2];
+    for (int t = 0; t < NT; t++) {
+        dy[t] = (const float *)(a + t * as + nb * QK);
+        sy[t] = dy[t] + nb;
+        acc[t] = _mm256_setzero_ps();
+    }
+    for (int k = 0; k < n; k++) {
+        const uint8_t *y[2];
+        __m256i dot[2];
+        for (int t = 0; t < NT; t++) y[t] = a + t * as + (b0 + k) * QK;
+        r8_dot(NT, dot, rep + 8 * k, y);
+        __m256 dw = _mm256_load_ps(dws + 8 * k);
+        for (int t = 0; t < NT; t++) {
+            __m256 x = _mm256_fmsub_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_set1_ps(dy[t][b0 + k]),
+                                       _mm256_mul_ps(eight, _mm256_set1_ps(sy[t][b0 + k])));
+            acc[t] = _mm256_fmadd_ps(x, dw, acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        float *o = out + t * ldo;
+        _mm256_storeu_ps(o, b0 ? _mm256_add_ps(_mm256_loadu_ps(o), acc[t]) : acc[t]);
+    }
+}
+
+static void rows8_q4_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                       int64_t as, int64_t n_tok, int64_t cols) {
+    const int64_t nb = cols / QK;
+    _Alignas(32) __m256i rep[8 * R8_CHUNK];
+    _Alignas(32) float dws[8 * R8_CHUNK];
+    for (int64_t r = 0; r < nr; r += 8) {
+        for (int64_t b0 = 0; b0 < nb; b0 += R8_CHUNK) {
+            int n = (int)(nb - b0 < R8_CHUNK ? nb - b0 : R8_CHUNK);
+            r8_repack(rep, dws, w + r * ws, ws, b0, n);
+            int64_t t = 0;
+            for (; t + 2 <= n_tok; t += 2) r8_tokens(2, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n);
+            if (t < n_tok) r8_tokens(1, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n);
+        }
+    }
+}
+
 /* ---- Q4_K ------------------------------------------------------------------------------------ */
 
 INLINE void q4k_fixed(const int NR, const int NT, float *out, int64_t ldo, const uint8_t *w,
@@ -529,6 +636,7 @@ void lite_kernels_avx2(kernel_table *t) {
     t->tile[K_BF16] = tile_bf16;
     t->mla = mla_heads;
     t->mv[K_Q4_0] = mv_q4_0;
+    t->rows8[K_Q4_0] = rows8_q4_0;
     t->mv[K_Q8_0] = mv_q8_0;
     t->quant_a8 = quant_a8;
     t->quant_a8k = quant_a8k;
