@@ -35,9 +35,10 @@ void lite_rows_one_token(float *out, const uint8_t *w, int64_t row_bytes, int64_
                        act, 0, 1, cols);
 }
 
-/* Token tiles outer, row tiles inner: one tile's activations stay in L1 while the panel's rows
- * come from L2, however many tokens there are (the 256- and 1024-token prefills measured the
- * same as with the former row-tile-outer order in 64-token chunks; this order needs no chunks). */
+/* Whole groups of 8 rows go to the ISA's rows-in-lanes kernel where it has one for the kind;
+ * the rest in tiles, token tiles outer and row tiles inner: one tile's activations stay in L1
+ * while the panel's rows come from L2, however many tokens there are (the 256- and 1024-token
+ * prefills measured the same as the former row-tile-outer order in 64-token chunks). */
 void lite_gemm_panel(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t nr, int kind,
                      const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols) {
     if (n_tok == 1) {
