@@ -152,7 +152,7 @@ DEF_Q8_KERNELS(tile_q8_0, mv_q8_0, K_Q8_0)
  * 128); their +8 offset comes off in float through the activation sums s[b]. Q8_0 uses the sign
  * trick (|w| times sign(y, w)), whose pair sums reach 2 * 127 * 127 and so widen at once.
  * One core, 1408 x 2048 Q4_0, 24-256 tokens: 1.41-1.47x the 4 x 4 tiles. */
-#define R8_CHUNK 16
+#define R8_CHUNK 32
 
 /* Blocks [b0, b0 + n) of rows w[0..7] → dst (8 vectors per block) and their scales → dws[8 n]. */
 INLINE void r8_repack(const int KIND, __m256i *dst, float *dws, const uint8_t *w, int64_t ws, int64_t b0, int n) {
