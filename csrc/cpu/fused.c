@@ -137,8 +137,6 @@ enum { MW_Q, MW_QB, MW_KVA, MW_KB, MW_VB, MW_OUT, MW_COUNT };
 
 typedef struct { int64_t h, q_a, q_an, q, kv, q_nope, q_pe, q_lat, o_lat, o, act, total; } mla_layout;
 
-static int64_t fl64(int64_t n_floats) { return (n_floats * 4 + 63) & ~(int64_t)63; }
-
 /* Scratch regions (64-byte aligned): each intermediate, then the largest activation scratch of the
  * step's matmuls. Fails on a bad type or shape (codes as lite_matmul_scratch_bytes). */
 static int mla_plan(mla_layout *L, const int32_t *types, int64_t n_tok, int64_t dim, int64_t n_head, int64_t n_nope,
@@ -159,16 +157,16 @@ static int mla_plan(mla_layout *L, const int32_t *types, int64_t n_tok, int64_t 
     int64_t act = 0;
     for (int i = 0; i < MW_COUNT; i++) act = need[i] > act ? need[i] : act;
     L->h = 0;
-    L->q_a = L->h + fl64(n_tok * dim);
-    L->q_an = L->q_a + fl64(n_tok * q_rank);
-    L->q = L->q_an + fl64(n_tok * q_rank);
-    L->kv = L->q + fl64(n_tok * hq);
-    L->q_nope = L->kv + fl64(n_tok * (c_dim + r_dim));
-    L->q_pe = L->q_nope + fl64(n_tok * n_head * n_nope);
-    L->q_lat = L->q_pe + fl64(n_tok * n_head * r_dim);
-    L->o_lat = L->q_lat + fl64(n_tok * n_head * c_dim);
-    L->o = L->o_lat + fl64(n_tok * n_head * c_dim);
-    L->act = L->o + fl64(n_tok * n_head * v_dim);
+    L->q_a = L->h + align64(4 * n_tok * dim);
+    L->q_an = L->q_a + align64(4 * n_tok * q_rank);
+    L->q = L->q_an + align64(4 * n_tok * q_rank);
+    L->kv = L->q + align64(4 * n_tok * hq);
+    L->q_nope = L->kv + align64(4 * n_tok * (c_dim + r_dim));
+    L->q_pe = L->q_nope + align64(4 * n_tok * n_head * n_nope);
+    L->q_lat = L->q_pe + align64(4 * n_tok * n_head * r_dim);
+    L->o_lat = L->q_lat + align64(4 * n_tok * n_head * c_dim);
+    L->o = L->o_lat + align64(4 * n_tok * n_head * c_dim);
+    L->act = L->o + align64(4 * n_tok * n_head * v_dim);
     L->total = L->act + act + 64;                     /* + 64: alignment slack */
     return LITE_OK;
 }

@@ -79,6 +79,12 @@ static inline void q4k_scale_min(const uint8_t *s, int j, int *sc, int *mn) {
     }
 }
 
+/* n rounded up to a multiple of 64: offsets of scratch regions, each cache-line aligned. */
+static inline int64_t align64(int64_t n) { return (n + 63) & ~(int64_t)63; }
+
+/* Entries (experts, plus a shared MLP) one lite_moe call takes. */
+#define MOE_MAX_ENTRIES 1024
+
 /* Byte sizes of the activation rows. */
 static inline int64_t a8_stride(int64_t cols) { return ((cols / QK) * (QK + 8) + 63) & ~(int64_t)63; }
 /* Fills s[] of an A8 row whose qs[] and d[] are written. */

@@ -4,8 +4,6 @@
  * memory (Python's own work per token, 2 ms with warm caches, took 16 ms between real kernels). */
 #include "internal.h"
 
-static int64_t align64(int64_t n) { return (n + 63) & ~(int64_t)63; }
-
 /* Scratch: a [D], h [D], probs [E], weights [k], then one region the ops take in turn. */
 typedef struct { int64_t a, h, probs, wts, region, total; } layers_layout;
 
@@ -17,7 +15,7 @@ static int plan(layers_layout *P, const lite_layer *layers, int64_t n_layer, int
     for (int64_t i = 0; i < n_layer; i++) {
         const lite_layer *L = &layers[i];
         if (!L->attn_types || !L->types || !L->ffn) return LITE_ERR_NULL;
-        if (L->n_exp < 0 || L->n_exp + 1 > 1024 || (L->router ? L->n_exp < k || L->n_exp == 0 : L->n_exp != 0) ||
+        if (L->n_exp < 0 || L->n_exp + 1 > MOE_MAX_ENTRIES || (L->router ? L->n_exp < k || L->n_exp == 0 : L->n_exp != 0) ||
             (!L->router && !L->has_always))
             return LITE_ERR_ARG;
         int64_t need, max_ffn = 1;

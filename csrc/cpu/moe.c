@@ -7,10 +7,6 @@
 #include <omp.h>
 #endif
 
-#define MOE_MAX_ENTRIES 1024
-
-static int64_t align64(int64_t n) { return (n + 63) & ~(int64_t)63; }
-
 /* Per-row activation bytes enough for any type and a row of up to `cols` weights. */
 static int64_t act_row_max(int64_t cols) {
     int64_t c = (cols + QKK - 1) / QKK * QKK;
