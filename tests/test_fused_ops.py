@@ -1,21 +1,20 @@
 """The fused decode ops (add_rmsnorm, route, norm_route, mla_prep, mla_step) on every backend, and
 the C backend's whole-stack decode_layers: bit for bit what the unfused ops of the same backend
-compute (their composition in composed.py is the
-meaning; the C library's own versions must match it exactly, which keeps decode logits
-unchanged), the C router bit for bit with numpy's top-k (ties, groups, renormalisation), and bad
-input refused."""
+compute (their composition in composed.py is the meaning; the C library's own versions must match
+it exactly, which keeps decode logits unchanged), the C router bit for bit with numpy's top-k
+(ties, groups, renormalisation), and bad input refused."""
 from __future__ import annotations
 
 import gguf.quants as gq
 import numpy as np
 import pytest
 
+import lite
 from lite.errors import BackendError
 from lite.kernels import composed, get_backend
 from lite.kernels.base import MLAWeights, QTensor, QType
 from lite.kernels.composed import topk_route
 
-import lite
 from conftest import FIXTURE_NAMES, backends
 
 

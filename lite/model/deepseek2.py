@@ -16,7 +16,7 @@ from ..weights.store import ExpertSource, float_vector
 from .cache import LatentCache
 from .config import ModelConfig
 from .mla import LATENT_NORM_EPS, load_weights, mla
-from .moe import FFNLayer, RouteHook, ffn, ffn_input, groups, predict
+from .moe import FFNLayer, RouteHook, ffn, ffn_input, predict, route_options
 from .rope import RopeTables
 
 # observe(name, array): receives intermediate tensors (embed, attn_out_layerL, mlp_out_layerL,
@@ -66,8 +66,7 @@ class DeepSeek2:
         if pack is not None:
             # One backend call for the whole stack: nothing outside needs the layers' insides.
             delta = be.decode_layers(x, pack, [cache.layer(i) for i in range(cfg.n_layer)], cos, sin, start,
-                                     cfg.softmax_scale, LATENT_NORM_EPS, cfg.rms_eps, *groups(cfg),
-                                     cfg.expert_weights_norm, cfg.expert_weights_scale)[0]
+                                     cfg.softmax_scale, LATENT_NORM_EPS, cfg.rms_eps, *route_options(cfg))[0]
         else:
             delta = self._layers(x, cache, start, cos, sin, observe)
         cache.length = start + len(ids)

@@ -32,22 +32,23 @@ class FFNLayer:
         return FFNLayer(layer, t[p + "ffn_gate_inp.weight"], shared)
 
 
-def groups(cfg: ModelConfig) -> tuple[int, int]:
-    """(n_group, topk_group) for the router ops: (1, 1) when routing is not group-limited."""
-    return (cfg.n_group, cfg.topk_group) if cfg.group_limited else (1, 1)
+def route_options(cfg: ModelConfig) -> tuple[int, int, bool, float]:
+    """What the router ops take after K: n_group and topk_group ((1, 1) when routing is not
+    group-limited), whether weights are renormalised, and their scale."""
+    groups = (cfg.n_group, cfg.topk_group) if cfg.group_limited else (1, 1)
+    return (*groups, cfg.expert_weights_norm, cfg.expert_weights_scale)
 
 
 def route(cfg: ModelConfig, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """probs `[T, E]` (softmax of router logits) → ids int32 `[T, K]`, weights float32 `[T, K]`,
     ordered by descending weight; ties go to the lower expert id."""
-    return topk_route(probs, cfg.n_expert_used, *groups(cfg), cfg.expert_weights_norm, cfg.expert_weights_scale)
+    return topk_route(probs, cfg.n_expert_used, *route_options(cfg))
 
 
 def route_logits(be: Backend, cfg: ModelConfig, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Router logits `[T, E]` → (ids, weights, probs `[T, E]`): `route` of their softmax, in one
     backend call where the backend has it."""
-    return fused(be, "route")(logits, cfg.n_expert_used, *groups(cfg), cfg.expert_weights_norm,
-                              cfg.expert_weights_scale)
+    return fused(be, "route")(logits, cfg.n_expert_used, *route_options(cfg))
 
 
 RouteHook = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
@@ -60,9 +61,14 @@ def ffn_input(be: Backend, cfg: ModelConfig, f: FFNLayer, x: np.ndarray, delta: 
     routing: one backend call where the backend has the fused op."""
     if f.router is None:
         return fused(be, "add_rmsnorm")(x, delta, norm, cfg.rms_eps), None
-    h, ids, w, probs = fused(be, "norm_route")(x, delta, norm, cfg.rms_eps, f.router, cfg.n_expert_used, *groups(cfg),
-                                               cfg.expert_weights_norm, cfg.expert_weights_scale)
+    h, ids, w, probs = norm_route(be, cfg, f, x, delta, norm)
     return h, (ids, w, probs)
+
+
+def norm_route(be: Backend, cfg: ModelConfig, f: FFNLayer, x: np.ndarray, delta: np.ndarray | None,
+               norm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The backend's norm_route for MoE layer `f`: (h, ids, weights, probs)."""
+    return fused(be, "norm_route")(x, delta, norm, cfg.rms_eps, f.router, cfg.n_expert_used, *route_options(cfg))
 
 
 def always_on(be: Backend, f: FFNLayer, h: np.ndarray) -> np.ndarray:
@@ -122,6 +128,4 @@ def ffn(be: Backend, cfg: ModelConfig, f: FFNLayer, h: np.ndarray, experts: Expe
 def predict(be: Backend, cfg: ModelConfig, f: FFNLayer, norm: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Distinct experts layer `f` is expected to route `x` `[T, D]` (the residual stream one layer
     early) to: its own norm and router applied ahead of time."""
-    ids = fused(be, "norm_route")(x, None, norm, cfg.rms_eps, f.router, cfg.n_expert_used, *groups(cfg),
-                                  cfg.expert_weights_norm, cfg.expert_weights_scale)[1]
-    return np.unique(ids)
+    return np.unique(norm_route(be, cfg, f, x, None, norm)[1])
