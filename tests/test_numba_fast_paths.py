@@ -76,7 +76,7 @@ def test_matmul_heads(qt, t, n, threads):
 
 
 def test_matmul_heads_model_path():
-    """mla.per_head takes the batched op."""
+    """composed.per_head takes the batched op."""
     from lite.kernels.composed import per_head
     rng = np.random.default_rng(3)
     w3 = _heads(rng, QT.Q8_0, 4, 16, 64)
