@@ -37,9 +37,12 @@ fi
 
 OUT="${OUT:-$ROOT/gpu-out}"
 mkdir -p "$OUT"
+# The device tool returns at most 8 files: logs go to $LOGS and are re-packed into one archive
+# after every step (so a step killed by its time limit still leaves the earlier logs).
+LOGS="$(mktemp -d)"
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
-note() { echo "$*" | tee -a "$SUMMARY"; }
+note() { echo "$*" | tee -a "$SUMMARY"; tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null; }
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 export PYTHONUNBUFFERED=1
@@ -58,41 +61,46 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 [ -d .gpu/vocab ] && export LITE_VOCAB="$ROOT/.gpu/vocab"
 note "python: $("$PY" --version 2>&1) ($PY)"
 "$PY" -c "import numpy, cffi, gguf" 2>>"$SUMMARY" || note "WARNING: numpy/cffi/gguf missing: run 'benchmarks/gpu_check.sh prepare' first and carry .gpu"
-nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>&1 | tee "$OUT/nvidia-smi.txt" | sed 's/^/gpu: /' | tee -a "$SUMMARY"
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader 2>&1 | tee "$LOGS/nvidia-smi.txt" | sed 's/^/gpu: /' | tee -a "$SUMMARY"
 
 # ---- build (CMake directly: no pip, no network) ------------------------------------------------------
 ARCH="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')"
 ARCH="${ARCH:-90}"
 BUILD="$ROOT/build/gpu-check"
 if timeout 240 bash -c "cmake -S '$ROOT' -B '$BUILD' -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=$ARCH \
-      && cmake --build '$BUILD' -j \$(nproc)" > "$OUT/build.log" 2>&1; then
+      && cmake --build '$BUILD' -j \$(nproc)" > "$LOGS/build.log" 2>&1; then
   # Use the fresh build in place (headers come from csrc/): nothing is written into lite/.
   export LITE_LIB="$BUILD/liblite_cpu.so" LITE_CUDA_LIB="$BUILD/csrc/cuda/liblite_cuda.so"
   note "build: ok for sm_$ARCH ($(elapsed)s)"
 else
-  note "build: FAILED (see build.log)"; tail -30 "$OUT/build.log"; exit 1
+  note "build: FAILED (see build.log)"; tail -30 "$LOGS/build.log"; exit 1
 fi
 "$PY" -c "from lite.kernels import available_backends as a, _unavailable as u; print('backends:', a(), u)" 2>&1 | tee -a "$SUMMARY"
 
 # ---- tests ---------------------------------------------------------------------------------------------
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/junit.xml" -rs \
-  tests/test_kernels_cuda.py > "$OUT/pytest.log" 2>&1
-note "pytest tests/test_kernels_cuda.py: rc=$? $(tail -1 "$OUT/pytest.log") ($(elapsed)s)"
-grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -20 | tee -a "$SUMMARY"
+timeout 300 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$LOGS/junit.xml" -rs \
+  tests/test_kernels_cuda.py > "$LOGS/pytest.log" 2>&1
+note "pytest tests/test_kernels_cuda.py: rc=$? $(tail -1 "$LOGS/pytest.log") ($(elapsed)s)"
+grep -E "^(FAILED|ERROR)" "$LOGS/pytest.log" | head -20 | tee -a "$SUMMARY"
 if [ "${SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then   # optional: out-of-bounds hunt
   timeout 240 compute-sanitizer --tool memcheck "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py \
-    -k "matmul or moe or mla or route" > "$OUT/sanitizer.log" 2>&1
-  note "compute-sanitizer memcheck: rc=$? $(grep -c 'Invalid' "$OUT/sanitizer.log") invalid accesses ($(elapsed)s)"
+    -k "matmul or moe or mla or route" > "$LOGS/sanitizer.log" 2>&1
+  note "compute-sanitizer memcheck: rc=$? $(grep -c 'Invalid' "$LOGS/sanitizer.log") invalid accesses ($(elapsed)s)"
 fi
-timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs tests/ \
-  --ignore=tests/test_kernels_cuda.py > "$OUT/pytest_gpu_all.log" 2>&1
-note "pytest -m gpu (rest of tests/): rc=$? $(tail -1 "$OUT/pytest_gpu_all.log") ($(elapsed)s)"
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_model_fixtures.py tests/test_pager.py \
-  -k "cuda" > "$OUT/pytest_models.log" 2>&1
-note "pytest model fixtures / pager on cuda: rc=$? $(tail -1 "$OUT/pytest_models.log") ($(elapsed)s)"
+# Every other test that runs on the cuda backend: the backend-parametrised files (ids carry the
+# backend's name), the fixture models end to end among them. Named files only: collecting all of
+# tests/ would need textual, which the GPU image lacks.
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -rs -k cuda tests/test_model_fixtures.py tests/test_fused_ops.py \
+  tests/test_mla.py tests/test_pager.py tests/test_overhead_moe.py tests/test_bad_input.py tests/test_bench.py \
+  > "$LOGS/pytest_cuda_models.log" 2>&1
+note "pytest -k cuda (fixture models, fused ops, mla, pager, moe, bad input, bench): rc=$? $(tail -1 "$LOGS/pytest_cuda_models.log") ($(elapsed)s)"
+grep -E "^(FAILED|ERROR)" "$LOGS/pytest_cuda_models.log" | head -20 | tee -a "$SUMMARY"
 
 # ---- synthetic Lite model and lite bench -----------------------------------------------------------------
 if ! "$PY" -c "import lite.kernels.cuda" >/dev/null 2>&1; then note "bench: skipped (no usable CUDA backend)"; exit 0; fi
+timeout 90 "$PY" benchmarks/gpu_kernels.py > "$LOGS/gpu_kernels.txt" 2>&1
+note "kernel timings (benchmarks/gpu_kernels.py): rc=$? ($(elapsed)s)"
+tee -a "$SUMMARY" < "$LOGS/gpu_kernels.txt"
 if [ ! -f benchmarks/make_synthetic.py ]; then note "bench: skipped (no benchmarks/make_synthetic.py)"; exit 0; fi
 BENCH=""
 if "$PY" -m lite.cli bench --help >/dev/null 2>&1; then BENCH="$PY -m lite.cli bench"
@@ -100,13 +108,16 @@ elif "$PY" -m lite.bench --help >/dev/null 2>&1; then BENCH="$PY -m lite.bench"
 else note "bench: skipped (no 'lite bench')"; exit 0; fi
 MODEL=/tmp/lite-synth-q4_0.gguf
 if ! timeout 200 "$PY" benchmarks/make_synthetic.py --layers 27 --preset q4_0 --out "$MODEL" --no-validate \
-    > "$OUT/make_synthetic.log" 2>&1; then
-  note "make_synthetic: FAILED or timed out ($(elapsed)s)"; tail -5 "$OUT/make_synthetic.log"; exit 1
+    > "$LOGS/make_synthetic.log" 2>&1; then
+  note "make_synthetic: FAILED or timed out ($(elapsed)s)"; tail -5 "$LOGS/make_synthetic.log"; exit 1
 fi
 note "synthetic model: $(du -h "$MODEL" | cut -f1) ($(elapsed)s)"
 BARGS="--backend cuda --json --prompt 128 --gen 32 --repeats 2 --no-bandwidth"
-timeout 150 $BENCH "$MODEL" $BARGS > "$OUT/bench_full.json" 2> "$OUT/bench_full.log"
-note "bench all-on-GPU: rc=$? $(head -c 400 "$OUT/bench_full.json") ($(elapsed)s)"
+table() { "$PY" -c "import json, sys; from lite.bench import format_table; print(format_table(json.load(open(sys.argv[1]))))" \
+  "$1" 2>&1 | tee -a "$SUMMARY"; cp "$1" "$OUT/"; }
+timeout 150 $BENCH "$MODEL" $BARGS > "$LOGS/bench_full.json" 2> "$LOGS/bench_full.log"
+note "bench all-on-GPU: rc=$? ($(elapsed)s)"
+table "$LOGS/bench_full.json"
 
 BUDGET=$("$PY" - "$MODEL" <<'EOF'
 import sys
@@ -123,8 +134,15 @@ if $BENCH --help 2>/dev/null | grep -q -- "--vram-budget"; then
 else
   VARGS=""; export LITE_VRAM_BUDGET="$BUDGET"      # read by CudaBackend when the flag is absent
 fi
-timeout 150 $BENCH "$MODEL" $BARGS $VARGS > "$OUT/bench_budget25.json" 2> "$OUT/bench_budget25.log"
-note "bench VRAM budget $BUDGET bytes (resident + 25% of experts): rc=$? $(head -c 400 "$OUT/bench_budget25.json") ($(elapsed)s)"
+timeout 150 $BENCH "$MODEL" $BARGS $VARGS > "$LOGS/bench_budget25.json" 2> "$LOGS/bench_budget25.log"
+note "bench VRAM budget $BUDGET bytes (resident + 25% of experts): rc=$? ($(elapsed)s)"
+table "$LOGS/bench_budget25.json"
 unset LITE_VRAM_BUDGET
+# Where a decode token's time goes on the GPU path (Python, copies, waits): a short profiled run.
+timeout 90 "$PY" -m cProfile -s tottime -m lite.cli bench "$MODEL" --backend cuda --prompt 16 --gen 16 --repeats 1 \
+  --no-bandwidth > "$LOGS/profile_cuda.txt" 2>&1
+note "cProfile of a 16+16 token bench: rc=$? ($(elapsed)s)"
+grep -m1 -A25 "Ordered by" "$LOGS/profile_cuda.txt" | tee -a "$SUMMARY"
+
 rm -f "$MODEL"
 note "done in $(elapsed)s"

@@ -193,6 +193,9 @@ class Model:
                        expert_hit_rate=st.hits / max(1, st.hits + st.misses),
                        prefetch_accuracy=st.predicted_right / st.predicted if st.predicted else None,
                        resident_bytes=p.resident_bytes + p.pool_bytes, ram_budget_bytes=p.budget)
+        gpu = getattr(self.backend, "gpu_stats", None)
+        if gpu is not None:
+            out["gpu"] = gpu()
         return out
 
     def record_routing(self, trace: "RoutingTrace | None") -> None:

@@ -213,6 +213,8 @@ def run_bench(model_path: str | os.PathLike[str], prompt: int = 256, gen: int = 
     st = m.stats
     res["experts"] = {k: v for k, v in st.items() if k.startswith(("expert_", "bytes_read", "io_stall",
                                                                      "resident", "ram_budget", "prefetch"))}
+    if "gpu" in st:
+        res["gpu"] = st["gpu"]
     if recorder is not None:
         recorder.save(trace)
         _log(f"wrote {len(recorder.records)} routing records to {trace}")
@@ -253,9 +255,14 @@ def format_table(r: dict[str, Any]) -> str:
             f"{e['bytes_read'] / 2**30:.2f} GiB read, {e['io_stall_s']:.2f} s stalled",
             f"RAM          {e['resident_bytes'] / 2**30:.2f} GiB resident of a {e['ram_budget_bytes'] / 2**30:.2f} GiB budget",
         ]
-    lines += [
-        f"(medians of {r['repeats']} runs)",
-    ]
+    g = r.get("gpu")
+    if g:
+        lines.append(
+            f"GPU          {g['device']}: {g['resident_bytes'] / 2**30:.2f} GiB resident + {g['expert_bytes'] / 2**30:.2f} GiB "
+            f"of experts cached (budget {g['vram_budget_bytes'] / 2**30:.2f} GiB); experts {g['expert_hits']} hits, "
+            f"{g['expert_misses']} misses, {g['expert_evictions']} evictions, {g['cpu_experts']} on the CPU; "
+            f"{g['uploaded_bytes'] / 2**30:.2f} GiB uploaded, {g['streamed_bytes'] / 2**30:.2f} GiB streamed")
+    lines.append(f"(medians of {r['repeats']} runs)")
     return "\n".join(lines)
 
 

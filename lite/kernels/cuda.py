@@ -55,7 +55,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -307,6 +307,11 @@ class CudaBackend:
             self._cache.clear()
             self._scratch.clear()
             self._used = self.stats.resident_bytes = self.stats.expert_bytes = 0
+
+    def gpu_stats(self) -> dict[str, Any]:
+        """The device, the weight budget and the cache counters (`Model.stats()["gpu"]`)."""
+        return {"device": self.props["name"], "vram_budget_bytes": self.vram_budget,
+                "miss_policy": self.miss_policy, **asdict(self.stats)}
 
     def synchronize(self) -> None:
         self._stream.sync()
