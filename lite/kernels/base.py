@@ -302,6 +302,51 @@ def check_weight(op: str, w: QTensor, rows: int | None, cols: int | None) -> Non
                            f"{w.shape} needs {n * (c // block * size)}")
 
 
+def check_norm(op: str, name: str, a: np.ndarray, n: int) -> np.ndarray:
+    """A norm weight native code reads in place (its address is kept): C-contiguous float32 `[n]`."""
+    if not isinstance(a, np.ndarray) or a.dtype != _F32 or a.shape != (n,) or not a.flags.c_contiguous:
+        got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise BackendError(f"{op}: {name} must be a C-contiguous float32 array [{n}], got {got}")
+    return a
+
+
+def check_heads_weight(op: str, w: QTensor, rows: int | None = None, cols: int | None = None) -> None:
+    """A per-head weight `[H, N, cols]`, checked as the 2-D `[H*N, cols]` weight it is byte for byte
+    (`cols` against its last axis when given; `rows` is unused: the head count is the caller's)."""
+    if not isinstance(w, QTensor) or len(w.shape) != 3:
+        raise BackendError(f"{op}: {getattr(w, 'name', w)} must be a 3-D QTensor [H, rows, cols]")
+    data = w.data
+    if not isinstance(data, np.ndarray) or not data.flags.c_contiguous:
+        raise BackendError(f"{op}: weight {w.name} data must be C-contiguous uint8")
+    h, n, c = w.shape
+    check_weight(op, QTensor(w.name, w.qtype, (h * n, c), data.reshape(h * n, -1)), h * n, cols)
+
+
+def mla_dims(op: str, w: MLAWeights, d: int) -> tuple[int, int, int, int, int, int]:
+    """One layer's attention weights checked against each other and hidden size d, for the native
+    whole-layer ops: (H, N, R, C, V, Q), Q = 0 without a q-LoRA."""
+    for part in (w.k_b, w.v_b):
+        check_heads_weight(op, part)
+    h, c, n = w.k_b.shape
+    if w.v_b.shape[0] != h or w.v_b.shape[2] != c:
+        raise BackendError(f"{op}: v_b {w.v_b.shape} does not fit k_b {w.k_b.shape} (want [{h}, V, {c}])")
+    v = w.v_b.shape[1]
+    check_weight(op, w.kv_a, None, d)
+    r = w.kv_a.shape[0] - c
+    if r <= 0 or r % 2:
+        raise BackendError(f"{op}: kv_a {w.kv_a.shape} leaves {r} rope dims for C={c} (want a positive even count)")
+    hq = h * (n + r)
+    if w.q is not None:
+        check_weight(op, w.q, hq, d)
+        q = 0
+    else:
+        check_weight(op, w.q_a, None, d)
+        q = w.q_a.shape[0]
+        check_weight(op, w.q_b, hq, q)
+    check_weight(op, w.out, d, h * v)
+    return h, n, r, c, v, q
+
+
 def check_heads_fit(x: np.ndarray, w: QTensor) -> None:
     """matmul_heads: the input `[T, H, cols]` (already a checked float32 array) must fit the
     per-head weight `[H, N, cols]`."""

@@ -25,8 +25,9 @@ import numpy as np
 from ..errors import BackendError
 from .native import open_library
 from .base import (DecodeLayer, FFNWeights, MLAWeights, MLPLayout, QTensor, QType, check_add_rmsnorm, check_f32,
-                   check_heads_fit, check_mla, check_mla_prep, check_residual, check_residual_add, check_rmsnorm,
-                   check_rope, check_route, check_route_args, check_weight)
+                   check_heads_fit, check_heads_weight, check_mla, check_mla_prep, check_norm, check_residual,
+                   check_residual_add, check_rmsnorm, check_rope, check_route, check_route_args, check_weight,
+                   mla_dims)
 
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
@@ -173,7 +174,7 @@ class CBackend:
         t, h, cols = x.shape
         check_heads_fit(x, w)
         n = w.shape[1]
-        wp, stride, nbytes, qtype = self._weight("matmul_heads", w, None, cols, _check_heads_weight)
+        wp, stride, nbytes, qtype = self._weight("matmul_heads", w, None, cols, check_heads_weight)
         out = np.empty((t, h, n), np.float32)
         if t == 0:
             return out
@@ -481,7 +482,7 @@ class _LayersPack:
             s = self.arr[i]
             s.attn_w, s.attn_bytes, s.attn_types = mla.ptrs, mla.nbytes, mla.types
             s.attn_norm, s.q_a_norm, s.kv_norm = mla.norm, mla.q_a_norm, mla.kv_norm
-            s.ffn_norm = ffi.cast("const float *", _norm(op, f"layer {i} ffn_norm", L.ffn_norm, d).ctypes.data)
+            s.ffn_norm = ffi.cast("const float *", check_norm(op, f"layer {i} ffn_norm", L.ffn_norm, d).ctypes.data)
             if (L.router is None) != (len(L.experts) == 0) or (L.router is None and L.always is None):
                 raise BackendError(f"{op}: layer {i} needs a router with its experts, or neither and a dense MLP")
             if L.router is not None:
@@ -530,51 +531,13 @@ class _MLAPack:
     @staticmethod
     def build(ffi, w: MLAWeights, d: int) -> "_MLAPack":
         op = "mla_step"
-        for name in ("k_b", "v_b"):
-            part = getattr(w, name)
-            if not isinstance(part, QTensor) or len(part.shape) != 3:
-                raise BackendError(f"{op}: {name} must be a 3-D QTensor [H, rows, cols]")
-            _check_heads_weight(op, part, None, None)
-        h, c, n = w.k_b.shape
-        if w.v_b.shape[0] != h or w.v_b.shape[2] != c:
-            raise BackendError(f"{op}: v_b {w.v_b.shape} does not fit k_b {w.k_b.shape} (want [{h}, V, {c}])")
-        v = w.v_b.shape[1]
-        check_weight(op, w.kv_a, None, d)
-        r = w.kv_a.shape[0] - c
-        if r <= 0 or r % 2:
-            raise BackendError(f"{op}: kv_a {w.kv_a.shape} leaves {r} rope dims for C={c} (want a positive even count)")
-        hq = h * (n + r)
-        if w.q is not None:
-            check_weight(op, w.q, hq, d)
-            q, first = 0, w.q
-        else:
-            check_weight(op, w.q_a, None, d)
-            q, first = w.q_a.shape[0], w.q_a
-            check_weight(op, w.q_b, hq, q)
-        check_weight(op, w.out, d, h * v)
+        h, n, r, c, v, q = dims = mla_dims(op, w, d)
         if c > MLA_MAX_C:
             raise BackendError(f"{op}: latent size {c} exceeds the C kernel's limit {MLA_MAX_C}")
-        norms = (_norm(op, "norm", w.norm, d), _norm(op, "q_a_norm", w.q_a_norm, q) if q else None,
-                 _norm(op, "kv_a_norm", w.kv_a_norm, c))
-        return _MLAPack(ffi, [first, w.q_b if q else None, w.kv_a, w.k_b, w.v_b, w.out], norms, (h, n, r, c, v, q), d)
-
-
-def _norm(op: str, name: str, a: np.ndarray, n: int) -> np.ndarray:
-    """A norm weight used in place (its address is kept): C-contiguous float32 `[n]`."""
-    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != (n,) or not a.flags.c_contiguous:
-        got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
-        raise BackendError(f"{op}: {name} must be a C-contiguous float32 array [{n}], got {got}")
-    return a
-
-
-def _check_heads_weight(op: str, w: QTensor, rows: int | None, cols: int | None) -> None:
-    """A per-head weight `[H, N, cols]` (its shape already matched to the input) is checked as the
-    2-D `[H*N, cols]` weight it is byte for byte."""
-    data = w.data
-    if not isinstance(data, np.ndarray) or not data.flags.c_contiguous:
-        raise BackendError(f"{op}: weight {w.name} data must be C-contiguous uint8")
-    h, n, c = w.shape
-    check_weight(op, QTensor(w.name, w.qtype, (h * n, c), data.reshape(h * n, -1)), h * n, cols)
+        norms = (check_norm(op, "norm", w.norm, d), check_norm(op, "q_a_norm", w.q_a_norm, q) if q else None,
+                 check_norm(op, "kv_a_norm", w.kv_a_norm, c))
+        first = w.q if w.q is not None else w.q_a
+        return _MLAPack(ffi, [first, w.q_b if q else None, w.kv_a, w.k_b, w.v_b, w.out], norms, dims, d)
 
 
 def read_bytes(buf: np.ndarray, threads: int | None = None) -> int:
