@@ -112,10 +112,10 @@ if ! timeout 200 "$PY" benchmarks/make_synthetic.py --layers 27 --preset q4_0 --
   note "make_synthetic: FAILED or timed out ($(elapsed)s)"; tail -5 "$LOGS/make_synthetic.log"; exit 1
 fi
 note "synthetic model: $(du -h "$MODEL" | cut -f1) ($(elapsed)s)"
-BARGS="--backend cuda --json --prompt 128 --gen 32 --repeats 2 --no-bandwidth"
+BARGS="--backend cuda --json --prompt 128 --gen 32 --repeats 3 --no-bandwidth"
 table() { "$PY" -c "import json, sys; from lite.bench import format_table; print(format_table(json.load(open(sys.argv[1]))))" \
   "$1" 2>&1 | tee -a "$SUMMARY"; cp "$1" "$OUT/"; }
-timeout 150 $BENCH "$MODEL" $BARGS > "$LOGS/bench_full.json" 2> "$LOGS/bench_full.log"
+timeout 150 $BENCH "$MODEL" $BARGS --depth 4096 > "$LOGS/bench_full.json" 2> "$LOGS/bench_full.log"
 note "bench all-on-GPU: rc=$? ($(elapsed)s)"
 table "$LOGS/bench_full.json"
 

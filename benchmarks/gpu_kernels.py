@@ -90,7 +90,8 @@ def bench_matmul(stream, qtype: QType, rows: int, cols: int, n_tok: int, peak: f
         b.free()
 
 
-def bench_mla(stream, n_pos: int, n_tok: int = 1, heads: int = 16, c: int = 512, r: int = 64) -> None:
+def bench_mla(be: cuda.CudaBackend, n_pos: int, n_tok: int = 1, heads: int = 16, c: int = 512, r: int = 64) -> None:
+    stream = be._stream
     rng = np.random.default_rng(2)
     bufs = {}
     for name, shape in (("ql", (n_tok, heads, c)), ("qp", (n_tok, heads, r)), ("ckv", (n_pos, c)),
@@ -99,11 +100,12 @@ def bench_mla(stream, n_pos: int, n_tok: int = 1, heads: int = 16, c: int = 512,
         bufs[name].upload(rng.standard_normal(shape, dtype=np.float32))
     _check(lib.lite_cuda_device_sync(), "sync")
     start = n_pos - n_tok
+    scr, nf = be._mla_scratch(n_tok, heads, c, start)
 
     def launch(i: int) -> None:
         _check(lib.lite_cuda_mla_attention(bufs["out"].typed(), bufs["ql"].typed(), bufs["qp"].typed(),
                                            bufs["ckv"].typed(), bufs["kpe"].typed(), n_tok, heads, c, r, n_pos,
-                                           start, 0.1, stream.handle), "mla")
+                                           start, 0.1, scr, nf, stream.handle), "mla")
     s = timed(launch, 10, stream)
     cache = n_pos * (c + r) * 4
     print(f"mla    T={n_tok} S={n_pos:<6} H={heads}     {s * 1e6:9.1f} us  {cache / s / 1e9:7.1f} GB/s of cache "
@@ -126,8 +128,8 @@ def main() -> None:
         bench_matmul(st, QType.Q4_0, 10944, 2048, t, peak)
         bench_matmul(st, QType.Q8_0, 10944, 2048, t, peak)
     for s in (512, 4096, 16384):
-        bench_mla(st, s)
-    bench_mla(st, 512, n_tok=128)
+        bench_mla(be, s)
+    bench_mla(be, 512, n_tok=128)
 
 
 if __name__ == "__main__":

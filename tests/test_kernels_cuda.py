@@ -252,6 +252,8 @@ def test_softmax_silu():
     (2, 5, 128, 32, 300, 200),      # several online-softmax chunks
     (1, 2, 32, 0, 5, 4),            # no rope dims
     (2, 16, 512, 64, 1100, 1098),   # Lite dims, long cache
+    (1, 16, 512, 64, 5000, 4999),   # decode over many splits of the positions
+    (4, 3, 64, 16, 300, 296),       # splits with causal tokens (later splits empty for early tokens)
 ])
 def test_mla_attention(t, h, c, r, s, start):
     g = rng(t * 100 + s)
@@ -262,6 +264,57 @@ def test_mla_attention(t, h, c, r, s, start):
     scale = 1.0 / np.sqrt(c + r)
     got = CB.mla_attention(q_lat, q_pe, ckv, kpe, scale, start)
     assert rel(got, REF.mla_attention(q_lat, q_pe, ckv, kpe, scale, start)) < 1e-5
+
+
+def dev(a: np.ndarray) -> DeviceBuffer:
+    """`a` on the device (uploaded and waited for)."""
+    b = DeviceBuffer(max(a.nbytes, 4))
+    b.upload(a)
+    CB.synchronize()
+    cmod._check(CB.lib.lite_cuda_device_sync(), "sync")
+    return b
+
+
+def fetch(b: DeviceBuffer, shape, dtype=np.float32) -> np.ndarray:
+    cmod._check(CB.lib.lite_cuda_device_sync(), "sync")
+    return b.download(np.empty(shape, dtype))
+
+
+@gpu
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_K, QType.F16], ids=lambda q: q.name)
+def test_matmul_heads_strided(qtype):
+    """Each head's input read at a stride (the query's nope part, inside [H, N + R]) and its output
+    written at another: one launch for all heads, as decode_layers uses it."""
+    h, n, cols, xs, os_ = 4, 40, 256, 256 + 64, 48
+    w = make_weight(qtype, h * n, cols, seed=5)
+    x = rng(5).standard_normal((h, xs)).astype(np.float32)
+    want = np.stack([x[i, :cols].astype(np.float64) @ dense64(w)[i * n:(i + 1) * n].T for i in range(h)])
+    dx, dw, do = dev(x), dev(w.data), dev(np.full((h, os_), np.nan, np.float32))
+    cmod._check(CB.lib.lite_cuda_matmul_heads(do.typed(), h * os_, os_, dx.typed(), xs, 1, cols,
+                                              dw.typed("uint8_t *"), w.nbytes, int(qtype), n, h, CB.ffi.NULL), "t")
+    got = fetch(do, (h, os_))
+    assert rel(got[:, :n], want) < 1e-5
+    assert np.isnan(got[:, n:]).all()                 # nothing written between heads
+
+
+@gpu
+def test_add_rmsnorm_and_rope_rows():
+    g = rng(6)
+    x, d = g.standard_normal((3, 300)).astype(np.float32), g.standard_normal((3, 300)).astype(np.float32)
+    w = g.standard_normal(300).astype(np.float32)
+    dx, dd, dw, do = dev(x), dev(d), dev(w), dev(np.zeros_like(x))
+    cmod._check(CB.lib.lite_cuda_add_rmsnorm_f32(do.typed(), dx.typed(), dd.typed(), dw.typed(), 3, 300, 1e-6,
+                                                 CB.ffi.NULL), "t")
+    assert rel(fetch(dx, x.shape), x + d) == 0                       # x updated in place
+    assert rel(fetch(do, x.shape), REF.rmsnorm(x + d, w, 1e-6)) < 1e-5
+    # rope over the last 16 of each head's 40 values, written to a packed [T, H, 16]
+    q = g.standard_normal((2, 3, 40)).astype(np.float32)
+    ang = g.random((2, 8)).astype(np.float32) * 6
+    cos, sin = np.cos(ang), np.sin(ang)
+    dq, dc, ds, dr = dev(q), dev(cos), dev(sin), dev(np.zeros((2, 3, 16), np.float32))
+    cmod._check(CB.lib.lite_cuda_rope_rows(dr.typed(), 16, dq.typed() + 24, 40, dc.typed(), ds.typed(), 2, 3, 16,
+                                           CB.ffi.NULL), "t")
+    assert rel(fetch(dr, (2, 3, 16)), REF.rope(np.ascontiguousarray(q[..., 24:]), cos, sin)) < 1e-6
 
 
 # ---- routing -----------------------------------------------------------------------------------------
@@ -341,6 +394,42 @@ def test_moe_dense():
     got = CB.moe(x, ids, w, {}, dense)
     assert rel(got, moe64(x, ids, w, {}, dense)) < 1e-4
     assert rel(got, REF.ffn(x, dense)) < 1e-4
+
+
+@gpu
+@pytest.mark.parametrize("types,d,f", MOE_TYPES, ids=lambda v: "-".join(x.name for x in v) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("with_shared", [True, False])
+def test_moe_decode(types, d, f, with_shared):
+    """One token's experts with ids and weights on the device and a device table of every expert
+    (ids outside the table are skipped)."""
+    g = rng(12)
+    table = [ffn(types, d, f, 100 + 3 * e) for e in range(6)]
+    shared = ffn(types, d, 2 * f if types[2] != QType.Q4_K else f, 900)
+    entries = table + ([shared] if with_shared else [])
+    ids = np.array([4, 1, 9, 3], np.int32)                          # 9: not in the table
+    wts = g.random(4).astype(np.float32)
+    x = g.standard_normal((1, d)).astype(np.float32)
+    ffi, lib = CB.ffi, CB.lib
+    keep = [dev(q.data) for fw in entries for q in (fw.gate, fw.up, fw.down)]
+    tab = ffi.new("lite_cuda_expert[]", len(entries))
+    rb = ffi.new("int64_t *")
+    for j, fw in enumerate(entries):
+        width = fw.gate.shape[0]
+        for p, (q, cols) in enumerate(((fw.gate, d), (fw.up, d), (fw.down, width))):
+            tab[j].w[p] = keep[3 * j + p].typed("uint8_t *")
+            cmod._check(lib.lite_cuda_row_bytes(rb, int(q.qtype), cols), "t")
+            tab[j].row_bytes[p], tab[j].type[p] = rb[0], int(q.qtype)
+        tab[j].ffn = width
+    dtab = dev(np.frombuffer(ffi.buffer(tab), np.uint8))
+    max_ffn = max(fw.gate.shape[0] for fw in entries)
+    n_scr = 5 * ((max_ffn + 31) // 32 * 32)
+    dx, di, dwt, do, scr = dev(x), dev(ids), dev(wts), dev(np.zeros(d, np.float32)), dev(np.zeros(n_scr, np.float32))
+    cmod._check(lib.lite_cuda_moe_decode(do.typed(), dx.typed(), d, di.typed("int32_t *"), dwt.typed(), 4,
+                                         dtab.typed("lite_cuda_expert *"), len(entries), 6 if with_shared else -1,
+                                         max_ffn, scr.typed(), n_scr, ffi.NULL), "moe_decode")
+    keep_ids = ids[None, [0, 1, 3]]
+    want = moe64(x, keep_ids, wts[None, [0, 1, 3]], dict(enumerate(table)), shared if with_shared else None)
+    assert rel(fetch(do, (1, d)), want) < 1e-4
 
 
 def _expert_setup(t=6, readonly=True):
@@ -457,7 +546,10 @@ def test_library_side_checks():
         assert lib.lite_cuda_matmul(ffi.NULL, 16, ffi.NULL, 2, 64, ffi.NULL, w.nbytes, 2, 8, ffi.NULL) == \
             lib.LITE_CUDA_ERR_NULL
         assert lib.lite_cuda_mla_attention(do.typed(), dx.typed(), dx.typed(), dx.typed(), dx.typed(),
-                                           1, 1, 8, 8, 1, 3, 1.0, ffi.NULL) == lib.LITE_CUDA_ERR_SIZE
+                                           1, 1, 8, 8, 1, 3, 1.0, ffi.NULL, 0, ffi.NULL) == lib.LITE_CUDA_ERR_SIZE
+        assert lib.lite_cuda_matmul_heads(do.typed(), 16, 8, dx.typed(), 4, 2, 64, dw.typed("uint8_t *"), w.nbytes,
+                                          2, 4, 2, ffi.NULL) == lib.LITE_CUDA_ERR_ARG      # heads overlap
+        assert lib.lite_cuda_memcpy2d_async(dx.ptr, 4, dx.ptr, 8, 16, 2, 0, ffi.NULL) == lib.LITE_CUDA_ERR_ARG
         assert lib.lite_cuda_stream_sync(ffi.NULL) == 0
 
 
@@ -511,3 +603,58 @@ def test_fixture_with_pager(converted, reference_outputs):
     m = lite.load(path, backend="cuda", ram_budget=low)
     assert np.array_equal(m.logits(ids), want)
     m.close()
+
+
+# ---- decode through every layer on the device ------------------------------------------------------
+
+def _per_layer(model) -> None:
+    model._net._pack, model._net._pack_tried = None, True
+
+
+@gpu
+@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m", "f16"])
+def test_decode_layers_matches_the_per_layer_path(name, preset, converted):
+    """Decode with the layers on the device (latent caches mirrored there) against the per-layer
+    ops on the same GPU: a prompt, decode steps, a second prompt chunk after them (host-written
+    rows that the mirror must pick up), more steps."""
+    import lite
+    path = converted(name, preset)
+    runs = []
+    for on_device in (True, False):
+        m = lite.load(path, backend="cuda")
+        if not on_device:
+            _per_layer(m)
+        cache = m.new_cache()
+        steps = [m.forward([3, 14, 15, 92, 65], cache)]
+        steps += [m.forward([tok], cache) for tok in (35, 89, 79)]
+        steps.append(m.forward([32, 38, 46], cache))
+        steps += [m.forward([tok], cache) for tok in (26, 43)]
+        assert (m._net._pack is not None) == on_device
+        runs.append(np.concatenate(steps, axis=0))
+        m.close()
+    assert rel(runs[0], runs[1].astype(np.float64)) < 1e-4
+
+
+@gpu
+def test_decode_layers_needs_every_weight_in_the_budget(converted):
+    """A VRAM budget that cannot hold every weight: prepare_layers refuses, holds nothing, and
+    decoding goes op by op through the expert cache with the same logits."""
+    import lite
+    path = converted("lite-tiny", "q8_0")
+    want_m = lite.load(path, backend="cuda")
+    cache = want_m.new_cache()
+    want = [want_m.forward([3, 1, 4], cache), want_m.forward([1], cache), want_m.forward([5], cache)]
+    assert want_m._net._pack is not None
+    from lite.model.tensors import is_expert_tensor
+    tensors = want_m.file.tensors.items()
+    resident = sum(t.nbytes for n, t in tensors if not is_expert_tensor(n) and n != "token_embd.weight")
+    experts = sum(t.nbytes for n, t in tensors if is_expert_tensor(n))
+    small = lite.load(path, backend="cuda", vram_budget=str(resident + experts // 2))
+    cache = small.new_cache()
+    got = [small.forward([3, 1, 4], cache), small.forward([1], cache), small.forward([5], cache)]
+    assert small._net._pack is None and not any(e.pinned for e in small.backend._cache.values())
+    for a, b in zip(got, want):
+        assert rel(a, b.astype(np.float64)) < 1e-4
+    want_m.close()
+    small.close()

@@ -207,14 +207,20 @@ __device__ __forceinline__ void dot_tile(float acc[TT], const uint8_t *__restric
 }
 
 /* ---- matmul ----------------------------------------------------------------------------------- */
+/* grid (row blocks, token tiles, heads): head z multiplies its own weight w + z * head_bytes by its
+ * input x + z * x_hs and writes out + z * out_hs (a plain matmul is one head). */
 template <int TT>
 __global__ void __launch_bounds__(WARPS * 32)
-k_matmul(float *__restrict__ out, const float *__restrict__ x, int64_t n_tok, int64_t cols,
-         const uint8_t *__restrict__ w, int64_t row_bytes, int type, int64_t n_rows) {
+k_matmul(float *__restrict__ out, int64_t out_hs, const float *__restrict__ x, int64_t x_hs, int64_t n_tok,
+         int64_t cols, const uint8_t *__restrict__ w, int64_t head_bytes, int64_t row_bytes, int type,
+         int64_t n_rows) {
   const int lane = threadIdx.x & 31;
   const int64_t row = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5);
   const int64_t t0 = (int64_t)blockIdx.y * TT;
   if (row >= n_rows || t0 >= n_tok) return;
+  x += blockIdx.z * x_hs;
+  out += blockIdx.z * out_hs;
+  w += blockIdx.z * head_bytes;
   const int nt = (int)min((int64_t)TT, n_tok - t0);
   const float *xs[TT];
 #pragma unroll
@@ -230,75 +236,115 @@ k_matmul(float *__restrict__ out, const float *__restrict__ x, int64_t n_tok, in
   }
 }
 
-LC_API int lite_cuda_matmul(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t cols,
-                            const uint8_t *w, int64_t w_bytes, int type, int64_t n_rows, void *stream) {
+LC_API int lite_cuda_matmul_heads(float *out, int64_t out_len, int64_t out_hs, const float *x, int64_t x_hs,
+                                  int64_t n_tok, int64_t cols, const uint8_t *w, int64_t w_bytes, int type,
+                                  int64_t n_rows, int64_t n_head, void *stream) {
   lc_clear();
   int64_t rb = 0;
   int rc = check_row(__func__, type, cols, &rb);
   if (rc) return rc;
-  LC_REQUIRE(n_tok >= 0 && n_rows > 0, LITE_CUDA_ERR_ARG, "bad sizes T=%lld N=%lld", (long long)n_tok,
-             (long long)n_rows);
+  LC_REQUIRE(n_tok >= 0 && n_rows > 0 && n_head > 0 && n_head <= MAX_GRID_Y, LITE_CUDA_ERR_ARG,
+             "bad sizes T=%lld N=%lld H=%lld", (long long)n_tok, (long long)n_rows, (long long)n_head);
   if (n_tok == 0) return LITE_CUDA_OK;
   LC_REQUIRE(out && x && w, LITE_CUDA_ERR_NULL, "NULL buffer");
-  LC_REQUIRE(w_bytes >= n_rows * rb, LITE_CUDA_ERR_SIZE, "weight holds %lld bytes, needs %lld",
-             (long long)w_bytes, (long long)(n_rows * rb));
-  LC_REQUIRE(out_len >= n_tok * n_rows, LITE_CUDA_ERR_SIZE, "output holds %lld floats, needs %lld",
-             (long long)out_len, (long long)(n_tok * n_rows));
+  /* float4 loads of x: every head's rows must start 16-byte aligned */
+  const bool quantized = !(type == T_F32 || type == T_F16 || type == T_BF16);
+  LC_REQUIRE(!quantized || (((uintptr_t)x & 15) == 0 && x_hs % 4 == 0), LITE_CUDA_ERR_ARG,
+             "input of a quantized weight must be 16-byte aligned with a head stride (%lld) a multiple of 4",
+             (long long)x_hs);
+  LC_REQUIRE(n_head == 1 || (x_hs >= n_tok * cols && out_hs >= n_tok * n_rows), LITE_CUDA_ERR_ARG,
+             "head strides %lld / %lld overlap the heads' %lld x %lld inputs / outputs", (long long)x_hs,
+             (long long)out_hs, (long long)n_tok, (long long)cols);
+  const int64_t head_bytes = n_rows * rb;
+  LC_REQUIRE(w_bytes >= n_head * head_bytes, LITE_CUDA_ERR_SIZE, "weight holds %lld bytes, needs %lld",
+             (long long)w_bytes, (long long)(n_head * head_bytes));
+  LC_REQUIRE(out_len >= (n_head - 1) * out_hs + n_tok * n_rows, LITE_CUDA_ERR_SIZE,
+             "output holds %lld floats, needs %lld", (long long)out_len,
+             (long long)((n_head - 1) * out_hs + n_tok * n_rows));
   const int tt = n_tok == 1 ? 1 : TILE;
   const int64_t gy = (n_tok + tt - 1) / tt, gx = (n_rows + WARPS - 1) / WARPS;
   LC_REQUIRE(gy <= MAX_GRID_Y && gx < (1ll << 31), LITE_CUDA_ERR_ARG, "too many tokens or rows");
-  dim3 grid((unsigned)gx, (unsigned)gy);
+  dim3 grid((unsigned)gx, (unsigned)gy, (unsigned)n_head);
   if (tt == 1)
-    k_matmul<1><<<grid, WARPS * 32, 0, lc_stream(stream)>>>(out, x, n_tok, cols, w, rb, type, n_rows);
+    k_matmul<1><<<grid, WARPS * 32, 0, lc_stream(stream)>>>(out, out_hs, x, x_hs, n_tok, cols, w, head_bytes, rb,
+                                                            type, n_rows);
   else
-    k_matmul<TILE><<<grid, WARPS * 32, 0, lc_stream(stream)>>>(out, x, n_tok, cols, w, rb, type, n_rows);
+    k_matmul<TILE><<<grid, WARPS * 32, 0, lc_stream(stream)>>>(out, out_hs, x, x_hs, n_tok, cols, w, head_bytes,
+                                                               rb, type, n_rows);
   LC_LAUNCHED("matmul");
   return LITE_CUDA_OK;
 }
 
+LC_API int lite_cuda_matmul(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t cols,
+                            const uint8_t *w, int64_t w_bytes, int type, int64_t n_rows, void *stream) {
+  return lite_cuda_matmul_heads(out, out_len, 0, x, 0, n_tok, cols, w, w_bytes, type, n_rows, 1, stream);
+}
+
 /* ---- small float ops -------------------------------------------------------------------------- */
-__global__ void k_rmsnorm(float *out, const float *x, const float *w, int64_t dim, float eps) {
-  const float *xr = x + blockIdx.x * dim;
+/* x += delta (when given, in place: each thread adds the elements it then reads), then
+ * out = w * x / sqrt(mean(x^2) + eps) per row. */
+__global__ void k_rmsnorm(float *out, float *x, const float *delta, const float *w, int64_t dim, float eps) {
+  float *xr = x + blockIdx.x * dim;
   float *o = out + blockIdx.x * dim;
   float ss = 0.f;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    float v = xr[i];
+    if (delta) xr[i] = v = v + delta[blockIdx.x * dim + i];
+    ss += v * v;
+  }
   ss = block_reduce<false>(ss);
   const float den = sqrtf(ss / (float)dim + eps);
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) o[i] = w[i] * (xr[i] / den);
 }
 
-LC_API int lite_cuda_rmsnorm_f32(float *out, const float *x, const float *w, int64_t n_rows, int64_t dim,
-                                 float eps, void *stream) {
+LC_API int lite_cuda_add_rmsnorm_f32(float *out, float *x, const float *delta, const float *w, int64_t n_rows,
+                                     int64_t dim, float eps, void *stream) {
   lc_clear();
   LC_REQUIRE(n_rows >= 0 && dim > 0 && eps >= 0.f && n_rows < (1ll << 31), LITE_CUDA_ERR_ARG, "bad sizes or eps");
   if (n_rows == 0) return LITE_CUDA_OK;
   LC_REQUIRE(out && x && w, LITE_CUDA_ERR_NULL, "NULL buffer");
-  k_rmsnorm<<<(unsigned)n_rows, 256, 0, lc_stream(stream)>>>(out, x, w, dim, eps);
+  k_rmsnorm<<<(unsigned)n_rows, 256, 0, lc_stream(stream)>>>(out, x, delta, w, dim, eps);
   LC_LAUNCHED("rmsnorm");
   return LITE_CUDA_OK;
 }
 
-__global__ void k_rope(float *out, const float *x, const float *cs, const float *sn, int64_t n, int64_t n_head,
-                       int64_t half) {
+LC_API int lite_cuda_rmsnorm_f32(float *out, const float *x, const float *w, int64_t n_rows, int64_t dim,
+                                 float eps, void *stream) {
+  /* without a delta the kernel never writes x */
+  return lite_cuda_add_rmsnorm_f32(out, (float *)x, NULL, w, n_rows, dim, eps, stream);
+}
+
+/* Row (t, h) of x starts at x + (t * n_head + h) * xs, of out at out + (t * n_head + h) * os. */
+__global__ void k_rope(float *out, int64_t os, const float *x, int64_t xs, const float *cs, const float *sn,
+                       int64_t n, int64_t n_head, int64_t half) {
   const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= n) return;
   const int64_t i = idx % half, th = idx / half, t = th / n_head;
-  const int64_t base = th * 2 * half + 2 * i;
-  const float c = cs[t * half + i], s = sn[t * half + i], e = x[base], o = x[base + 1];
-  out[base] = e * c - o * s;
-  out[base + 1] = e * s + o * c;
+  const float *xr = x + th * xs + 2 * i;
+  float *o = out + th * os + 2 * i;
+  const float c = cs[t * half + i], s = sn[t * half + i], e = xr[0], od = xr[1];
+  o[0] = e * c - od * s;
+  o[1] = e * s + od * c;
+}
+
+LC_API int lite_cuda_rope_rows(float *out, int64_t out_stride, const float *x, int64_t x_stride, const float *cos_t,
+                               const float *sin_t, int64_t n_tok, int64_t n_head, int64_t dim, void *stream) {
+  lc_clear();
+  LC_REQUIRE(n_tok >= 0 && n_head >= 0 && dim >= 0 && dim % 2 == 0 && out_stride >= dim && x_stride >= dim,
+             LITE_CUDA_ERR_ARG, "bad sizes or strides");
+  const int64_t n = n_tok * n_head * (dim / 2);
+  if (n == 0) return LITE_CUDA_OK;
+  LC_REQUIRE(out && x && cos_t && sin_t, LITE_CUDA_ERR_NULL, "NULL buffer");
+  LC_REQUIRE((n + 255) / 256 < (1ll << 31), LITE_CUDA_ERR_ARG, "too many rows");
+  k_rope<<<(unsigned)((n + 255) / 256), 256, 0, lc_stream(stream)>>>(out, out_stride, x, x_stride, cos_t, sin_t, n,
+                                                                    n_head, dim / 2);
+  LC_LAUNCHED("rope");
+  return LITE_CUDA_OK;
 }
 
 LC_API int lite_cuda_rope_f32(float *out, const float *x, const float *cos_t, const float *sin_t,
                               int64_t n_tok, int64_t n_head, int64_t dim, void *stream) {
-  lc_clear();
-  LC_REQUIRE(n_tok >= 0 && n_head >= 0 && dim >= 0 && dim % 2 == 0, LITE_CUDA_ERR_ARG, "bad sizes");
-  const int64_t n = n_tok * n_head * (dim / 2);
-  if (n == 0) return LITE_CUDA_OK;
-  LC_REQUIRE(out && x && cos_t && sin_t, LITE_CUDA_ERR_NULL, "NULL buffer");
-  k_rope<<<(unsigned)((n + 255) / 256), 256, 0, lc_stream(stream)>>>(out, x, cos_t, sin_t, n, n_head, dim / 2);
-  LC_LAUNCHED("rope");
-  return LITE_CUDA_OK;
+  return lite_cuda_rope_rows(out, dim, x, dim, cos_t, sin_t, n_tok, n_head, dim, stream);
 }
 
 __global__ void k_softmax(float *out, const float *x, int64_t n) {
@@ -341,11 +387,14 @@ LC_API int lite_cuda_silu_mul_f32(float *out, const float *g, const float *u, in
 }
 
 /* ---- MLA attention ---------------------------------------------------------------------------- */
-/* One block per (token, head); online softmax over chunks of MLA_CH positions; each thread owns
- * latent channels tid, tid + MLA_NT, ... of the output. */
+/* Grid (T*H, splits): block (th, sp) attends over positions [sp * span, min(n_see, (sp + 1) * span))
+ * of what token t sees, with an online softmax over chunks of MLA_CH positions; each thread owns
+ * latent channels tid, tid + MLA_NT, ... With one split it writes the output; with several (a
+ * decode step has only H blocks otherwise) it writes its partial (max, sum, acc[C]) to
+ * part[(sp * T*H + th) * (C + 2)] for k_mla_combine. */
 __global__ void __launch_bounds__(MLA_NT)
-k_mla(float *out, const float *q_lat, const float *q_pe, const float *ckv, const float *kpe, int64_t n_head,
-      int64_t C, int64_t R, int64_t start, float scale) {
+k_mla(float *out, float *part, const float *q_lat, const float *q_pe, const float *ckv, const float *kpe,
+      int64_t n_head, int64_t C, int64_t R, int64_t start, float scale, int64_t span) {
   extern __shared__ float sm[];
   float *q = sm, *p = sm + C + R;
   const int64_t th = blockIdx.x, t = th / n_head;
@@ -354,12 +403,13 @@ k_mla(float *out, const float *q_lat, const float *q_pe, const float *ckv, const
   for (int64_t i = tid; i < R; i += MLA_NT) q[C + i] = q_pe[th * R + i];
   __syncthreads();
   const int64_t n_see = start + t + 1;
+  const int64_t s_beg = (int64_t)blockIdx.y * span, s_end = min(n_see, s_beg + span);
   float acc[LITE_CUDA_MLA_MAX_C / MLA_NT];
 #pragma unroll
   for (int i = 0; i < LITE_CUDA_MLA_MAX_C / MLA_NT; i++) acc[i] = 0.f;
   float m = -INFINITY, l = 0.f;
-  for (int64_t s0 = 0; s0 < n_see; s0 += MLA_CH) {
-    const int n = (int)min((int64_t)MLA_CH, n_see - s0);
+  for (int64_t s0 = s_beg; s0 < s_end; s0 += MLA_CH) {
+    const int n = (int)min((int64_t)MLA_CH, s_end - s0);
     for (int j = warp; j < n; j += MLA_NT / 32) {
       const float *kr = ckv + (s0 + j) * C, *pr = kpe + (s0 + j) * R;
       float d = 0.f;
@@ -387,29 +437,98 @@ k_mla(float *out, const float *q_lat, const float *q_pe, const float *ckv, const
     m = mn;
     __syncthreads();
   }
+  if (gridDim.y == 1) {
+#pragma unroll
+    for (int i = 0; i < LITE_CUDA_MLA_MAX_C / MLA_NT; i++) {
+      const int64_t c = tid + (int64_t)i * MLA_NT;
+      if (c < C) out[th * C + c] = acc[i] / l;
+    }
+    return;
+  }
+  float *pp = part + ((int64_t)blockIdx.y * gridDim.x + th) * (C + 2);
+  if (tid == 0) pp[0] = m, pp[1] = l;
 #pragma unroll
   for (int i = 0; i < LITE_CUDA_MLA_MAX_C / MLA_NT; i++) {
     const int64_t c = tid + (int64_t)i * MLA_NT;
-    if (c < C) out[th * C + c] = acc[i] / l;
+    if (c < C) pp[2 + c] = acc[i];
   }
+}
+
+/* out[th] = the splits' partials merged: rescaled to the overall max; an empty split has max
+ * -inf and sum 0, and split 0 is never empty, so the overall max is finite. */
+__global__ void k_mla_combine(float *out, const float *part, int64_t n_th, int64_t C, int splits) {
+  const int64_t th = blockIdx.x;
+  float mx = -INFINITY, l = 0.f;
+  for (int sp = 0; sp < splits; sp++) mx = fmaxf(mx, part[(sp * n_th + th) * (C + 2)]);
+  for (int sp = 0; sp < splits; sp++) {
+    const float *pp = part + (sp * n_th + th) * (C + 2);
+    l += pp[1] * expf(pp[0] - mx);
+  }
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    float a = 0.f;
+    for (int sp = 0; sp < splits; sp++) {
+      const float *pp = part + (sp * n_th + th) * (C + 2);
+      a += pp[2 + c] * expf(pp[0] - mx);
+    }
+    out[th * C + c] = a / l;
+  }
+}
+
+#define MLA_MIN_SPAN 32      /* positions per split at least */
+#define MLA_TARGET_BLOCKS 2048
+
+/* Positions per split and the number of splits for T*H blocks over up to n_see positions. */
+static void mla_splits(int64_t n_th, int64_t n_see, int64_t *span, int64_t *splits) {
+  int64_t want = MLA_TARGET_BLOCKS / (n_th > 0 ? n_th : 1);
+  if (want < 1) want = 1;
+  int64_t sp = (n_see + want - 1) / want;
+  if (sp < MLA_MIN_SPAN) sp = MLA_MIN_SPAN;
+  *span = sp;
+  *splits = (n_see + sp - 1) / sp;
+}
+
+LC_API int lite_cuda_mla_scratch_floats(int64_t *out, int64_t n_tok, int64_t n_head, int64_t c_dim, int64_t start) {
+  lc_clear();
+  LC_REQUIRE(out, LITE_CUDA_ERR_NULL, "out is NULL");
+  LC_REQUIRE(n_tok >= 0 && n_head > 0 && c_dim > 0 && start >= 0, LITE_CUDA_ERR_ARG, "bad sizes");
+  int64_t span, splits;
+  mla_splits(n_tok * n_head, start + n_tok, &span, &splits);
+  *out = splits > 1 ? splits * n_tok * n_head * (c_dim + 2) : 0;
+  return LITE_CUDA_OK;
 }
 
 LC_API int lite_cuda_mla_attention(float *out, const float *q_lat, const float *q_pe, const float *ckv,
                                    const float *kpe, int64_t n_tok, int64_t n_head, int64_t c_dim,
-                                   int64_t r_dim, int64_t n_pos, int64_t start, float scale, void *stream) {
+                                   int64_t r_dim, int64_t n_pos, int64_t start, float scale, float *d_scratch,
+                                   int64_t scratch_floats, void *stream) {
   lc_clear();
-  LC_REQUIRE(n_tok >= 0 && n_head > 0 && c_dim > 0 && r_dim >= 0 && start >= 0, LITE_CUDA_ERR_ARG, "bad sizes");
+  LC_REQUIRE(n_tok >= 0 && n_head > 0 && c_dim > 0 && r_dim >= 0 && start >= 0 && scratch_floats >= 0,
+             LITE_CUDA_ERR_ARG, "bad sizes");
   LC_REQUIRE(c_dim + r_dim <= LITE_CUDA_MLA_MAX_C, LITE_CUDA_ERR_ARG, "C + R = %lld exceeds %d",
              (long long)(c_dim + r_dim), LITE_CUDA_MLA_MAX_C);
   LC_REQUIRE(n_pos >= start + n_tok, LITE_CUDA_ERR_SIZE, "cache holds %lld positions, needs start + T = %lld",
              (long long)n_pos, (long long)(start + n_tok));
   if (n_tok == 0) return LITE_CUDA_OK;
   LC_REQUIRE(out && q_lat && ckv && (r_dim == 0 || (q_pe && kpe)), LITE_CUDA_ERR_NULL, "NULL buffer");
-  LC_REQUIRE(n_tok * n_head < (1ll << 31), LITE_CUDA_ERR_ARG, "too many (token, head) pairs");
+  const int64_t n_th = n_tok * n_head;
+  LC_REQUIRE(n_th < (1ll << 31), LITE_CUDA_ERR_ARG, "too many (token, head) pairs");
+  int64_t span, splits;
+  mla_splits(n_th, start + n_tok, &span, &splits);
+  /* Fewer splits when the scratch holds fewer partials (none: one split, no scratch). */
+  const int64_t fit = d_scratch ? scratch_floats / (n_th * (c_dim + 2)) : 1;
+  if (splits > fit) {
+    splits = fit > 1 ? fit : 1;
+    span = (start + n_tok + splits - 1) / splits;
+  }
+  LC_REQUIRE(splits <= MAX_GRID_Y, LITE_CUDA_ERR_ARG, "too many splits");
   const size_t shm = (size_t)(c_dim + r_dim + MLA_CH) * sizeof(float);
-  k_mla<<<(unsigned)(n_tok * n_head), MLA_NT, shm, lc_stream(stream)>>>(out, q_lat, q_pe, ckv, kpe, n_head, c_dim,
-                                                                        r_dim, start, scale);
+  k_mla<<<dim3((unsigned)n_th, (unsigned)splits), MLA_NT, shm, lc_stream(stream)>>>(
+      out, d_scratch, q_lat, q_pe, ckv, kpe, n_head, c_dim, r_dim, start, scale, span);
   LC_LAUNCHED("mla_attention");
+  if (splits > 1) {
+    k_mla_combine<<<(unsigned)n_th, MLA_NT, 0, lc_stream(stream)>>>(out, d_scratch, n_th, c_dim, (int)splits);
+    LC_LAUNCHED("mla_attention combine");
+  }
   return LITE_CUDA_OK;
 }
 
@@ -711,5 +830,82 @@ LC_API int lite_cuda_moe(float *out, int64_t out_len, const float *x, int64_t n_
   const int64_t n = n_tok * dim;
   k_moe_combine<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(out, d_y, d_tok_pairs, n_tok, dim, KP);
   LC_LAUNCHED("moe combine");
+  return LITE_CUDA_OK;
+}
+
+/* ---- mixture of experts for one token, routed on the device ----------------------------------- */
+/* Slot s of the call: the always-on entry first (when there is one), then routed slot s - has_always;
+ * -1 when the id is outside the table (nothing to run). */
+__device__ __forceinline__ int moe1_entry(int s, const int32_t *ids, int n_ent, int always) {
+  if (always >= 0) {
+    if (s == 0) return always;
+    s -= 1;
+  }
+  const int e = ids[s];
+  return e >= 0 && e < n_ent ? e : -1;
+}
+
+/* h[s, f] = silu(gate_f . x) * (up_f . x) for slot s = blockIdx.y. */
+__global__ void __launch_bounds__(WARPS * 32)
+k_moe1_gate_up(const lite_cuda_expert *__restrict__ tab, int n_ent, const int32_t *__restrict__ ids, int always,
+               const float *__restrict__ x, int64_t D, float *__restrict__ h, int64_t hs) {
+  const int e = moe1_entry((int)blockIdx.y, ids, n_ent, always);
+  if (e < 0) return;
+  const lite_cuda_expert &E = tab[e];
+  const int lane = threadIdx.x & 31;
+  const int64_t f = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5);
+  if (f >= E.ffn) return;
+  const float *xs[1] = {x};
+  float g[1] = {0.f}, u[1] = {0.f};
+  dot_tile<1>(g, E.w[0] + f * E.row_bytes[0], E.type[0], D, xs, 1, lane);
+  dot_tile<1>(u, E.w[1] + f * E.row_bytes[1], E.type[1], D, xs, 1, lane);
+  const float gs = warp_sum(g[0]), us = warp_sum(u[0]);
+  if (lane == 0) h[blockIdx.y * hs + f] = silu_mul1(gs, us);
+}
+
+/* out[d] = sum over slots in order of weight_s * (down_d . h[s]): one warp per output row, so the
+ * sum needs no second pass and its order is fixed. */
+__global__ void __launch_bounds__(WARPS * 32)
+k_moe1_down(const lite_cuda_expert *__restrict__ tab, int n_ent, const int32_t *__restrict__ ids,
+            const float *__restrict__ wts, int n_slot, int always, const float *__restrict__ h, int64_t hs, int64_t D,
+            float *__restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t d = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5);
+  if (d >= D) return;
+  float total = 0.f;
+  for (int s = 0; s < n_slot; s++) {
+    const int e = moe1_entry(s, ids, n_ent, always);
+    if (e < 0) continue;
+    const lite_cuda_expert &E = tab[e];
+    const float *xs[1] = {h + s * hs};
+    float acc[1] = {0.f};
+    dot_tile<1>(acc, E.w[2] + d * E.row_bytes[2], E.type[2], E.ffn, xs, 1, lane);
+    const float v = warp_sum(acc[0]);
+    total += (always >= 0 && s == 0) ? v : v * wts[s - (always >= 0)];
+  }
+  if (lane == 0) out[d] = total;
+}
+
+LC_API int lite_cuda_moe_decode(float *out, const float *x, int64_t dim, const int32_t *ids, const float *weights,
+                                int64_t k, const lite_cuda_expert *table, int64_t n_entries, int64_t always,
+                                int64_t max_ffn, float *d_scratch, int64_t scratch_floats, void *stream) {
+  lc_clear();
+  LC_REQUIRE(dim > 0 && k >= 0 && k <= LITE_CUDA_ROUTE_MAX_K && n_entries > 0 && n_entries <= MAX_GRID_Y &&
+                 always >= -1 && always < n_entries && max_ffn > 0 && (k > 0 || always >= 0),
+             LITE_CUDA_ERR_ARG, "bad sizes D=%lld K=%lld entries=%lld always=%lld F=%lld", (long long)dim,
+             (long long)k, (long long)n_entries, (long long)always, (long long)max_ffn);
+  LC_REQUIRE(out && x && table && d_scratch && (k == 0 || (ids && weights)), LITE_CUDA_ERR_NULL, "NULL buffer");
+  const int64_t n_slot = k + (always >= 0), hs = hstride(max_ffn);
+  LC_REQUIRE(scratch_floats >= n_slot * hs, LITE_CUDA_ERR_SIZE, "scratch holds %lld floats, needs %lld",
+             (long long)scratch_floats, (long long)(n_slot * hs));
+  LC_REQUIRE(((uintptr_t)x & 15) == 0 && ((uintptr_t)d_scratch & 15) == 0, LITE_CUDA_ERR_ARG,
+             "input and scratch must be 16-byte aligned");
+  cudaStream_t st = lc_stream(stream);
+  k_moe1_gate_up<<<dim3((unsigned)((max_ffn + WARPS - 1) / WARPS), (unsigned)n_slot), WARPS * 32, 0, st>>>(
+      table, (int)n_entries, ids, (int)always, x, dim, d_scratch, hs);
+  LC_LAUNCHED("moe_decode gate/up");
+  k_moe1_down<<<(unsigned)((dim + WARPS - 1) / WARPS), WARPS * 32, 0, st>>>(
+      table, (int)n_entries, ids, weights, (int)n_slot, (int)always, d_scratch, hs, dim, out);
+  LC_LAUNCHED("moe_decode down");
   return LITE_CUDA_OK;
 }

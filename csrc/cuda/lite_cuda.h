@@ -16,7 +16,7 @@
 #define LITE_CUDA_H
 #include <stdint.h>
 
-#define LITE_CUDA_ABI_VERSION 1
+#define LITE_CUDA_ABI_VERSION 2
 
 #define LITE_CUDA_OK 0
 #define LITE_CUDA_ERR_ARG -1      /* a size, count, index or option is invalid */
@@ -98,12 +98,26 @@ int lite_cuda_row_bytes(int64_t *out, int type, int64_t cols);
 int lite_cuda_matmul(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t cols,
                      const uint8_t *w, int64_t w_bytes, int type, int64_t n_rows, void *stream);
 
+/* Per head h < n_head: out + h * out_hs [T, N] = (x + h * x_hs) [T, cols] . W_h^T, for W [H, N, cols]
+ * (w_bytes >= H * N * row bytes); one launch for all heads. A quantized weight needs x 16-byte
+ * aligned and x_hs a multiple of 4 (its blocks are read as float4). */
+int lite_cuda_matmul_heads(float *out, int64_t out_len, int64_t out_hs, const float *x, int64_t x_hs,
+                           int64_t n_tok, int64_t cols, const uint8_t *w, int64_t w_bytes, int type,
+                           int64_t n_rows, int64_t n_head, void *stream);
+
 /* out [T, D] = w * x / sqrt(mean(x^2) + eps) per row. */
 int lite_cuda_rmsnorm_f32(float *out, const float *x, const float *w, int64_t n_rows, int64_t dim,
                           float eps, void *stream);
+/* x += delta (in place; delta may be NULL), then out = rmsnorm(x) as above. */
+int lite_cuda_add_rmsnorm_f32(float *out, float *x, const float *delta, const float *w, int64_t n_rows,
+                              int64_t dim, float eps, void *stream);
 /* out [T, H, R] = interleaved-pair rotation of x [T, H, R] by cos/sin [T, R/2]. */
 int lite_cuda_rope_f32(float *out, const float *x, const float *cos_t, const float *sin_t,
                        int64_t n_tok, int64_t n_head, int64_t dim, void *stream);
+/* The same with row strides: row (t, h) of x at x + (t * H + h) * x_stride, of out likewise
+ * (e.g. the rope part of each head's query, in place). */
+int lite_cuda_rope_rows(float *out, int64_t out_stride, const float *x, int64_t x_stride, const float *cos_t,
+                        const float *sin_t, int64_t n_tok, int64_t n_head, int64_t dim, void *stream);
 /* Row-wise softmax of x [T, N] (max subtracted). */
 int lite_cuda_softmax_f32(float *out, const float *x, int64_t n_rows, int64_t n, void *stream);
 /* out = silu(g) * u, n elements. */
@@ -112,10 +126,15 @@ int lite_cuda_silu_mul_f32(float *out, const float *g, const float *u, int64_t n
 /* Absorbed MLA attention in latent space (cache on device): out [T, H, C] =
  * softmax((q_lat . ckv^T + q_pe . kpe^T) * scale, causal: query t sees positions 0..start+t) . ckv
  * q_lat [T, H, C], q_pe [T, H, R], ckv [S, C], kpe [S, R]; requires S >= start + T,
- * C + R <= LITE_CUDA_MLA_MAX_C. Online softmax over chunks of positions. */
+ * C + R <= LITE_CUDA_MLA_MAX_C. Online softmax over chunks of positions; the positions are split
+ * among several blocks per (token, head) when d_scratch (device) holds their partials:
+ * lite_cuda_mla_scratch_floats gives the floats for the full split (0: none helps); with less (or
+ * NULL) fewer splits run. */
+int lite_cuda_mla_scratch_floats(int64_t *out, int64_t n_tok, int64_t n_head, int64_t c_dim, int64_t start);
 int lite_cuda_mla_attention(float *out, const float *q_lat, const float *q_pe, const float *ckv,
                             const float *kpe, int64_t n_tok, int64_t n_head, int64_t c_dim,
-                            int64_t r_dim, int64_t n_pos, int64_t start, float scale, void *stream);
+                            int64_t r_dim, int64_t n_pos, int64_t start, float scale, float *d_scratch,
+                            int64_t scratch_floats, void *stream);
 
 /* Router on device: probs [T, E] = softmax(logits [T, E]); ids int32 [T, K] and weights [T, K]
  * = top-K of probs (ties to the lower id), restricted to the best `topk_group` of `n_group`
@@ -144,5 +163,28 @@ int lite_cuda_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, in
                   int64_t n_exp, const uint8_t **h_gate, const uint8_t **h_up, const uint8_t **h_down,
                   const int32_t *h_types, const int64_t *h_nbytes, const int64_t *h_ffn, int64_t shared,
                   uint8_t *d_scratch, int64_t d_bytes, uint8_t *h_scratch, int64_t h_bytes, void *stream);
+
+/* One expert of a device-resident table: gate [F, D], up [F, D], down [D, F] at device pointers. */
+typedef struct {
+  const uint8_t *w[3];
+  int64_t row_bytes[3];
+  int32_t type[3];
+  int32_t ffn;
+} lite_cuda_expert;
+
+/* One token's experts with its routing already on the device (decode without a host round trip):
+ * out [D] = FFN_always(x) + sum_k weights[k] * FFN_table[ids[k]](x), summed in that order.
+ * table: DEVICE array of n_entries experts (checked by the caller when it was built); ids [K]
+ * and weights [K]: DEVICE arrays (an id outside 0..n_entries-1 is skipped); `always` indexes
+ * the table (a shared expert or a dense MLP) or is -1; max_ffn bounds every entry's F.
+ * d_scratch: (K + 1) * round_up(max_ffn, 32) floats. */
+int lite_cuda_moe_decode(float *out, const float *x, int64_t dim, const int32_t *ids, const float *weights,
+                         int64_t k, const lite_cuda_expert *table, int64_t n_entries, int64_t always,
+                         int64_t max_ffn, float *d_scratch, int64_t scratch_floats, void *stream);
+
+/* Strided copies (pitches and width in bytes): `height` rows of `width` bytes; kind 0 host to
+ * device, 1 device to host. Asynchronous on `stream` like the 1-D copies. */
+int lite_cuda_memcpy2d_async(void *dst, int64_t dpitch, const void *src, int64_t spitch, int64_t width,
+                             int64_t height, int kind, void *stream);
 
 #endif

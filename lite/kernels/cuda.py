@@ -49,6 +49,7 @@ state, latent cache and routing on the device: the kernels already take device p
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -62,7 +63,8 @@ import numpy as np
 
 from ..errors import BackendError
 from . import native
-from .base import FFNWeights, QTensor, check_f32, check_heads_fit, check_mla, check_rmsnorm, check_rope, check_weight
+from .base import (DecodeLayer, FFNWeights, QTensor, check_f32, check_heads_fit, check_mla, check_norm, check_residual,
+                   check_rmsnorm, check_rope, check_route_args, check_weight, mla_dims)
 
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
            -4: "buffer too small for the shapes", -5: "row length not a multiple of the block size",
@@ -71,6 +73,7 @@ MLA_MAX_C = 1024
 ROUTE_MAX_E, ROUTE_MAX_K = 1024, 64
 MAX_TOKENS = 65535 * 8
 RESERVE_BYTES = 1536 << 20          # kept free for scratch when no budget is given
+_FLOAT_TYPES = (0, 1, 30)            # F32, F16, BF16: read one weight at a time
 _EXPERT_NAME = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.weight\[\d+\]$")
 
 
@@ -252,6 +255,18 @@ class _Entry:
     owner: weakref.ref
     expert: bool
     ready: Event | None = None       # set while an async copy is in flight
+    pinned: bool = False             # held for a decode_layers pack: never evicted
+
+
+@dataclass
+class _Mirror:
+    """The device copy of one host latent-cache array (its whole owner: `[L, capacity, C]` for the
+    model's cache) and, per layer view (its byte offset in the owner), how many leading rows are
+    known equal on both sides."""
+    buf: DeviceBuffer
+    owner: weakref.ref
+    addr: int
+    synced: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -292,6 +307,7 @@ class CudaBackend:
         self._in_use: set[tuple] = set()
         self._waited: list[_Entry] = []     # entries whose copy event the compute stream waited on
         self._cpu = None
+        self._mirrors: dict[int, _Mirror] = {}
         self.stats = CudaStats()
 
     # ---- lifetime ----------------------------------------------------------------------------------
@@ -302,10 +318,11 @@ class CudaBackend:
             self._copy.sync()
             for e in self._cache.values():
                 e.buf.free()
-            for b in self._scratch.values():
+            for b in [*self._scratch.values(), *(m.buf for m in self._mirrors.values())]:
                 b.free()
             self._cache.clear()
             self._scratch.clear()
+            self._mirrors.clear()
             self._used = self.stats.resident_bytes = self.stats.expert_bytes = 0
 
     def gpu_stats(self) -> dict[str, Any]:
@@ -395,7 +412,7 @@ class CudaBackend:
         if self._used + nbytes <= self.vram_budget:
             return True
         self._sweep()
-        for k in [k for k, e in self._cache.items() if e.expert and k not in self._in_use]:
+        for k in [k for k, e in self._cache.items() if e.expert and not e.pinned and k not in self._in_use]:
             if self._used + nbytes <= self.vram_budget:
                 break
             self._drop(k)
@@ -499,8 +516,7 @@ class CudaBackend:
         t, h, cols = x.shape
         check_heads_fit(x, w)
         n = w.shape[1]
-        flat = QTensor(w.name, w.qtype, (h * n, cols), w.data.reshape(h * n, -1)) \
-            if isinstance(w.data, np.ndarray) and w.data.ndim == 3 else w
+        flat = _flat(w)
         with self._lock:
             plan = self._plan("matmul_heads", [(flat, h * n, cols)])
             out = np.empty((h, t, n), np.float32)
@@ -508,13 +524,10 @@ class CudaBackend:
                 self._end_call()
                 return out.transpose(1, 0, 2).copy()
             dx, dout = self._put("x", np.ascontiguousarray(x.transpose(1, 0, 2))), self._buf("out", out.nbytes)
-            head_bytes = flat.data.nbytes // h
-            for i in range(h):
-                rc = self.lib.lite_cuda_matmul(dout.typed("float *", i * t * n * 4), t * n,
-                                               dx.typed("float *", i * t * cols * 4), t, cols,
-                                               plan.ptrs[0] + i * head_bytes, head_bytes, int(w.qtype), n,
-                                               self._stream.handle)
-                _check(rc, "matmul_heads", f"weight {w.name} {w.qtype.name} {w.shape}, head {i}")
+            rc = self.lib.lite_cuda_matmul_heads(dout.typed(), out.size, t * n, dx.typed(), t * cols, t, cols,
+                                                 plan.ptrs[0], flat.data.nbytes, int(w.qtype), n, h,
+                                                 self._stream.handle)
+            _check(rc, "matmul_heads", f"weight {w.name} {w.qtype.name} {w.shape}")
             self._get(dout, out)
             self._end_call()
         return np.ascontiguousarray(out.transpose(1, 0, 2))
@@ -583,11 +596,18 @@ class CudaBackend:
             dp = self._put("w", q_pe) if r else None
             dk = self._put("kpe", kpe) if r else None
             do = self._buf("out", out.nbytes)
+            scr, nf = self._mla_scratch(t, h, c, start)
             rc = self.lib.lite_cuda_mla_attention(do.typed(), dq.typed(), dp.typed() if dp else null, dc.typed(),
                                                   dk.typed() if dk else null, t, h, c, r, s, start, float(scale),
-                                                  self._stream.handle)
+                                                  scr, nf, self._stream.handle)
             _check(rc, "mla_attention")
             self._get(do, out)
+            # The caller wrote rows start.. of its cache: device copies of them are stale now.
+            for arr in (ckv, kpe):
+                got = self._mirror_of(arr, create=False)
+                if got is not None:
+                    m, off = got
+                    m.synced[off] = min(m.synced.get(off, 0), start)
         return out
 
     def route(self, logits: np.ndarray, k: int, n_group: int = 1, topk_group: int = 1, norm: bool = False,
@@ -613,6 +633,191 @@ class CudaBackend:
             self._get(dw, w)
             self._get(dp, probs)
         return ids, w, probs
+
+    def _mla_scratch(self, t: int, h: int, c: int, start: int) -> tuple[Any, int]:
+        """(device pointer or NULL, floats) for the partials of the split attention."""
+        nf = self.ffi.new("int64_t *")
+        _check(self.lib.lite_cuda_mla_scratch_floats(nf, t, h, c, start), "mla_attention", "scratch size")
+        n = int(nf[0])
+        return (self._buf("mla", n * 4).typed(), n) if n else (self.ffi.NULL, 0)
+
+    # ---- latent caches on the device ---------------------------------------------------------------
+    def _mirror_of(self, a: np.ndarray, create: bool) -> tuple[_Mirror, int] | None:
+        """The device mirror of the host array owning `a` and `a`'s byte offset in it; made (empty:
+        no rows synced) when `create`, else None where there is none."""
+        own = _owner(a)
+        m = self._mirrors.get(id(own))
+        if m is not None and (m.owner() is not own or m.addr != own.ctypes.data or m.buf.nbytes != own.nbytes):
+            self._stream.sync()
+            m.buf.free()
+            del self._mirrors[id(own)]
+            m = None
+        if m is None:
+            if not create:
+                return None
+            if not own.flags.c_contiguous:
+                raise BackendError("decode_layers: a latent cache must be a view of a C-contiguous array")
+            for key in [k for k, v in self._mirrors.items() if v.owner() is None]:
+                self._stream.sync()
+                self._mirrors.pop(key).buf.free()
+            m = self._mirrors[id(own)] = _Mirror(DeviceBuffer(own.nbytes), weakref.ref(own), own.ctypes.data)
+        return m, a.ctypes.data - m.addr
+
+    # ---- a decode step through every layer (optional op) ---------------------------------------------
+    def _pin(self, op: str, w: QTensor, pinned: list) -> Any:
+        """`w`'s device pointer, its cache entry held for good (never evicted), or BackendError
+        when the budget has no room for it."""
+        check_weight(op, w, None, None)
+        key = self._key(w)
+        if key is None:
+            raise BackendError(f"{op}: weight {w.name} has no stable identity to keep on the GPU")
+        e = self._lookup(key, w)
+        if e is None:
+            e = self._admit(key, w, bool(_EXPERT_NAME.match(w.name)), self._stream)
+            if e is None:
+                raise BackendError(f"{op}: the weights do not fit the VRAM budget of {self.vram_budget} bytes")
+        if not e.pinned:
+            e.pinned = True
+            pinned.append(e)
+        return _ffi.cast("const uint8_t *", e.buf.ptr)
+
+    def prepare_layers(self, layers: "list[DecodeLayer]", d: int, k: int) -> "_CudaLayers":
+        """`layers` validated for hidden size d and K routed experts per token, with every weight
+        held in the GPU cache, for `decode_layers`; BackendError (and nothing held) when they do
+        not fit the VRAM budget - the per-layer ops then serve, with the expert cache."""
+        if not layers or not all(isinstance(L, DecodeLayer) for L in layers):
+            raise BackendError("prepare_layers: expected a non-empty sequence of DecodeLayer")
+        if not 0 <= k <= ROUTE_MAX_K:
+            raise BackendError(f"prepare_layers: K={k} outside 0..{ROUTE_MAX_K}")
+        with self._lock:
+            pinned: list[_Entry] = []
+            try:
+                pack = _CudaLayers(self, layers, d, k, pinned)
+                self.synchronize()          # uploads done: the pack's entries need no copy events
+                for e in pinned:
+                    e.ready = None
+                return pack
+            except BaseException:
+                for e in pinned:
+                    e.pinned = False
+                raise
+
+    def decode_layers(self, x: np.ndarray, pack: "_CudaLayers", caches, cos: np.ndarray, sin: np.ndarray,
+                      start: int, scale: float, eps: float, norm_eps: float, n_group: int = 1, topk_group: int = 1,
+                      norm: bool = False, route_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """One token through every layer on the device, with the results of the per-layer ops (see
+        CBackend.decode_layers): x `[1, D]` is updated in place up to the last layer's FFN input,
+        the last FFN output `[1, D]` and the routed ids `[L, K]` (-1 for dense layers) are
+        returned. caches[i] is layer i's host (ckv `[S, C]`, kpe `[S, R]`): the device keeps a
+        mirror of each, sends it the rows written on the host since (prefill), computes on it and
+        writes row `start` back, so host and device agree after every call."""
+        if not isinstance(pack, _CudaLayers) or pack.owner is not self:
+            raise BackendError("decode_layers: pack must come from this backend's prepare_layers")
+        x = check_residual(x, "decode_layers input")
+        n_layer, (h, nn, r, c, v, q), dm, kk = len(pack.layers), pack.dims, pack.d, pack.k
+        if x.shape != (1, dm) or len(caches) != n_layer:
+            raise BackendError(f"decode_layers: input {x.shape} and {len(caches)} caches do not fit "
+                               f"{n_layer} layers of D={dm}")
+        cos, sin = check_f32("decode_layers cos", cos, 2), check_f32("decode_layers sin", sin, 2)
+        for e in pack.n_exps:
+            check_route_args("decode_layers", e, kk, n_group, topk_group, route_scale)
+        rows = caches[0][0].shape[0] if caches and isinstance(caches[0][0], np.ndarray) else -1
+        if (cos.shape != (1, r // 2) or sin.shape != cos.shape or not isinstance(start, (int, np.integer))
+                or isinstance(start, bool) or not 0 <= start < rows or not math.isfinite(scale) or not eps >= 0
+                or not norm_eps >= 0):
+            raise BackendError(f"decode_layers: tables {cos.shape}/{sin.shape}, start {start!r} (cache rows "
+                               f"{rows}), scale {scale!r}, eps {eps!r}/{norm_eps!r} do not fit (R={r})")
+        start = int(start)
+        views = []
+        for i, (ckv, kpe) in enumerate(caches):
+            ckv, kpe = check_residual(ckv, "decode_layers ckv cache"), check_residual(kpe, "decode_layers kpe cache")
+            if ckv.shape != (rows, c) or kpe.shape != (rows, r):
+                raise BackendError(f"decode_layers: layer {i} caches {ckv.shape}/{kpe.shape}, want [{rows}, {c}]"
+                                   f"/[{rows}, {r}]")
+            views.append((ckv, kpe))
+        lib, ffi, st = self.lib, self.ffi, self._stream.handle
+        with self._lock:
+            sc = self._buf("layers", pack.scratch_bytes)
+            at = lambda name, ctype="float *": sc.typed(ctype, pack.off[name])  # noqa: E731
+            xs, dl, hb, ab, qa, qb, kvb, qpe, ql, ol, ob, lg, pr, wt, cs = (
+                at(n) for n in ("x", "delta", "h", "a", "qa", "q", "kv", "qpe", "qlat", "olat", "o", "logits",
+                                "probs", "wts", "cs"))
+            ids = at("ids", "int32_t *")
+            mscr, mla_scr = at("moe"), at("mla")
+            sc.upload(x, st, pack.off["x"])
+            sc.upload(np.concatenate([cos.reshape(-1), sin.reshape(-1)]), st, pack.off["cs"])
+            half = r // 2
+            sn = cs + half
+            _check(lib.lite_cuda_memset(ids, 0xFF, max(n_layer * kk, 1) * 4, st), "decode_layers")
+            # Each layer's cache rows on the device: send what the host wrote since the last sync.
+            dev = []
+            for ckv, kpe in views:
+                ptrs = []
+                for a, width in ((ckv, c), (kpe, r)):
+                    m, off = self._mirror_of(a, create=True)
+                    done = m.synced.get(off, 0)
+                    if done < start:
+                        sc_rows = a[done:start]
+                        _check(lib.lite_cuda_memcpy_h2d_async(m.buf.typed("void *", off + done * width * 4),
+                                                              ffi.from_buffer(sc_rows), sc_rows.nbytes, st),
+                               "decode_layers", "cache upload")
+                    ptrs.append((m, off))
+                dev.append(ptrs)
+            nf_mla = pack.mla_floats
+            for i, L in enumerate(pack.layers):
+                (mc, oc), (mk, ok) = dev[i]
+                ckv_d, kpe_d = mc.buf.typed("float *", oc), mk.buf.typed("float *", ok)
+                _check(lib.lite_cuda_add_rmsnorm_f32(hb, xs, dl if i else ffi.NULL, L.attn_norm, 1, dm, norm_eps, st),
+                       "decode_layers")
+                if L.q is not None:
+                    _check(lib.lite_cuda_matmul(qb, pack.hq, hb, 1, dm, L.q, L.q_bytes, L.q_type, pack.hq, st),
+                           "decode_layers", f"layer {i} q")
+                else:
+                    _check(lib.lite_cuda_matmul(qa, q, hb, 1, dm, L.q_a, L.q_a_bytes, L.q_a_type, q, st),
+                           "decode_layers", f"layer {i} q_a")
+                    _check(lib.lite_cuda_rmsnorm_f32(qa, qa, L.q_a_norm, 1, q, eps, st), "decode_layers")
+                    _check(lib.lite_cuda_matmul(qb, pack.hq, qa, 1, q, L.q_b, L.q_b_bytes, L.q_b_type, pack.hq, st),
+                           "decode_layers", f"layer {i} q_b")
+                _check(lib.lite_cuda_matmul(kvb, c + r, hb, 1, dm, L.kv_a, L.kv_a_bytes, L.kv_a_type, c + r, st),
+                       "decode_layers", f"layer {i} kv_a")
+                _check(lib.lite_cuda_rmsnorm_f32(ckv_d + start * c, kvb, L.kv_norm, 1, c, eps, st), "decode_layers")
+                _check(lib.lite_cuda_rope_rows(kpe_d + start * r, r, kvb + c, r, cs, sn, 1, 1, r, st), "decode_layers")
+                _check(lib.lite_cuda_rope_rows(qpe, r, qb + nn, nn + r, cs, sn, 1, h, r, st), "decode_layers")
+                _check(lib.lite_cuda_matmul_heads(ql, h * c, c, qb, nn + r, 1, nn, L.k_b, L.k_b_bytes, L.k_b_type, c,
+                                                  h, st), "decode_layers", f"layer {i} k_b")
+                _check(lib.lite_cuda_mla_attention(ol, ql, qpe, ckv_d, kpe_d, 1, h, c, r, start + 1, start,
+                                                   float(scale), mla_scr, nf_mla, st), "decode_layers")
+                _check(lib.lite_cuda_matmul_heads(ob, h * v, v, ol, c, 1, c, L.v_b, L.v_b_bytes, L.v_b_type, v, h, st),
+                       "decode_layers", f"layer {i} v_b")
+                _check(lib.lite_cuda_matmul(ab, dm, ob, 1, h * v, L.out, L.out_bytes, L.out_type, dm, st),
+                       "decode_layers", f"layer {i} out")
+                _check(lib.lite_cuda_add_rmsnorm_f32(hb, xs, ab, L.ffn_norm, 1, dm, norm_eps, st), "decode_layers")
+                lid = ids + i * kk
+                if L.router is not None:
+                    _check(lib.lite_cuda_matmul(lg, L.n_exp, hb, 1, dm, L.router, L.router_bytes, L.router_type,
+                                                L.n_exp, st), "decode_layers", f"layer {i} router")
+                    _check(lib.lite_cuda_route(lid, wt, pr, lg, 1, L.n_exp, kk, n_group, topk_group, int(bool(norm)),
+                                               float(route_scale), st), "decode_layers", f"layer {i} route")
+                _check(lib.lite_cuda_moe_decode(dl, hb, dm, lid, wt, kk if L.router is not None else 0, L.table,
+                                                L.n_entries, L.always, L.max_ffn, mscr, pack.moe_floats, st),
+                       "decode_layers", f"layer {i} experts")
+            # x, delta and ids lie together at the start of the scratch: one copy back.
+            io = self._hostbuf("layers_io", pack.io_bytes)[:pack.io_bytes]
+            _check(lib.lite_cuda_memcpy_d2h_async(ffi.from_buffer(io), sc.ptr, pack.io_bytes, st), "decode_layers")
+            for i, pair in enumerate(dev):
+                for (m, off), a, width in zip(pair, views[i], (c, r)):
+                    row = a[start]
+                    _check(lib.lite_cuda_memcpy_d2h_async(ffi.from_buffer(row), m.buf.typed("void *", off + start * width * 4),
+                                                          row.nbytes, st), "decode_layers", "cache write-back")
+            self._stream.sync()
+            for pair in dev:
+                for m, off in pair:
+                    m.synced[off] = start + 1
+        f32 = io[:pack.off["ids"]].view(np.float32)
+        x[0] = f32[:dm]
+        delta = f32[pack.off["delta"] // 4:pack.off["delta"] // 4 + dm].reshape(1, dm).copy()
+        got_ids = io[pack.off["ids"]:pack.off["ids"] + n_layer * kk * 4].view(np.int32).reshape(n_layer, kk).copy()
+        return delta, got_ids
 
     # ---- MoE -------------------------------------------------------------------------------------------
     def _cpu_backend(self):
@@ -785,3 +990,140 @@ class CudaBackend:
                         if e is None:
                             return
                         self._mark_copy(e)
+
+
+def _flat(w: QTensor) -> QTensor:
+    """A per-head weight `[H, N, cols]` as the 2-D `[H*N, cols]` weight it is byte for byte (the
+    cache keys it so, whoever asks)."""
+    if isinstance(w.data, np.ndarray) and w.data.ndim == 3:
+        h, n, cols = w.shape
+        return QTensor(w.name, w.qtype, (h * n, cols), w.data.reshape(h * n, -1))
+    return w
+
+
+def _align(n: int) -> int:
+    return (n + 255) & ~255
+
+
+class _LayerPtrs:
+    """One layer as decode_layers launches it: device pointers, byte sizes and types of its
+    weights, its norms (in the pack's norm buffer) and its expert table (in the pack's table
+    buffer)."""
+
+    def __init__(self, be: CudaBackend, i: int, L: DecodeLayer, d: int, dims: tuple, pinned: list,
+                 norm_at, table_at) -> None:
+        op = f"decode_layers layer {i}"
+        h, nn, r, c, v, q = dims
+        w = L.attn
+
+        def put(name: str, t: QTensor | None) -> None:
+            if t is None:
+                setattr(self, name, None)
+                return
+            t = _flat(t)
+            setattr(self, name, be._pin(op, t, pinned))
+            setattr(self, f"{name}_bytes", t.data.nbytes)
+            setattr(self, f"{name}_type", int(t.qtype))
+
+        for name in ("q", "q_a", "q_b", "kv_a", "k_b", "v_b", "out"):
+            put(name, getattr(w, name))
+        self.attn_norm = norm_at(check_norm(op, "attention norm", w.norm, d))
+        self.q_a_norm = norm_at(check_norm(op, "q_a_norm", w.q_a_norm, q)) if q else None
+        self.kv_norm = norm_at(check_norm(op, "kv_a_norm", w.kv_a_norm, c))
+        self.ffn_norm = norm_at(check_norm(op, "ffn_norm", L.ffn_norm, d))
+        if (L.router is None) != (len(L.experts) == 0) or (L.router is None and L.always is None):
+            raise BackendError(f"{op}: needs a router with its experts, or neither and a dense MLP")
+        self.n_exp = len(L.experts)
+        self.router = None
+        if L.router is not None:
+            check_weight(op, L.router, self.n_exp, d)
+            put("router", L.router)
+        entries = [*L.experts, *([L.always] if L.always is not None else [])]
+        self.always = len(entries) - 1 if L.always is not None else -1
+        self.n_entries = len(entries)
+        tab = be.ffi.new("lite_cuda_expert[]", self.n_entries)
+        self.max_ffn = 1
+        rb = be.ffi.new("int64_t *")
+        for j, f in enumerate(entries):
+            if not isinstance(f, FFNWeights):
+                raise BackendError(f"{op}: expert {j} must be FFNWeights, got {type(f).__name__}")
+            width = f.layout(f"{op} expert {j}", d).width
+            self.max_ffn = max(self.max_ffn, width)
+            for part, (t, cols) in enumerate(((f.gate, d), (f.up, d), (f.down, width))):
+                tab[j].w[part] = be._pin(op, t, pinned)
+                _check(be.lib.lite_cuda_row_bytes(rb, int(t.qtype), cols), op, f"expert {j}")
+                tab[j].row_bytes[part] = rb[0]
+                tab[j].type[part] = int(t.qtype)
+            tab[j].ffn = width
+        self.table = table_at(tab, self.n_entries)
+
+
+class _CudaLayers:
+    """Layers as decode_layers runs them: every weight held in the GPU cache, the norms in one
+    device buffer, the expert tables (lite_cuda_expert) in another, and the scratch layout."""
+
+    def __init__(self, be: CudaBackend, layers: "list[DecodeLayer]", d: int, k: int, pinned: list) -> None:
+        op = "decode_layers"
+        self.owner, self.d, self.k = be, d, k
+        dims = None
+        for i, L in enumerate(layers):
+            got = mla_dims(f"{op} layer {i}", L.attn, d)
+            if dims not in (None, got):
+                raise BackendError(f"{op}: layer {i} attention dims {got} differ from layer 0's {dims}")
+            dims = got
+        h, nn, r, c, v, q = self.dims = dims
+        if c + r > MLA_MAX_C:
+            raise BackendError(f"{op}: latent + rope size {c + r} exceeds the kernel's limit {MLA_MAX_C}")
+        self.hq = h * (nn + r)
+        if (nn + r) % 4 and any(int(L.attn.k_b.qtype) not in _FLOAT_TYPES for L in layers):
+            # the quantized matvec reads each head's query as float4s
+            raise BackendError(f"{op}: a quantized k_b needs N + R = {nn + r} to be a multiple of 4")
+        norms: list[np.ndarray] = []
+        norm_offsets: list[int] = []
+        tables: list[bytes] = []
+        table_offsets: list[int] = []
+        size = be.ffi.sizeof("lite_cuda_expert")
+
+        def norm_at(a: np.ndarray):
+            norm_offsets.append(sum(len(n) for n in norms))
+            norms.append(a)
+            return len(norm_offsets) - 1           # an index until the buffer exists
+
+        def table_at(tab, n: int):
+            table_offsets.append(sum(len(t) for t in tables))
+            tables.append(bytes(be.ffi.buffer(tab, n * size)))
+            return len(table_offsets) - 1
+
+        self.layers = [_LayerPtrs(be, i, L, d, dims, pinned, norm_at, table_at) for i, L in enumerate(layers)]
+        self.n_exps = sorted({p.n_exp for p in self.layers if p.router is not None}) or [max(k, 1)]
+        self._norms = DeviceBuffer(4 * sum(len(n) for n in norms))
+        self._norms.upload(np.concatenate(norms), be._stream.handle)
+        self._tables = DeviceBuffer(max(1, sum(len(t) for t in tables)))
+        self._tables.upload(np.frombuffer(b"".join(tables), np.uint8), be._stream.handle)
+        for p in self.layers:
+            for name in ("attn_norm", "q_a_norm", "kv_norm", "ffn_norm"):
+                idx = getattr(p, name)
+                if idx is not None:
+                    setattr(p, name, self._norms.typed("float *", 4 * norm_offsets[idx]))
+            p.table = self._tables.typed("lite_cuda_expert *", table_offsets[p.table])
+        # Scratch: x, delta and ids first (copied back together), then the per-layer temporaries.
+        n_layer = len(layers)
+        e_max = max(self.n_exps)
+        max_ffn = max(p.max_ffn for p in self.layers)
+        self.moe_floats = (k + 1) * ((max_ffn + 31) // 32 * 32)
+        nf = be.ffi.new("int64_t *")
+        _check(be.lib.lite_cuda_mla_scratch_floats(nf, 1, h, c, 1 << 40), op, "scratch size")
+        self.mla_floats = int(nf[0])
+        sizes = [("x", 4 * d), ("delta", 4 * d), ("ids", 4 * max(1, n_layer * k)), ("h", 4 * d), ("a", 4 * d),
+                 ("qa", 4 * max(q, 1)), ("q", 4 * self.hq), ("kv", 4 * (c + r)), ("qpe", 4 * h * r),
+                 ("qlat", 4 * h * c), ("olat", 4 * h * c), ("o", 4 * h * v), ("logits", 4 * e_max),
+                 ("probs", 4 * e_max), ("wts", 4 * max(k, 1)), ("cs", 4 * r), ("moe", 4 * self.moe_floats),
+                 ("mla", 4 * max(self.mla_floats, 1))]
+        self.off: dict[str, int] = {}
+        at = 0
+        for name, n in sizes:
+            self.off[name] = at
+            at += _align(n)
+            if name == "ids":
+                self.io_bytes = self.off["ids"] + 4 * max(1, n_layer * k)
+        self.scratch_bytes = at
