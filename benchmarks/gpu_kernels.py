@@ -120,10 +120,14 @@ def main() -> None:
     print(f"device {be.props['name']}, {be.props['multiprocessors']} SMs", flush=True)
     peak = copy_bandwidth(st)
     print(f"copy   device-to-device {peak / 1e9:.0f} GB/s (read + write)", flush=True)
-    for qt in (QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.Q6_K):
-        bench_matmul(st, qt, 10944, 2048, 1, peak)          # dense-layer FFN width
-    bench_matmul(st, QType.Q4_0, 102400, 2048, 1, peak)      # output projection
-    bench_matmul(st, QType.Q4_0, 1408, 2048, 1, peak)        # one expert's gate
+    for variant, name in ((0, "a warp per row"), (1, "a block per row")):
+        _check(lib.lite_cuda_set_matvec(variant), "set_matvec")
+        print(f"one token, {name}:", flush=True)
+        for qt in (QType.Q4_0, QType.Q8_0, QType.Q4_K, QType.Q6_K):
+            bench_matmul(st, qt, 10944, 2048, 1, peak)      # dense-layer FFN width
+        bench_matmul(st, QType.Q4_0, 102400, 2048, 1, peak)  # output projection
+        bench_matmul(st, QType.Q4_0, 1408, 2048, 1, peak)    # one expert's gate
+    _check(lib.lite_cuda_set_matvec(1), "set_matvec")
     for t in (8, 128):
         bench_matmul(st, QType.Q4_0, 10944, 2048, t, peak)
         bench_matmul(st, QType.Q8_0, 10944, 2048, t, peak)

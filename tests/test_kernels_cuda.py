@@ -174,6 +174,24 @@ def test_matmul_quant(qtype, t):
     assert rel(y, REF.matmul(x, w)) < 2e-2
 
 
+@pytest.fixture(params=[1, 0], ids=["block_per_row", "warp_per_row"])
+def matvec_variant(request):
+    """Run a one-token test under each matvec variant (the library default is 1)."""
+    cmod._check(CB.lib.lite_cuda_set_matvec(request.param), "set_matvec")
+    yield request.param
+    cmod._check(CB.lib.lite_cuda_set_matvec(1), "set_matvec")
+
+
+@gpu
+@pytest.mark.parametrize("qtype", QUANT + FLOAT, ids=lambda q: q.name)
+@pytest.mark.parametrize("n,cols", [(37, 1408), (70, 2048), (5, 512)])
+def test_matvec_variants(qtype, n, cols, matvec_variant):
+    """One token (decode): both kernels against float64, odd row counts included."""
+    w = make_weight(qtype, n, cols, seed=n + cols)
+    x = rng(n).standard_normal((1, cols)).astype(np.float32)
+    assert rel(CB.matmul(x, w), x.astype(np.float64) @ dense64(w).T) < 1e-5
+
+
 @gpu
 @pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q6_K, QType.BF16], ids=lambda q: q.name)
 def test_matmul_large_tiles(qtype):
@@ -399,7 +417,7 @@ def test_moe_dense():
 @gpu
 @pytest.mark.parametrize("types,d,f", MOE_TYPES, ids=lambda v: "-".join(x.name for x in v) if isinstance(v, tuple) else str(v))
 @pytest.mark.parametrize("with_shared", [True, False])
-def test_moe_decode(types, d, f, with_shared):
+def test_moe_decode(types, d, f, with_shared, matvec_variant):
     """One token's experts with ids and weights on the device and a device table of every expert
     (ids outside the table are skipped)."""
     g = rng(12)

@@ -206,6 +206,167 @@ __device__ __forceinline__ void dot_tile(float acc[TT], const uint8_t *__restric
   }
 }
 
+/* ---- one token: a block of MV_THREADS threads per weight row ----------------------------------- */
+/* A warp per row leaves each lane two or three 32-weight chunks of a 2048-wide row, decoded one
+ * after the other: too few loads in flight to stream the weights. Here a whole block splits the
+ * row into 16-weight units (half a chunk), one or two per thread, and each thread works on
+ * MV_ROWS rows at once. g_matvec = 0 selects the warp tiles instead (lite_cuda_set_matvec). */
+#define MV_THREADS 128
+#define MV_ROWS 2
+static int g_matvec = 1;
+
+/* <weights 16u .. 16u+15 of `row`, x[16u ..]>: unit u is half hh of 32-weight chunk c. */
+__device__ __forceinline__ float dot16(int type, const uint8_t *__restrict__ row, int64_t u,
+                                       const float *__restrict__ x) {
+  const int64_t c = u >> 1;
+  const int hh = (int)(u & 1);
+  float s = 0.f;
+  switch (type) {
+    case T_Q4_0: { /* byte i of the block's 16 holds weight i (low nibble) and i + 16 (high) */
+      const uint8_t *b = row + c * 18;
+      const unsigned short *q = (const unsigned short *)(b + 2 + hh * 8);
+      const float4 *lo = (const float4 *)(x + c * 32 + hh * 8), *hi = (const float4 *)(x + c * 32 + 16 + hh * 8);
+      const float4 l0 = __ldg(lo), l1 = __ldg(lo + 1), h0 = __ldg(hi), h1 = __ldg(hi + 1);
+      const float xl[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
+      const float xh[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const unsigned v = __ldg(q + i);
+        s += (float)((int)(v & 0xF) - 8) * xl[2 * i] + (float)((int)((v >> 8) & 0xF) - 8) * xl[2 * i + 1] +
+             (float)((int)((v >> 4) & 0xF) - 8) * xh[2 * i] + (float)((int)(v >> 12) - 8) * xh[2 * i + 1];
+      }
+      return f16_at(b) * s;
+    }
+    case T_Q8_0: {
+      const uint8_t *b = row + c * 34;
+      const unsigned short *q = (const unsigned short *)(b + 2 + hh * 16);
+      const float4 *xp = (const float4 *)(x + c * 32 + hh * 16);
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const float4 a = __ldg(xp + i);
+        const unsigned v0 = __ldg(q + 2 * i), v1 = __ldg(q + 2 * i + 1);
+        s += (float)(signed char)(v0 & 0xFF) * a.x + (float)(signed char)(v0 >> 8) * a.y +
+             (float)(signed char)(v1 & 0xFF) * a.z + (float)(signed char)(v1 >> 8) * a.w;
+      }
+      return f16_at(b) * s;
+    }
+    case T_Q4_K: {
+      const uint8_t *sb = row + (c >> 3) * 144;
+      const int j = (int)(c & 7);
+      const uint8_t *sc6 = sb + 4;
+      int sc, mn;
+      if (j < 4) {
+        sc = sc6[j] & 63;
+        mn = sc6[j + 4] & 63;
+      } else {
+        sc = (sc6[j + 4] & 0xF) | ((sc6[j - 4] >> 6) << 4);
+        mn = (sc6[j + 4] >> 4) | ((sc6[j] >> 6) << 4);
+      }
+      const uint4 qv = __ldg((const uint4 *)(sb + 16 + (j >> 1) * 32 + hh * 16));
+      const unsigned w4[4] = {qv.x, qv.y, qv.z, qv.w};
+      const int shift = (j & 1) * 4;
+      const float4 *xp = (const float4 *)(x + c * 32 + hh * 16);
+      float sx = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const float4 a = __ldg(xp + i);
+        const unsigned v = w4[i] >> shift;
+        s += (float)(v & 0xF) * a.x + (float)((v >> 8) & 0xF) * a.y + (float)((v >> 16) & 0xF) * a.z +
+             (float)((v >> 24) & 0xF) * a.w;
+        sx += a.x + a.y + a.z + a.w;
+      }
+      return f16_at(sb) * (float)sc * s - f16_at(sb + 2) * (float)mn * sx;
+    }
+    case T_Q6_K: {
+      const uint8_t *sb = row + (c >> 3) * 210;
+      const int j = (int)(c & 7), h = j >> 2, cc = j & 3;
+      const unsigned short *ql = (const unsigned short *)(sb + h * 64 + (cc & 1) * 32 + hh * 16);
+      const unsigned short *qh = (const unsigned short *)(sb + 128 + h * 32 + hh * 16);
+      const int lshift = (cc >> 1) * 4, hshift = 2 * cc;
+      const float4 *xp = (const float4 *)(x + c * 32 + hh * 16);
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        const float4 a = __ldg(xp + i);
+        const unsigned l0 = __ldg(ql + 2 * i), l1 = __ldg(ql + 2 * i + 1);
+        const unsigned g0 = __ldg(qh + 2 * i), g1 = __ldg(qh + 2 * i + 1);
+        const unsigned lo = l0 | (l1 << 16), hi = g0 | (g1 << 16);
+        float q[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+          q[k] = (float)((int)(((lo >> (8 * k + lshift)) & 0xF) | (((hi >> (8 * k + hshift)) & 3) << 4)) - 32);
+        s += q[0] * a.x + q[1] * a.y + q[2] * a.z + q[3] * a.w;
+      }
+      return f16_at(sb + 208) * (float)(signed char)sb[192 + 2 * j + hh] * s;
+    }
+    default: { /* float types: 16 consecutive weights */
+#pragma unroll
+      for (int i = 0; i < 16; i++) s += float_weight(type, row, u * 16 + i) * __ldg(x + u * 16 + i);
+      return s;
+    }
+  }
+}
+
+/* This thread's share of <row, x> when a block of MV_THREADS threads splits the row (the units,
+ * then for float rows the < 16 weights past the last whole unit). */
+__device__ __forceinline__ float row_part(int type, const uint8_t *__restrict__ row, int64_t cols,
+                                          const float *__restrict__ x) {
+  float s = 0.f;
+  const int64_t nu = cols >> 4;
+  for (int64_t u = threadIdx.x; u < nu; u += MV_THREADS) s += dot16(type, row, u, x);
+  if (type == T_F32 || type == T_F16 || type == T_BF16)
+    for (int64_t i = nu * 16 + threadIdx.x; i < cols; i += MV_THREADS) s += float_weight(type, row, i) * __ldg(x + i);
+  return s;
+}
+
+/* Block sums of acc[0..N-1], valid in thread 0 (once per kernel: the shared array is not reused). */
+template <int N>
+__device__ __forceinline__ void block_sums(float acc[N]) {
+  __shared__ float red[N][MV_THREADS / 32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+#pragma unroll
+  for (int r = 0; r < N; r++) acc[r] = warp_sum(acc[r]);
+  if (lane == 0)
+#pragma unroll
+    for (int r = 0; r < N; r++) red[r][w] = acc[r];
+  __syncthreads();
+  if (threadIdx.x == 0)
+#pragma unroll
+    for (int r = 0; r < N; r++) {
+      float t = 0.f;
+      for (int i = 0; i < MV_THREADS / 32; i++) t += red[r][i];
+      acc[r] = t;
+    }
+}
+
+/* out[z * out_hs + r] = <row r of head z's weight, x + z * x_hs> for MV_ROWS rows per block. */
+__global__ void __launch_bounds__(MV_THREADS)
+k_matvec(float *__restrict__ out, int64_t out_hs, const float *__restrict__ x, int64_t x_hs, int64_t cols,
+         const uint8_t *__restrict__ w, int64_t head_bytes, int64_t row_bytes, int type, int64_t n_rows) {
+  const int64_t r0 = (int64_t)blockIdx.x * MV_ROWS;
+  x += blockIdx.z * x_hs;
+  out += blockIdx.z * out_hs;
+  w += blockIdx.z * head_bytes;
+  const int64_t nu = cols >> 4;
+  const int nr = (int)min((int64_t)MV_ROWS, n_rows - r0);
+  float acc[MV_ROWS];
+#pragma unroll
+  for (int r = 0; r < MV_ROWS; r++) acc[r] = 0.f;
+  for (int64_t u = threadIdx.x; u < nu; u += MV_THREADS)
+#pragma unroll
+    for (int r = 0; r < MV_ROWS; r++)
+      if (r < nr) acc[r] += dot16(type, w + (r0 + r) * row_bytes, u, x);
+  block_sums<MV_ROWS>(acc);
+  if (threadIdx.x == 0)
+    for (int r = 0; r < nr; r++) out[r0 + r] = acc[r];
+}
+
+LC_API int lite_cuda_set_matvec(int variant) {
+  lc_clear();
+  LC_REQUIRE(variant == 0 || variant == 1, LITE_CUDA_ERR_ARG, "matvec variant must be 0 or 1, got %d", variant);
+  g_matvec = variant;
+  return LITE_CUDA_OK;
+}
+
 /* ---- matmul ----------------------------------------------------------------------------------- */
 /* grid (row blocks, token tiles, heads): head z multiplies its own weight w + z * head_bytes by its
  * input x + z * x_hs and writes out + z * out_hs (a plain matmul is one head). */
@@ -261,6 +422,13 @@ LC_API int lite_cuda_matmul_heads(float *out, int64_t out_len, int64_t out_hs, c
   LC_REQUIRE(out_len >= (n_head - 1) * out_hs + n_tok * n_rows, LITE_CUDA_ERR_SIZE,
              "output holds %lld floats, needs %lld", (long long)out_len,
              (long long)((n_head - 1) * out_hs + n_tok * n_rows));
+  if (n_tok == 1 && g_matvec && quantized) {
+    LC_REQUIRE((n_rows + MV_ROWS - 1) / MV_ROWS < (1ll << 31), LITE_CUDA_ERR_ARG, "too many rows");
+    k_matvec<<<dim3((unsigned)((n_rows + MV_ROWS - 1) / MV_ROWS), 1, (unsigned)n_head), MV_THREADS, 0,
+               lc_stream(stream)>>>(out, out_hs, x, x_hs, cols, w, head_bytes, rb, type, n_rows);
+    LC_LAUNCHED("matvec");
+    return LITE_CUDA_OK;
+  }
   const int tt = n_tok == 1 ? 1 : TILE;
   const int64_t gy = (n_tok + tt - 1) / tt, gx = (n_rows + WARPS - 1) / WARPS;
   LC_REQUIRE(gy <= MAX_GRID_Y && gx < (1ll << 31), LITE_CUDA_ERR_ARG, "too many tokens or rows");
@@ -886,6 +1054,38 @@ k_moe1_down(const lite_cuda_expert *__restrict__ tab, int n_ent, const int32_t *
   if (lane == 0) out[d] = total;
 }
 
+/* The same two passes with a block per row (g_matvec = 1). */
+__global__ void __launch_bounds__(MV_THREADS)
+k_moe1_gate_up_b(const lite_cuda_expert *__restrict__ tab, int n_ent, const int32_t *__restrict__ ids, int always,
+                 const float *__restrict__ x, int64_t D, float *__restrict__ h, int64_t hs) {
+  const int e = moe1_entry((int)blockIdx.y, ids, n_ent, always);
+  if (e < 0) return;
+  const lite_cuda_expert &E = tab[e];
+  const int64_t f = blockIdx.x;
+  if (f >= E.ffn) return;
+  float acc[2] = {row_part(E.type[0], E.w[0] + f * E.row_bytes[0], D, x),
+                  row_part(E.type[1], E.w[1] + f * E.row_bytes[1], D, x)};
+  block_sums<2>(acc);
+  if (threadIdx.x == 0) h[blockIdx.y * hs + f] = silu_mul1(acc[0], acc[1]);
+}
+
+__global__ void __launch_bounds__(MV_THREADS)
+k_moe1_down_b(const lite_cuda_expert *__restrict__ tab, int n_ent, const int32_t *__restrict__ ids,
+              const float *__restrict__ wts, int n_slot, int always, const float *__restrict__ h, int64_t hs,
+              float *__restrict__ out) {
+  const int64_t d = blockIdx.x;
+  float acc[1] = {0.f};
+  for (int s = 0; s < n_slot; s++) {
+    const int e = moe1_entry(s, ids, n_ent, always);
+    if (e < 0) continue;
+    const lite_cuda_expert &E = tab[e];
+    const float part = row_part(E.type[2], E.w[2] + d * E.row_bytes[2], E.ffn, h + s * hs);
+    acc[0] += (always >= 0 && s == 0) ? part : part * wts[s - (always >= 0)];
+  }
+  block_sums<1>(acc);
+  if (threadIdx.x == 0) out[d] = acc[0];
+}
+
 LC_API int lite_cuda_moe_decode(float *out, const float *x, int64_t dim, const int32_t *ids, const float *weights,
                                 int64_t k, const lite_cuda_expert *table, int64_t n_entries, int64_t always,
                                 int64_t max_ffn, float *d_scratch, int64_t scratch_floats, void *stream) {
@@ -901,6 +1101,16 @@ LC_API int lite_cuda_moe_decode(float *out, const float *x, int64_t dim, const i
   LC_REQUIRE(((uintptr_t)x & 15) == 0 && ((uintptr_t)d_scratch & 15) == 0, LITE_CUDA_ERR_ARG,
              "input and scratch must be 16-byte aligned");
   cudaStream_t st = lc_stream(stream);
+  if (g_matvec) {
+    LC_REQUIRE(max_ffn < (1ll << 31) && dim < (1ll << 31), LITE_CUDA_ERR_ARG, "too many rows");
+    k_moe1_gate_up_b<<<dim3((unsigned)max_ffn, (unsigned)n_slot), MV_THREADS, 0, st>>>(table, (int)n_entries, ids,
+                                                                                      (int)always, x, dim, d_scratch, hs);
+    LC_LAUNCHED("moe_decode gate/up");
+    k_moe1_down_b<<<(unsigned)dim, MV_THREADS, 0, st>>>(table, (int)n_entries, ids, weights, (int)n_slot, (int)always,
+                                                       d_scratch, hs, out);
+    LC_LAUNCHED("moe_decode down");
+    return LITE_CUDA_OK;
+  }
   k_moe1_gate_up<<<dim3((unsigned)((max_ffn + WARPS - 1) / WARPS), (unsigned)n_slot), WARPS * 32, 0, st>>>(
       table, (int)n_entries, ids, (int)always, x, dim, d_scratch, hs);
   LC_LAUNCHED("moe_decode gate/up");

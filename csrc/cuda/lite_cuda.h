@@ -90,6 +90,10 @@ int lite_cuda_event_sync(void *event);
 int lite_cuda_event_elapsed(float *ms, void *start, void *end);
 
 /* ---- kernels ---------------------------------------------------------------------------------- */
+/* One-token kernels (matvec, moe_decode): 1 = a block of threads per weight row (default), 0 =
+ * a warp per row. Process-wide; for measuring and testing both. */
+int lite_cuda_set_matvec(int variant);
+
 /* Bytes of one row of `cols` weights of type `type`. */
 int lite_cuda_row_bytes(int64_t *out, int type, int64_t cols);
 

@@ -16,36 +16,47 @@ the numpy reference to float rounding (much tighter than the C backend's int8 ac
 
 Placement (weights on the device under `vram_budget`)
 ------------------------------------------------------
-Today every activation is copied to the device per call and back (a later step keeps the hidden
-state, latent cache and routing on the device: the kernels already take device pointers, and
-`route`, `mla_attention` and `moe` are whole-step calls). Weights are uploaded once and cached:
+Weights are uploaded once (at first use) and cached:
 
 1. Budget. `vram_budget` (constructor argument, or `LITE_VRAM_BUDGET` such as "6GB"; default:
-   free device memory at start minus a reserve for scratch) bounds the bytes of cached weights.
+   free device memory at start minus a reserve for scratch) bounds the bytes of cached weights
+   (buffers kept for reuse included; scratch and latent caches come on top).
 2. Resident tensors first. Non-expert weights (attention, shared experts, dense MLP, router,
    embeddings' output projection) are admitted whenever they fit, evicting cached experts if
    needed; they are never evicted for experts. A resident tensor that cannot fit is streamed
    (copied into a per-call arena) - correct, slow, and visible in `stats.streamed_bytes`.
 3. A GPU expert cache in the remainder: routed experts (names `blk.L.ffn_*_exps.weight[e]`),
-   least-recently-used eviction, never evicting an expert the current call uses. Experts that
-   come from the memory map (read-only views) are keyed by address; experts handed out by the
-   host pager (`lite/weights/pager.py`, writable slot views) are keyed by (pager pool, tensor
-   name), which names the same bytes wherever the pager put them. So the host pager feeds the GPU
-   cache: disk → pager slot (RAM budget) → device (VRAM budget).
-4. Copies of missing experts go on a separate copy stream; the compute stream waits on an
-   event, so copies overlap with the kernels already queued (and, with `pin(pager pool)`, with
-   Python). `prefetch(experts)` starts such copies early: the model can call it with the next
-   layer's predicted experts, exactly as it calls the host pager's prefetch today.
+   least-recently-used eviction, never evicting an expert the current call uses; an evicted
+   expert's buffer is reused for the next expert of its size. Experts that come from the memory
+   map (read-only views) are keyed by address; experts handed out by the host pager
+   (`lite/weights/pager.py`, writable slot views) are keyed by (pager pool, tensor name), which
+   names the same bytes wherever the pager put them. So the host pager feeds the GPU cache:
+   disk → pager slot (RAM budget) → device (VRAM budget).
+4. Copies pass through pinned staging slots (`_Staging`); copies of missing experts go on a
+   separate copy stream and the compute stream waits on an event, so they overlap with the
+   kernels already queued. `prefetch(experts)` starts such copies early.
 5. A miss may be computed on the CPU instead (`miss_policy`: "copy" always copies, "cpu" never
    copies a missing expert and runs it on the CPU backend, "auto" decides per expert). The
    decision compares two measured quantities for the expert's byte size B and its token count
-   T_e: copy time B / bw_h2d (bandwidth measured once at first use with a 64 MiB host-to-device
-   copy, pinned when the pool is pinned) against CPU time B · s_cpu · max(1, T_e / 8), where
-   s_cpu (seconds per weight byte for a memory-bound matvec; up to ~8 tokens share one read of
-   the weights) is an exponential average over the CPU expert computations actually done (the
-   first miss goes to the CPU to measure it). Decode (T_e = 1) on a fast PCIe link copies;
-   a slow link or a weak GPU link with a fast CPU computes misses on the CPU and copies them in
-   the background for next time (when the budget has room).
+   T_e: copy time B / bw_h2d (bandwidth measured once at first use through the staging slots)
+   against CPU time B · s_cpu · max(1, T_e / 8), where s_cpu (seconds per weight byte for a
+   memory-bound matvec; up to ~8 tokens share one read of the weights) is an exponential
+   average over the CPU expert computations actually done (the first miss goes to the CPU to
+   measure it). A slow link with a fast CPU computes misses on the CPU and copies them in the
+   background for next time (when the budget has room).
+
+Decoding on the device (`prepare_layers` / `decode_layers`)
+------------------------------------------------------------
+When every weight fits the budget, the model's decode steps run whole on the GPU: the pack pins
+every weight in the cache (never evicted), each layer's expert table lives on the device
+(`lite_cuda_expert`), routing feeds the experts without a host round trip
+(`lite_cuda_moe_decode`), and the latent caches are mirrored on the device. A mirror knows how
+many leading rows of each layer it shares with the host; a step sends the rows the host wrote
+since (a prefill on the per-layer ops) and writes its new row back, and `mla_attention` marks a
+mirror stale from the first row it was given to write. Rows changed on the host by anything
+else (not a kernel) must be in a fresh cache. Per step: one upload (the token's hidden state),
+~16 launches a layer, one copy back. When the weights do not fit, prepare_layers refuses and
+the per-layer ops run with the expert cache above.
 """
 from __future__ import annotations
 
@@ -258,6 +269,63 @@ class _Entry:
     pinned: bool = False             # held for a decode_layers pack: never evicted
 
 
+class _Staging:
+    """Pinned host slots that copies from pageable memory (the memory map, pager slots) pass
+    through: the CPU fills a slot and the copy engine reads it asynchronously, at the pinned
+    rate; a slot is refilled once the event recorded after its last copy has passed. Copies
+    larger than a slot, or any while pinned memory is refused, go straight from pageable memory."""
+
+    SLOTS, MIN_SLOT = 4, 8 << 20
+
+    def __init__(self) -> None:
+        self._size = 0
+        self._ptrs: list = []
+        self._views: list[np.ndarray] = []
+        self._events: list[Event | None] = []
+        self._next = 0
+
+    def _grow(self, n: int) -> bool:
+        self.free()
+        size = max(self.MIN_SLOT, (n + (1 << 20) - 1) & ~((1 << 20) - 1))
+        for _ in range(self.SLOTS):
+            p = _ffi.new("void **")
+            if _lib.lite_cuda_host_alloc(p, size) != 0:
+                self.free()
+                return False
+            self._ptrs.append(p[0])
+            self._views.append(np.frombuffer(_ffi.buffer(p[0], size), np.uint8))
+            self._events.append(None)
+        self._size = size
+        return True
+
+    def upload(self, buf: DeviceBuffer, data: np.ndarray, stream: Stream) -> None:
+        n = data.nbytes
+        if n > self._size and not (n <= 256 << 20 and self._grow(n)):
+            buf.upload(data, stream.handle)
+            return
+        i = self._next
+        self._next = (i + 1) % len(self._ptrs)
+        if self._events[i] is not None:
+            _check(_lib.lite_cuda_event_sync(self._events[i].handle), "staging")
+        view = self._views[i][:n]
+        np.copyto(view, np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        _check(_lib.lite_cuda_memcpy_h2d_async(buf.ptr, self._ptrs[i], n, stream.handle), "cuda upload")
+        ev = self._events[i] or Event()
+        ev.record(stream)
+        self._events[i] = ev
+
+    def free(self) -> None:
+        for ev in self._events:
+            if ev is not None:
+                _check(_lib.lite_cuda_event_sync(ev.handle), "staging")
+        self._views.clear()                 # views first: they point into the pinned blocks
+        for p in self._ptrs:
+            _lib.lite_cuda_host_free(p)
+        self._ptrs.clear()
+        self._events.clear()
+        self._size = 0
+
+
 @dataclass
 class _Mirror:
     """The device copy of one host latent-cache array (its whole owner: `[L, capacity, C]` for the
@@ -308,6 +376,8 @@ class CudaBackend:
         self._waited: list[_Entry] = []     # entries whose copy event the compute stream waited on
         self._cpu = None
         self._mirrors: dict[int, _Mirror] = {}
+        self._spare: dict[int, list[DeviceBuffer]] = {}     # buffers of dropped entries, by size
+        self._staging = _Staging()
         self.stats = CudaStats()
 
     # ---- lifetime ----------------------------------------------------------------------------------
@@ -318,11 +388,14 @@ class CudaBackend:
             self._copy.sync()
             for e in self._cache.values():
                 e.buf.free()
-            for b in [*self._scratch.values(), *(m.buf for m in self._mirrors.values())]:
+            spares = [b for bufs in self._spare.values() for b in bufs]
+            for b in [*self._scratch.values(), *(m.buf for m in self._mirrors.values()), *spares]:
                 b.free()
+            self._staging.free()
             self._cache.clear()
             self._scratch.clear()
             self._mirrors.clear()
+            self._spare.clear()
             self._used = self.stats.resident_bytes = self.stats.expert_bytes = 0
 
     def gpu_stats(self) -> dict[str, Any]:
@@ -392,12 +465,13 @@ class CudaBackend:
         return e
 
     def _drop(self, key: tuple) -> None:
+        """Forget an entry; its buffer becomes a spare for the next weight of its size (cudaFree
+        waits for the whole device, and a decode step with misses drops dozens)."""
         e = self._cache.pop(key)
         if e.ready is not None:
             self._copy.sync()
         self._stream.sync()                 # queued kernels may still read it
-        e.buf.free()
-        self._used -= e.buf.nbytes
+        self._spare.setdefault(e.buf.nbytes, []).append(e.buf)
         if e.expert:
             self.stats.expert_bytes -= e.buf.nbytes
         else:
@@ -408,27 +482,45 @@ class CudaBackend:
         for k in [k for k, e in self._cache.items() if e.owner() is None]:
             self._drop(k)
 
-    def _make_room(self, nbytes: int, for_expert: bool) -> bool:
-        if self._used + nbytes <= self.vram_budget:
-            return True
-        self._sweep()
-        for k in [k for k, e in self._cache.items() if e.expert and not e.pinned and k not in self._in_use]:
-            if self._used + nbytes <= self.vram_budget:
-                break
-            self._drop(k)
+    def _room_for(self, n: int) -> DeviceBuffer | None:
+        """A device buffer of n bytes within the budget (`_used` counts spares too): a spare of that
+        size, else a new one after freeing the spares and evicting least recently used experts;
+        None when the budget has no room."""
+        swept = False
+        while True:
+            spare = self._spare.get(n)
+            if spare:
+                return spare.pop()
+            if self._used + n <= self.vram_budget:
+                self._used += n
+                return DeviceBuffer(n)
+            if any(self._spare.values()):
+                for size, bufs in self._spare.items():
+                    for b in bufs:
+                        b.free()
+                        self._used -= size
+                self._spare.clear()
+                continue
+            if not swept:
+                swept = True
+                self._sweep()
+                continue
+            victim = next((k for k, e in self._cache.items() if e.expert and not e.pinned and k not in self._in_use),
+                          None)
+            if victim is None:
+                return None
+            self._drop(victim)
             self.stats.expert_evictions += 1
-        return self._used + nbytes <= self.vram_budget
 
     def _admit(self, key: tuple, w: QTensor, expert: bool, stream: Stream) -> _Entry | None:
         """Upload `w` into the cache (on `stream`), or None when the budget has no room."""
         n = w.data.nbytes
-        if not self._make_room(n, expert):
+        buf = self._room_for(n)
+        if buf is None:
             return None
-        buf = DeviceBuffer(n)
-        buf.upload(w.data, stream.handle)
+        self._staging.upload(buf, w.data, stream)
         e = _Entry(buf, weakref.ref(_owner(w.data)), expert)
         self._cache[key] = e
-        self._used += n
         self.stats.uploads += 1
         self.stats.uploaded_bytes += n
         if expert:
@@ -834,15 +926,15 @@ class CudaBackend:
 
     def _measure_h2d(self) -> float:
         if self.stats.h2d_gbs is None:
-            host = np.ones(64 << 20, np.uint8)
-            with DeviceBuffer(host.nbytes) as b:
-                b.upload(host, self._copy.handle)
+            host = np.ones(_Staging.MIN_SLOT, np.uint8)
+            with DeviceBuffer(host.nbytes) as b:     # the way misses are copied: through the staging
+                self._staging.upload(b, host, self._copy)
                 self._copy.sync()
                 t0 = time.perf_counter()
-                for _ in range(2):
-                    b.upload(host, self._copy.handle)
+                for _ in range(8):
+                    self._staging.upload(b, host, self._copy)
                 self._copy.sync()
-                self.stats.h2d_gbs = 2 * host.nbytes / (time.perf_counter() - t0) / 1e9
+                self.stats.h2d_gbs = 8 * host.nbytes / (time.perf_counter() - t0) / 1e9
         return self.stats.h2d_gbs
 
     def _on_cpu(self, ffn: FFNWeights, n_tok: int) -> bool:
