@@ -13,8 +13,9 @@
 #      then writes a 27-layer DeepSeek-Coder-V2-Lite-dims Q4_0 synthetic GGUF and runs
 #      `lite bench --backend cuda` with all weights on the GPU, with a VRAM budget of the resident
 #      tensors plus 25% of the expert bytes (misses copied; then misses on the CPU where faster),
-#      and a cProfile of a short decode. summary.txt and the bench JSONs land in $OUT (or
-#      ./gpu-out), every log in $OUT/logs.tgz. SKIP_BENCH=1 stops after the tests.
+#      and the host/GPU split of a decode token (benchmarks/profile_decode.py). summary.txt and
+#      the bench JSONs land in $OUT (or ./gpu-out), every log in $OUT/logs.tgz. SKIP_BENCH=1 stops
+#      after the tests.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -144,11 +145,11 @@ LITE_CUDA_MISS=auto timeout 120 $BENCH "$MODEL" $BARGS $VARGS > "$LOGS/bench_bud
 note "bench VRAM budget as above, miss policy auto: rc=$? ($(elapsed)s)"
 table "$LOGS/bench_budget25_auto.json"
 unset LITE_VRAM_BUDGET
-# Where a decode token's time goes on the GPU path (Python, copies, waits): a short profiled run.
-timeout 90 "$PY" -m cProfile -s tottime -m lite.cli bench "$MODEL" --backend cuda --prompt 16 --gen 16 --repeats 1 \
-  --no-bandwidth > "$LOGS/profile_cuda.txt" 2>&1
-note "cProfile of a 16+16 token bench: rc=$? ($(elapsed)s)"
-grep -m1 -A25 "Ordered by" "$LOGS/profile_cuda.txt" | tee -a "$SUMMARY"
+# Where a decode token's time goes on the GPU path: host work per launch, and the wait for the GPU.
+timeout 90 "$PY" benchmarks/profile_decode.py "$MODEL" --backend cuda --tokens 32 --repeats 3 \
+  > "$LOGS/profile_cuda.txt" 2>&1
+note "profile_decode --backend cuda: rc=$? ($(elapsed)s)"
+head -30 "$LOGS/profile_cuda.txt" | tee -a "$SUMMARY"
 
 rm -f "$MODEL"
 note "done in $(elapsed)s"

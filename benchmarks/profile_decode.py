@@ -1,9 +1,11 @@
-"""Python overhead of decode on the C backend: the time per token spent outside C library calls,
-as a share of the token's time. Every `lite_*` call is timed through a thin proxy on the
-library object (its own cost, ~0.3 µs a call, is charged to Python), and the per-function call
-counts and times are listed. Optionally a cProfile listing of the Python side.
+"""Python overhead of decode on a native backend (c, or cuda): the time per token spent outside
+library calls, as a share of the token's time. Every `lite_*` call is timed through a thin proxy
+on the library object (its own cost, ~0.3 µs a call, is charged to Python), and the per-function
+call counts and times are listed. On cuda a kernel call returns once queued: its time is the
+host's cost of a launch, and the GPU's time shows up in whatever waits (a copy back, a sync).
+Optionally a cProfile listing of the Python side.
 
-    python benchmarks/profile_decode.py MODEL.gguf [--tokens 16] [--threads 1] [--cprofile]
+    python benchmarks/profile_decode.py MODEL.gguf [--backend c] [--tokens 16] [--threads 1] [--cprofile]
 """
 from __future__ import annotations
 
@@ -56,10 +58,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--backend", default="c", help="c or cuda (default c)")
     args = ap.parse_args()
-    m = lite.load(args.model, backend="c", n_ctx=args.prompt + (args.repeats + 1) * args.tokens + 8)
+    m = lite.load(args.model, backend=args.backend, n_ctx=args.prompt + (args.repeats + 1) * args.tokens + 8)
     be = m.backend
-    if args.threads:
+    if args.threads and hasattr(be, "set_threads"):
         be.set_threads(args.threads)
     ids = np.random.default_rng(0).integers(0, m.config.vocab_size, args.prompt)
     cache = m.new_cache()
@@ -80,14 +83,14 @@ def main() -> int:
         c_time = sum(timed.spent.values())
         shares.append((wall - c_time) / wall)
         per_tok.append(wall / args.tokens)
-    print(f"backend c ({be.isa}, {be.threads} threads), {m.config.n_layer} layers, {args.tokens} tokens x "
-          f"{args.repeats} runs")
+    how = f" ({be.isa}, {be.threads} threads)" if hasattr(be, "threads") else ""
+    print(f"backend {be.name}{how}, {m.config.n_layer} layers, {args.tokens} tokens x {args.repeats} runs")
     print(f"decode {1 / statistics.median(per_tok):.2f} tok/s; {statistics.median(per_tok) * 1e3:.1f} ms/token")
     print(f"python overhead {statistics.median(shares):.1%} of token time (runs: "
           f"{', '.join(f'{s:.1%}' for s in shares)}); "
           f"{(statistics.median(per_tok)) * statistics.median(shares) * 1e3:.2f} ms/token")
     n = args.tokens
-    print(f"{'C function':28} {'calls/token':>12} {'ms/token':>9}")
+    print(f"{'library function':28} {'calls/token':>12} {'ms/token':>9}")
     for name in sorted(timed.spent, key=lambda k: -timed.spent[k]):
         print(f"{name:28} {timed.calls[name] / n:12.1f} {timed.spent[name] / n * 1e3:9.2f}")
     be.lib = timed._lib

@@ -184,9 +184,12 @@ def matvec_variant(request):
 
 @gpu
 @pytest.mark.parametrize("qtype", QUANT + FLOAT, ids=lambda q: q.name)
-@pytest.mark.parametrize("n,cols", [(37, 1408), (70, 2048), (5, 512)])
+@pytest.mark.parametrize("n,cols", [(37, 1408), (70, 2048), (5, 96)])
 def test_matvec_variants(qtype, n, cols, matvec_variant):
-    """One token (decode): both kernels against float64, odd row counts included."""
+    """One token (decode): both kernels against float64, odd row counts, rows whose device
+    layout is 8-, 4- or 2-byte aligned (Q4_0 / Q8_0 at 1408, 2048, 96 columns)."""
+    if qtype in (QType.Q4_K, QType.Q6_K):
+        cols = {1408: 1536, 96: 256}.get(cols, cols)
     w = make_weight(qtype, n, cols, seed=n + cols)
     x = rng(n).standard_normal((1, cols)).astype(np.float32)
     assert rel(CB.matmul(x, w), x.astype(np.float64) @ dense64(w).T) < 1e-5
@@ -307,12 +310,34 @@ def test_matmul_heads_strided(qtype):
     w = make_weight(qtype, h * n, cols, seed=5)
     x = rng(5).standard_normal((h, xs)).astype(np.float32)
     want = np.stack([x[i, :cols].astype(np.float64) @ dense64(w)[i * n:(i + 1) * n].T for i in range(h)])
-    dx, dw, do = dev(x), dev(w.data), dev(np.full((h, os_), np.nan, np.float32))
+    dx, dw, do = dev(x), CB.upload_weight(w), dev(np.full((h, os_), np.nan, np.float32))
     cmod._check(CB.lib.lite_cuda_matmul_heads(do.typed(), h * os_, os_, dx.typed(), xs, 1, cols,
                                               dw.typed("uint8_t *"), w.nbytes, int(qtype), n, h, CB.ffi.NULL), "t")
     got = fetch(do, (h, os_))
     assert rel(got[:, :n], want) < 1e-5
     assert np.isnan(got[:, n:]).all()                 # nothing written between heads
+
+
+@gpu
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q8_0, QType.Q4_K], ids=lambda q: q.name)
+def test_repack_layout(qtype):
+    """The device layout: per row the blocks' quants in order, then their scales (Q4_0 / Q8_0);
+    other types unchanged."""
+    cols = 256 if qtype == QType.Q4_K else 96
+    w = make_weight(qtype, 5, cols, seed=7)
+    raw, out = dev(w.data), dev(np.zeros_like(w.data))
+    cmod._check(CB.lib.lite_cuda_repack(out.typed("uint8_t *"), raw.typed("uint8_t *"), w.nbytes, int(qtype), cols,
+                                        CB.ffi.NULL), "repack")
+    got = fetch(out, w.data.shape, np.uint8)
+    if qtype == QType.Q4_K:
+        np.testing.assert_array_equal(got, w.data)
+        return
+    bs = 18 if qtype == QType.Q4_0 else 34
+    blocks = w.data.reshape(5, cols // 32, bs)
+    want = np.concatenate([blocks[:, :, 2:].reshape(5, -1), blocks[:, :, :2].reshape(5, -1)], axis=1)
+    np.testing.assert_array_equal(got, want)
+    assert CB.lib.lite_cuda_repack(raw.typed("uint8_t *"), raw.typed("uint8_t *"), w.nbytes, int(qtype), cols,
+                                   CB.ffi.NULL) == CB.lib.LITE_CUDA_ERR_ARG          # in place: refused
 
 
 @gpu
@@ -428,7 +453,7 @@ def test_moe_decode(types, d, f, with_shared, matvec_variant):
     wts = g.random(4).astype(np.float32)
     x = g.standard_normal((1, d)).astype(np.float32)
     ffi, lib = CB.ffi, CB.lib
-    keep = [dev(q.data) for fw in entries for q in (fw.gate, fw.up, fw.down)]
+    keep = [CB.upload_weight(q) for fw in entries for q in (fw.gate, fw.up, fw.down)]
     tab = ffi.new("lite_cuda_expert[]", len(entries))
     rb = ffi.new("int64_t *")
     for j, fw in enumerate(entries):

@@ -53,9 +53,59 @@ LC_API int lite_cuda_row_bytes(int64_t *out, int type, int64_t cols) {
   return check_row(__func__, type, cols, out);
 }
 
+/* ---- the device layout of Q4_0 / Q8_0 --------------------------------------------------------- */
+/* Thread g moves block g (row g / nb, chunk g % nb): quants to the row's front, scale to its end. */
+__global__ void k_repack(uint8_t *__restrict__ dst, const uint8_t *__restrict__ src, int64_t n_blocks, int64_t nb,
+                         int qbytes) {
+  const int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (g >= n_blocks) return;
+  const int64_t row = g / nb, c = g % nb, bs = qbytes + 2;
+  const uint8_t *b = src + g * bs;
+  uint8_t *r = dst + row * nb * bs;
+  r[nb * qbytes + 2 * c] = b[0];
+  r[nb * qbytes + 2 * c + 1] = b[1];
+  for (int i = 0; i < qbytes; i++) r[c * qbytes + i] = b[2 + i];
+}
+
+LC_API int lite_cuda_repack(uint8_t *dst, const uint8_t *src, int64_t nbytes, int type, int64_t cols, void *stream) {
+  lc_clear();
+  int64_t rb = 0;
+  int rc = check_row(__func__, type, cols, &rb);
+  if (rc) return rc;
+  LC_REQUIRE(nbytes >= 0 && nbytes % rb == 0, LITE_CUDA_ERR_SIZE, "%lld bytes are not whole rows of %lld",
+             (long long)nbytes, (long long)rb);
+  if (nbytes == 0) return LITE_CUDA_OK;
+  LC_REQUIRE(dst && src, LITE_CUDA_ERR_NULL, "NULL buffer");
+  LC_REQUIRE(dst + nbytes <= src || src + nbytes <= dst, LITE_CUDA_ERR_ARG, "source and destination overlap");
+  if (type != T_Q4_0 && type != T_Q8_0) {
+    LC_CK(cudaMemcpyAsync(dst, src, (size_t)nbytes, cudaMemcpyDeviceToDevice, lc_stream(stream)));
+    return LITE_CUDA_OK;
+  }
+  const int64_t nb = cols / 32, n_blocks = nbytes / rb * nb;
+  LC_REQUIRE((n_blocks + 255) / 256 < (1ll << 31), LITE_CUDA_ERR_ARG, "too many blocks");
+  k_repack<<<(unsigned)((n_blocks + 255) / 256), 256, 0, lc_stream(stream)>>>(dst, src, n_blocks, nb,
+                                                                             type == T_Q4_0 ? 16 : 32);
+  LC_LAUNCHED("repack");
+  return LITE_CUDA_OK;
+}
+
 /* ---- device helpers --------------------------------------------------------------------------- */
-__device__ __forceinline__ float f16_at(const uint8_t *p) {
-  return __half2float(__ushort_as_half((unsigned short)(p[0] | (p[1] << 8))));
+__device__ __forceinline__ float f16_at(const uint8_t *p) {   /* p: 2-byte aligned */
+  return __half2float(__ushort_as_half(__ldg((const unsigned short *)p)));
+}
+
+/* 8 bytes at p (2-byte aligned) as two little-endian words, in as few loads as p's alignment
+ * allows (rows of the repacked layout are 8-byte aligned when cols is a multiple of 128). */
+__device__ __forceinline__ void load8(const uint8_t *p, unsigned &a, unsigned &b) {
+  if (((uintptr_t)p & 7) == 0) {
+    const uint2 v = __ldg((const uint2 *)p);
+    a = v.x, b = v.y;
+  } else if (((uintptr_t)p & 3) == 0) {
+    a = __ldg((const unsigned *)p), b = __ldg((const unsigned *)p + 1);
+  } else {
+    const unsigned short *q = (const unsigned short *)p;
+    a = __ldg(q) | ((unsigned)__ldg(q + 1) << 16), b = __ldg(q + 2) | ((unsigned)__ldg(q + 3) << 16);
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -96,14 +146,18 @@ __device__ __forceinline__ float float_weight(int type, const uint8_t *row, int6
   return __uint_as_float((unsigned)u << 16); /* BF16 */
 }
 
-/* Decode weights 32c .. 32c+31 of a quantized row into v (same float32 operations as
- * lite/kernels/dequant.py). */
-__device__ __forceinline__ void decode32(int type, const uint8_t *__restrict__ row, int64_t c, float v[32]) {
+/* Q4_0 and Q8_0 rows on the device are repacked (lite_cuda_repack): the nb blocks' quants first
+ * (16 or 32 bytes each), then their nb fp16 scales - the same bytes per row, but a thread's quants
+ * are one aligned run that a warp reads coalesced. Other types keep the file's layout. */
+
+/* Decode weights 32c .. 32c+31 of a quantized row of nb chunks into v (same float32 operations
+ * as lite/kernels/dequant.py). */
+__device__ __forceinline__ void decode32(int type, const uint8_t *__restrict__ row, int64_t c, int64_t nb,
+                                         float v[32]) {
   switch (type) {
     case T_Q4_0: {
-      const uint8_t *b = row + c * 18;
-      const float d = f16_at(b);
-      const unsigned short *q = (const unsigned short *)(b + 2);
+      const float d = f16_at(row + nb * 16 + c * 2);
+      const unsigned short *q = (const unsigned short *)(row + c * 16);
 #pragma unroll
       for (int i = 0; i < 8; i++) {
         unsigned short u = __ldg(q + i);
@@ -115,9 +169,8 @@ __device__ __forceinline__ void decode32(int type, const uint8_t *__restrict__ r
       break;
     }
     case T_Q8_0: {
-      const uint8_t *b = row + c * 34;
-      const float d = f16_at(b);
-      const unsigned short *q = (const unsigned short *)(b + 2);
+      const float d = f16_at(row + nb * 32 + c * 2);
+      const unsigned short *q = (const unsigned short *)(row + c * 32);
 #pragma unroll
       for (int i = 0; i < 16; i++) {
         unsigned short u = __ldg(q + i);
@@ -189,7 +242,7 @@ __device__ __forceinline__ void dot_tile(float acc[TT], const uint8_t *__restric
   const int64_t nch = cols >> 5;
   for (int64_t c = lane; c < nch; c += 32) {
     float v[32];
-    decode32(type, row, c, v);
+    decode32(type, row, c, nch, v);
 #pragma unroll
     for (int t = 0; t < TT; t++) {
       if (t < nt) {
@@ -216,39 +269,39 @@ __device__ __forceinline__ void dot_tile(float acc[TT], const uint8_t *__restric
 static int g_matvec = 1;
 
 /* <weights 16u .. 16u+15 of `row`, x[16u ..]>: unit u is half hh of 32-weight chunk c. */
-__device__ __forceinline__ float dot16(int type, const uint8_t *__restrict__ row, int64_t u,
+__device__ __forceinline__ float dot16(int type, const uint8_t *__restrict__ row, int64_t u, int64_t nb,
                                        const float *__restrict__ x) {
   const int64_t c = u >> 1;
   const int hh = (int)(u & 1);
   float s = 0.f;
   switch (type) {
-    case T_Q4_0: { /* byte i of the block's 16 holds weight i (low nibble) and i + 16 (high) */
-      const uint8_t *b = row + c * 18;
-      const unsigned short *q = (const unsigned short *)(b + 2 + hh * 8);
+    case T_Q4_0: { /* byte i of a block's 16 holds weight i (low nibble) and i + 16 (high) */
+      unsigned w[2];
+      load8(row + c * 16 + hh * 8, w[0], w[1]);
       const float4 *lo = (const float4 *)(x + c * 32 + hh * 8), *hi = (const float4 *)(x + c * 32 + 16 + hh * 8);
       const float4 l0 = __ldg(lo), l1 = __ldg(lo + 1), h0 = __ldg(hi), h1 = __ldg(hi + 1);
       const float xl[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
       const float xh[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
 #pragma unroll
-      for (int i = 0; i < 4; i++) {
-        const unsigned v = __ldg(q + i);
-        s += (float)((int)(v & 0xF) - 8) * xl[2 * i] + (float)((int)((v >> 8) & 0xF) - 8) * xl[2 * i + 1] +
-             (float)((int)((v >> 4) & 0xF) - 8) * xh[2 * i] + (float)((int)(v >> 12) - 8) * xh[2 * i + 1];
+      for (int k = 0; k < 8; k++) {
+        const unsigned byte = (w[k >> 2] >> (8 * (k & 3))) & 0xFF;
+        s += (float)((int)(byte & 0xF) - 8) * xl[k] + (float)((int)(byte >> 4) - 8) * xh[k];
       }
-      return f16_at(b) * s;
+      return f16_at(row + nb * 16 + c * 2) * s;
     }
     case T_Q8_0: {
-      const uint8_t *b = row + c * 34;
-      const unsigned short *q = (const unsigned short *)(b + 2 + hh * 16);
+      unsigned w[4];
+      load8(row + c * 32 + hh * 16, w[0], w[1]);
+      load8(row + c * 32 + hh * 16 + 8, w[2], w[3]);
       const float4 *xp = (const float4 *)(x + c * 32 + hh * 16);
 #pragma unroll
       for (int i = 0; i < 4; i++) {
         const float4 a = __ldg(xp + i);
-        const unsigned v0 = __ldg(q + 2 * i), v1 = __ldg(q + 2 * i + 1);
-        s += (float)(signed char)(v0 & 0xFF) * a.x + (float)(signed char)(v0 >> 8) * a.y +
-             (float)(signed char)(v1 & 0xFF) * a.z + (float)(signed char)(v1 >> 8) * a.w;
+        const unsigned v = w[i];
+        s += (float)(signed char)(v & 0xFF) * a.x + (float)(signed char)((v >> 8) & 0xFF) * a.y +
+             (float)(signed char)((v >> 16) & 0xFF) * a.z + (float)(signed char)(v >> 24) * a.w;
       }
-      return f16_at(b) * s;
+      return f16_at(row + nb * 32 + c * 2) * s;
     }
     case T_Q4_K: {
       const uint8_t *sb = row + (c >> 3) * 144;
@@ -312,7 +365,7 @@ __device__ __forceinline__ float row_part(int type, const uint8_t *__restrict__ 
                                           const float *__restrict__ x) {
   float s = 0.f;
   const int64_t nu = cols >> 4;
-  for (int64_t u = threadIdx.x; u < nu; u += MV_THREADS) s += dot16(type, row, u, x);
+  for (int64_t u = threadIdx.x; u < nu; u += MV_THREADS) s += dot16(type, row, u, cols >> 5, x);
   if (type == T_F32 || type == T_F16 || type == T_BF16)
     for (int64_t i = nu * 16 + threadIdx.x; i < cols; i += MV_THREADS) s += float_weight(type, row, i) * __ldg(x + i);
   return s;
@@ -354,7 +407,7 @@ k_matvec(float *__restrict__ out, int64_t out_hs, const float *__restrict__ x, i
   for (int64_t u = threadIdx.x; u < nu; u += MV_THREADS)
 #pragma unroll
     for (int r = 0; r < MV_ROWS; r++)
-      if (r < nr) acc[r] += dot16(type, w + (r0 + r) * row_bytes, u, x);
+      if (r < nr) acc[r] += dot16(type, w + (r0 + r) * row_bytes, u, cols >> 5, x);
   block_sums<MV_ROWS>(acc);
   if (threadIdx.x == 0)
     for (int r = 0; r < nr; r++) out[r0 + r] = acc[r];

@@ -10,13 +10,14 @@
  *
  * Shape legend: T tokens, S cached positions, D hidden, H heads, C latent dims, R rope dims,
  * N weight rows, F expert width, E experts, K experts per token. Float arrays are C-contiguous
- * float32. Weights are ggml block bytes, exactly as in the GGUF file, dequantized in registers.
+ * float32. Weights are ggml block bytes as in the GGUF file, dequantized in registers; Q4_0 and
+ * Q8_0 weights must first be put in the device layout by lite_cuda_repack (same size).
  */
 #ifndef LITE_CUDA_H
 #define LITE_CUDA_H
 #include <stdint.h>
 
-#define LITE_CUDA_ABI_VERSION 2
+#define LITE_CUDA_ABI_VERSION 3
 
 #define LITE_CUDA_OK 0
 #define LITE_CUDA_ERR_ARG -1      /* a size, count, index or option is invalid */
@@ -90,6 +91,12 @@ int lite_cuda_event_sync(void *event);
 int lite_cuda_event_elapsed(float *ms, void *start, void *end);
 
 /* ---- kernels ---------------------------------------------------------------------------------- */
+/* dst (device) = the rows of src (device, nbytes of rows of `cols` weights of `type`) in the layout
+ * the kernels read: for Q4_0 / Q8_0 each row's quants first (16 / 32 bytes a block), then its fp16
+ * scales, so a warp reads quants coalesced; other types are copied as they are. dst and src must
+ * not overlap. Asynchronous on `stream`. */
+int lite_cuda_repack(uint8_t *dst, const uint8_t *src, int64_t nbytes, int type, int64_t cols, void *stream);
+
 /* One-token kernels (matvec, moe_decode): 1 = a block of threads per weight row (default), 0 =
  * a warp per row. Process-wide; for measuring and testing both. */
 int lite_cuda_set_matvec(int variant);

@@ -85,6 +85,7 @@ ROUTE_MAX_E, ROUTE_MAX_K = 1024, 64
 MAX_TOKENS = 65535 * 8
 RESERVE_BYTES = 1536 << 20          # kept free for scratch when no budget is given
 _FLOAT_TYPES = (0, 1, 30)            # F32, F16, BF16: read one weight at a time
+_REPACKED = (2, 8)                   # Q4_0, Q8_0: quants and scales apart on the device (lite_cuda_repack)
 _EXPERT_NAME = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)_exps\.weight\[\d+\]$")
 
 
@@ -283,6 +284,7 @@ class _Staging:
         self._views: list[np.ndarray] = []
         self._events: list[Event | None] = []
         self._next = 0
+        self._raw_bufs: dict[int, DeviceBuffer] = {}
 
     def _grow(self, n: int) -> bool:
         self.free()
@@ -298,21 +300,40 @@ class _Staging:
         self._size = size
         return True
 
-    def upload(self, buf: DeviceBuffer, data: np.ndarray, stream: Stream) -> None:
+    def upload(self, dst, data: np.ndarray, stream: Stream, qtype: int | None = None, cols: int = 0) -> None:
+        """Copy host `data` to the device pointer `dst` on `stream`; Q4_0 / Q8_0 weights (give their
+        type and row length) land in a device scratch and are repacked into `dst` in the kernels'
+        layout (lite_cuda_repack)."""
         n = data.nbytes
+        repack = qtype is not None and int(qtype) in _REPACKED
+        target = self._raw(n, stream) if repack else dst
         if n > self._size and not (n <= 256 << 20 and self._grow(n)):
-            buf.upload(data, stream.handle)
-            return
-        i = self._next
-        self._next = (i + 1) % len(self._ptrs)
-        if self._events[i] is not None:
-            _check(_lib.lite_cuda_event_sync(self._events[i].handle), "staging")
-        view = self._views[i][:n]
-        np.copyto(view, np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        _check(_lib.lite_cuda_memcpy_h2d_async(buf.ptr, self._ptrs[i], n, stream.handle), "cuda upload")
-        ev = self._events[i] or Event()
-        ev.record(stream)
-        self._events[i] = ev
+            src = np.ascontiguousarray(data)
+            _check(_lib.lite_cuda_memcpy_h2d_async(target, _ffi.from_buffer(src), n, stream.handle), "cuda upload")
+        else:
+            i = self._next
+            self._next = (i + 1) % len(self._ptrs)
+            if self._events[i] is not None:
+                _check(_lib.lite_cuda_event_sync(self._events[i].handle), "staging")
+            np.copyto(self._views[i][:n], np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+            _check(_lib.lite_cuda_memcpy_h2d_async(target, self._ptrs[i], n, stream.handle), "cuda upload")
+            ev = self._events[i] or Event()
+            ev.record(stream)
+            self._events[i] = ev
+        if repack:
+            _check(_lib.lite_cuda_repack(_ffi.cast("uint8_t *", dst), _ffi.cast("uint8_t *", target), n, int(qtype),
+                                         int(cols), stream.handle), "repack")
+
+    def _raw(self, n: int, stream: Stream):
+        """A device scratch of n bytes for `stream`'s raw weight bytes (one per stream: the stream's
+        order keeps a repack's reads before the next upload's writes)."""
+        b = self._raw_bufs.get(id(stream))
+        if b is None or b.nbytes < n:
+            if b is not None:
+                stream.sync()
+                b.free()
+            b = self._raw_bufs[id(stream)] = DeviceBuffer(max(n, self.MIN_SLOT))
+        return b.ptr
 
     def free(self) -> None:
         for ev in self._events:
@@ -324,6 +345,13 @@ class _Staging:
         self._ptrs.clear()
         self._events.clear()
         self._size = 0
+
+    def free_all(self) -> None:
+        """The pinned slots and the device scratches (once no stream uses them)."""
+        self.free()
+        for b in self._raw_bufs.values():
+            b.free()
+        self._raw_bufs.clear()
 
 
 @dataclass
@@ -341,7 +369,7 @@ class _Mirror:
 class _Plan:
     """Where each weight of one call comes from: cached device pointers, or arena offsets."""
     ptrs: list = field(default_factory=list)
-    stream: list = field(default_factory=list)   # (index, host array)
+    stream: list = field(default_factory=list)   # (index, weight, arena offset)
     arena_bytes: int = 0
 
 
@@ -391,7 +419,7 @@ class CudaBackend:
             spares = [b for bufs in self._spare.values() for b in bufs]
             for b in [*self._scratch.values(), *(m.buf for m in self._mirrors.values()), *spares]:
                 b.free()
-            self._staging.free()
+            self._staging.free_all()
             self._cache.clear()
             self._scratch.clear()
             self._mirrors.clear()
@@ -402,6 +430,17 @@ class CudaBackend:
         """The device, the weight budget and the cache counters (`Model.stats()["gpu"]`)."""
         return {"device": self.props["name"], "vram_budget_bytes": self.vram_budget,
                 "miss_policy": self.miss_policy, **asdict(self.stats)}
+
+    def upload_weight(self, w: QTensor) -> DeviceBuffer:
+        """A device copy of `w` in the layout the kernels read, outside the cache (the caller frees
+        it): for driving the library's entry points directly (tests, benchmarks)."""
+        flat = _flat(w)
+        check_weight("upload_weight", flat, None, None)
+        b = DeviceBuffer(flat.data.nbytes)
+        with self._lock:
+            self._staging.upload(b.ptr, flat.data, self._stream, flat.qtype, flat.shape[-1])
+            self._stream.sync()
+        return b
 
     def synchronize(self) -> None:
         self._stream.sync()
@@ -518,7 +557,7 @@ class CudaBackend:
         buf = self._room_for(n)
         if buf is None:
             return None
-        self._staging.upload(buf, w.data, stream)
+        self._staging.upload(buf.ptr, w.data, stream, w.qtype, w.shape[-1])
         e = _Entry(buf, weakref.ref(_owner(w.data)), expert)
         self._cache[key] = e
         self.stats.uploads += 1
@@ -560,16 +599,16 @@ class CudaBackend:
                 plan.ptrs.append(_ffi.cast("const uint8_t *", e.buf.ptr))
             else:
                 plan.ptrs.append(None)
-                plan.stream.append((i, w.data, plan.arena_bytes))
+                plan.stream.append((i, w, plan.arena_bytes))
                 plan.arena_bytes += (w.data.nbytes + 255) & ~255
         for ev in waits:
             ev.wait_in(self._stream)
         if plan.arena_bytes:
             arena = self._buf("arena", plan.arena_bytes)
-            for i, data, off in plan.stream:
-                arena.upload(data, self._stream.handle, off)
+            for i, w, off in plan.stream:
+                self._staging.upload(arena.typed("void *", off), w.data, self._stream, w.qtype, w.shape[-1])
                 plan.ptrs[i] = arena.typed("const uint8_t *", off)
-                self.stats.streamed_bytes += data.nbytes
+                self.stats.streamed_bytes += w.data.nbytes
         return plan
 
     def _end_call(self) -> None:
@@ -928,11 +967,11 @@ class CudaBackend:
         if self.stats.h2d_gbs is None:
             host = np.ones(_Staging.MIN_SLOT, np.uint8)
             with DeviceBuffer(host.nbytes) as b:     # the way misses are copied: through the staging
-                self._staging.upload(b, host, self._copy)
+                self._staging.upload(b.ptr, host, self._copy)
                 self._copy.sync()
                 t0 = time.perf_counter()
                 for _ in range(8):
-                    self._staging.upload(b, host, self._copy)
+                    self._staging.upload(b.ptr, host, self._copy)
                 self._copy.sync()
                 self.stats.h2d_gbs = 8 * host.nbytes / (time.perf_counter() - t0) / 1e9
         return self.stats.h2d_gbs
