@@ -415,6 +415,38 @@ def check_route_args(op: str, e: int, k: int, n_group: int, topk_group: int, sca
         raise BackendError(f"{op}: scale must be finite, got {scale!r}")
 
 
+def check_decode_layers(x: np.ndarray, caches, cos: np.ndarray, sin: np.ndarray, start: int, scale: float,
+                        eps: float, norm_eps: float, n_group: int, topk_group: int, route_scale: float, *,
+                        n_layer: int, d: int, dims: tuple[int, ...], k: int,
+                        n_exps: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, list]:
+    """`decode_layers`' inputs validated once for the native backends, against a pack of n_layer
+    layers of hidden size d, attention dims (H, N, R, C, V, Q), K and the routers' expert counts:
+    x `[1, D]` (updated in place), rope tables `[1, R/2]`, start within the caches' rows, and each
+    layer's (ckv `[S, C]`, kpe `[S, R]`). Returns (x, cos, sin, S, caches)."""
+    x = check_residual(x, "decode_layers input")
+    r, c = dims[2], dims[3]
+    if x.shape != (1, d) or len(caches) != n_layer:
+        raise BackendError(f"decode_layers: input {x.shape} and {len(caches)} caches do not fit "
+                           f"{n_layer} layers of D={d}")
+    cos, sin = check_f32("decode_layers cos", cos, 2), check_f32("decode_layers sin", sin, 2)
+    for e in n_exps:
+        check_route_args("decode_layers", e, k, n_group, topk_group, route_scale)
+    rows = caches[0][0].shape[0] if caches and isinstance(caches[0][0], np.ndarray) else -1
+    if (cos.shape != (1, r // 2) or sin.shape != cos.shape or not isinstance(start, (int, np.integer))
+            or isinstance(start, bool) or not 0 <= start < rows or not math.isfinite(scale) or not eps >= 0
+            or not norm_eps >= 0):
+        raise BackendError(f"decode_layers: tables {cos.shape}/{sin.shape}, start {start!r} (cache rows "
+                           f"{rows}), scale {scale!r}, eps {eps!r}/{norm_eps!r} do not fit (R={r})")
+    checked = []
+    for i, (ckv, kpe) in enumerate(caches):
+        ckv, kpe = check_residual(ckv, "decode_layers ckv cache"), check_residual(kpe, "decode_layers kpe cache")
+        if ckv.shape != (rows, c) or kpe.shape != (rows, r):
+            raise BackendError(f"decode_layers: layer {i} caches {ckv.shape}/{kpe.shape}, want [{rows}, {c}]"
+                               f"/[{rows}, {r}]")
+        checked.append((ckv, kpe))
+    return x, cos, sin, rows, checked
+
+
 def check_route(logits: np.ndarray, k: int, n_group: int, topk_group: int, scale: float) -> np.ndarray:
     """`route`'s inputs validated once for every backend."""
     logits = check_f32("route logits", logits, 2)

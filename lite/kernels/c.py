@@ -24,10 +24,10 @@ import numpy as np
 
 from ..errors import BackendError
 from .native import open_library
-from .base import (DecodeLayer, FFNWeights, MLAWeights, MLPLayout, QTensor, QType, check_add_rmsnorm, check_f32,
-                   check_heads_fit, check_heads_weight, check_mla, check_mla_prep, check_norm, check_residual,
-                   check_residual_add, check_rmsnorm, check_rope, check_route, check_route_args, check_weight,
-                   mla_dims)
+from .base import (DecodeLayer, FFNWeights, MLAWeights, MLPLayout, QTensor, QType, check_add_rmsnorm,
+                   check_decode_layers, check_f32, check_heads_fit, check_heads_weight, check_mla, check_mla_prep,
+                   check_norm, check_residual, check_residual_add, check_rmsnorm, check_rope, check_route,
+                   check_route_args, check_weight, mla_dims)
 
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
@@ -366,26 +366,12 @@ class CBackend:
         caches[i] is layer i's (ckv `[S, C]`, kpe `[S, R]`) storage, written at `start`."""
         if not isinstance(pack, _LayersPack) or pack.owner is not self:
             raise BackendError("decode_layers: pack must come from this backend's prepare_layers")
-        x = check_residual(x, "decode_layers input")
         n, h, nn, r, c, v, q = pack.n, *pack.dims
-        if x.shape != (1, pack.d) or len(caches) != n:
-            raise BackendError(f"decode_layers: input {x.shape} and {len(caches)} caches do not fit "
-                               f"{n} layers of D={pack.d}")
-        cos, sin = check_f32("decode_layers cos", cos, 2), check_f32("decode_layers sin", sin, 2)
-        for e in pack.n_exps:
-            check_route_args("decode_layers", e, pack.k, n_group, topk_group, route_scale)
-        rows = caches[0][0].shape[0] if caches and isinstance(caches[0][0], np.ndarray) else -1
-        if (cos.shape != (1, r // 2) or sin.shape != cos.shape or not isinstance(start, (int, np.integer))
-                or isinstance(start, bool) or not 0 <= start < rows or not math.isfinite(scale) or not eps >= 0
-                or not norm_eps >= 0):
-            raise BackendError(f"decode_layers: tables {cos.shape}/{sin.shape}, start {start!r} (cache rows "
-                               f"{rows}), scale {scale!r}, eps {eps!r}/{norm_eps!r} do not fit (R={r})")
+        x, cos, sin, rows, caches = check_decode_layers(
+            x, caches, cos, sin, start, scale, eps, norm_eps, n_group, topk_group, route_scale, n_layer=n, d=pack.d,
+            dims=pack.dims, k=pack.k, n_exps=pack.n_exps)
         arr, f = pack.arr, self._f
         for i, (ckv, kpe) in enumerate(caches):
-            ckv, kpe = check_residual(ckv, "decode_layers ckv cache"), check_residual(kpe, "decode_layers kpe cache")
-            if ckv.shape != (rows, c) or kpe.shape != (rows, r):
-                raise BackendError(f"decode_layers: layer {i} caches {ckv.shape}/{kpe.shape}, want [{rows}, {c}]"
-                                   f"/[{rows}, {r}]")
             arr[i].ckv, arr[i].kpe = f(ckv), f(kpe)
         delta = np.empty_like(x)
         ids = np.empty((n, pack.k), np.int32)

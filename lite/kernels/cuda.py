@@ -60,7 +60,6 @@ the per-layer ops run with the expert cache above.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import threading
@@ -74,8 +73,8 @@ import numpy as np
 
 from ..errors import BackendError
 from . import native
-from .base import (DecodeLayer, FFNWeights, QTensor, check_f32, check_heads_fit, check_mla, check_norm, check_residual,
-                   check_rmsnorm, check_rope, check_route_args, check_weight, mla_dims)
+from .base import (DecodeLayer, FFNWeights, QTensor, check_decode_layers, check_f32, check_heads_fit, check_mla,
+                   check_norm, check_rmsnorm, check_rope, check_weight, mla_dims)
 
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
            -4: "buffer too small for the shapes", -5: "row length not a multiple of the block size",
@@ -844,28 +843,11 @@ class CudaBackend:
         writes row `start` back, so host and device agree after every call."""
         if not isinstance(pack, _CudaLayers) or pack.owner is not self:
             raise BackendError("decode_layers: pack must come from this backend's prepare_layers")
-        x = check_residual(x, "decode_layers input")
         n_layer, (h, nn, r, c, v, q), dm, kk = len(pack.layers), pack.dims, pack.d, pack.k
-        if x.shape != (1, dm) or len(caches) != n_layer:
-            raise BackendError(f"decode_layers: input {x.shape} and {len(caches)} caches do not fit "
-                               f"{n_layer} layers of D={dm}")
-        cos, sin = check_f32("decode_layers cos", cos, 2), check_f32("decode_layers sin", sin, 2)
-        for e in pack.n_exps:
-            check_route_args("decode_layers", e, kk, n_group, topk_group, route_scale)
-        rows = caches[0][0].shape[0] if caches and isinstance(caches[0][0], np.ndarray) else -1
-        if (cos.shape != (1, r // 2) or sin.shape != cos.shape or not isinstance(start, (int, np.integer))
-                or isinstance(start, bool) or not 0 <= start < rows or not math.isfinite(scale) or not eps >= 0
-                or not norm_eps >= 0):
-            raise BackendError(f"decode_layers: tables {cos.shape}/{sin.shape}, start {start!r} (cache rows "
-                               f"{rows}), scale {scale!r}, eps {eps!r}/{norm_eps!r} do not fit (R={r})")
+        x, cos, sin, rows, views = check_decode_layers(
+            x, caches, cos, sin, start, scale, eps, norm_eps, n_group, topk_group, route_scale, n_layer=n_layer, d=dm,
+            dims=pack.dims, k=kk, n_exps=pack.n_exps)
         start = int(start)
-        views = []
-        for i, (ckv, kpe) in enumerate(caches):
-            ckv, kpe = check_residual(ckv, "decode_layers ckv cache"), check_residual(kpe, "decode_layers kpe cache")
-            if ckv.shape != (rows, c) or kpe.shape != (rows, r):
-                raise BackendError(f"decode_layers: layer {i} caches {ckv.shape}/{kpe.shape}, want [{rows}, {c}]"
-                                   f"/[{rows}, {r}]")
-            views.append((ckv, kpe))
         lib, ffi, st = self.lib, self.ffi, self._stream.handle
         with self._lock:
             sc = self._buf("layers", pack.scratch_bytes)
