@@ -1156,8 +1156,8 @@ LC_API int lite_cuda_moe_decode(float *out, const float *x, int64_t dim, const i
   cudaStream_t st = lc_stream(stream);
   if (g_matvec) {
     LC_REQUIRE(max_ffn < (1ll << 31) && dim < (1ll << 31), LITE_CUDA_ERR_ARG, "too many rows");
-    k_moe1_gate_up_b<<<dim3((unsigned)max_ffn, (unsigned)n_slot), MV_THREADS, 0, st>>>(table, (int)n_entries, ids,
-                                                                                      (int)always, x, dim, d_scratch, hs);
+    k_moe1_gate_up_b<<<dim3((unsigned)max_ffn, (unsigned)n_slot), MV_THREADS, 0, st>>>(
+        table, (int)n_entries, ids, (int)always, x, dim, d_scratch, hs);
     LC_LAUNCHED("moe_decode gate/up");
     k_moe1_down_b<<<(unsigned)dim, MV_THREADS, 0, st>>>(table, (int)n_entries, ids, weights, (int)n_slot, (int)always,
                                                        d_scratch, hs, out);

@@ -193,9 +193,4 @@ int lite_cuda_moe_decode(float *out, const float *x, int64_t dim, const int32_t 
                          int64_t k, const lite_cuda_expert *table, int64_t n_entries, int64_t always,
                          int64_t max_ffn, float *d_scratch, int64_t scratch_floats, void *stream);
 
-/* Strided copies (pitches and width in bytes): `height` rows of `width` bytes; kind 0 host to
- * device, 1 device to host. Asynchronous on `stream` like the 1-D copies. */
-int lite_cuda_memcpy2d_async(void *dst, int64_t dpitch, const void *src, int64_t spitch, int64_t width,
-                             int64_t height, int kind, void *stream);
-
 #endif

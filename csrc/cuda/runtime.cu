@@ -259,16 +259,3 @@ LC_API int lite_cuda_event_elapsed(float *ms, void *start, void *end) {
   LC_CK(cudaEventElapsedTime(ms, (cudaEvent_t)start, (cudaEvent_t)end));
   return LITE_CUDA_OK;
 }
-
-LC_API int lite_cuda_memcpy2d_async(void *dst, int64_t dpitch, const void *src, int64_t spitch, int64_t width,
-                                    int64_t height, int kind, void *stream) {
-  lc_clear();
-  LC_REQUIRE(width >= 0 && height >= 0 && dpitch >= width && spitch >= width && (kind == 0 || kind == 1),
-             LITE_CUDA_ERR_ARG, "bad 2-D copy: width %lld, height %lld, pitches %lld / %lld, kind %d",
-             (long long)width, (long long)height, (long long)dpitch, (long long)spitch, kind);
-  if (width == 0 || height == 0) return LITE_CUDA_OK;
-  LC_REQUIRE(dst && src, LITE_CUDA_ERR_NULL, "NULL pointer");
-  LC_CK(cudaMemcpy2DAsync(dst, (size_t)dpitch, src, (size_t)spitch, (size_t)width, (size_t)height,
-                          kind == 0 ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost, lc_stream(stream)));
-  return LITE_CUDA_OK;
-}

@@ -844,7 +844,7 @@ class CudaBackend:
         if not isinstance(pack, _CudaLayers) or pack.owner is not self:
             raise BackendError("decode_layers: pack must come from this backend's prepare_layers")
         n_layer, (h, nn, r, c, v, q), dm, kk = len(pack.layers), pack.dims, pack.d, pack.k
-        x, cos, sin, rows, views = check_decode_layers(
+        x, cos, sin, _, views = check_decode_layers(
             x, caches, cos, sin, start, scale, eps, norm_eps, n_group, topk_group, route_scale, n_layer=n_layer, d=dm,
             dims=pack.dims, k=kk, n_exps=pack.n_exps)
         start = int(start)
@@ -920,8 +920,9 @@ class CudaBackend:
             for i, pair in enumerate(dev):
                 for (m, off), a, width in zip(pair, views[i], (c, r)):
                     row = a[start]
-                    _check(lib.lite_cuda_memcpy_d2h_async(ffi.from_buffer(row), m.buf.typed("void *", off + start * width * 4),
-                                                          row.nbytes, st), "decode_layers", "cache write-back")
+                    src = m.buf.typed("void *", off + start * width * 4)
+                    _check(lib.lite_cuda_memcpy_d2h_async(ffi.from_buffer(row), src, row.nbytes, st), "decode_layers",
+                           "cache write-back")
             self._stream.sync()
             for pair in dev:
                 for m, off in pair:
