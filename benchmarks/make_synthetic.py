@@ -5,10 +5,12 @@ kernel work when the real checkpoint is not at hand.
     python benchmarks/make_synthetic.py --layers 27 --preset q4_0 --out /tmp/lite-q4_0.gguf
     python benchmarks/make_synthetic.py --layers 4 --full --preset q8_0 --out /tmp/v2-4.gguf
 
-Quantized blocks are written directly — random nibbles / int8 with fp16 scales chosen so that the
-weights have an RMS of about 0.03 (`WEIGHT_RMS`) — never through float32, so a 27-layer Lite file
-(~9.5 GB at q4_0) is bound by the disk. The bytes come from a pool of random data sliced at
-random offsets; scales vary ±25% block to block. Norms are F32 ones; routers are F32 Gaussian
+Quantized blocks are written directly — random quants (and, for K-quants, random sub-block
+scales) with fp16 scales chosen so that the weights have an RMS of about 0.03 (`WEIGHT_RMS`) —
+never through float32, so a 27-layer Lite file (~9.5 GB at q4_0) is bound by the disk. Presets
+q4_0, q8_0 and q4_k_m (Q4_K / Q6_K, with quant's fallbacks where a row is not whole
+super-blocks). The bytes come from a pool of random data sliced at random offsets; scales vary
+±25% block to block. Norms are F32 ones; routers are F32 Gaussian
 with logit std ≈ 2 on a normalised hidden state, so routing varies from token to token. The
 tensor layout is llama.cpp's current one (attn_k_b `[H, C, N]`, attn_v_b `[H, V, C]`); types per
 tensor class come from quant's presets; metadata from quant's HF-config mapping.
@@ -42,7 +44,7 @@ WEIGHT_RMS = 0.03
 ROUTER_LOGIT_STD = 2.0
 CHUNK_BYTES = 16 << 20
 POOL_BYTES = 64 << 20
-FILE_TYPES = {"q4_0": 2, "q8_0": 7}
+FILE_TYPES = {"q4_0": 2, "q8_0": 7, "q4_k_m": 15}
 
 # Hugging Face config.json fields of the two real models (random weights, real shapes).
 _YARN = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32,
@@ -107,12 +109,19 @@ class BlockMaker:
             flat[done:done + n] = self._bytes(n)
             done += n
         if qtype == QT.Q4_0:     # (q - 8)·d with q uniform 0..15: RMS of (q - 8) is √21.5
-            base = WEIGHT_RMS / 21.5 ** 0.5
+            out[:, :2] = self._scales(nb, WEIGHT_RMS / 21.5 ** 0.5).view(np.uint8).reshape(nb, 2)
         elif qtype == QT.Q8_0:   # q uniform -128..127: RMS ≈ 73.9
-            base = WEIGHT_RMS / 73.9
+            out[:, :2] = self._scales(nb, WEIGHT_RMS / 73.9).view(np.uint8).reshape(nb, 2)
+        elif qtype == QT.Q4_K:
+            # d·sc·q - dmin·mn with sc, mn uniform 0..63 (the random scale bytes) and q 0..15:
+            # dmin = 7.5·d centres the weights, whose RMS is then ≈ 252.8·d.
+            d = self._scales(nb, WEIGHT_RMS / 252.8)
+            out[:, :2] = d.view(np.uint8).reshape(nb, 2)
+            out[:, 2:4] = (d.astype(np.float32) * 7.5).astype(np.float16).view(np.uint8).reshape(nb, 2)
+        elif qtype == QT.Q6_K:   # d·sc·(q - 32), sc int8 (RMS ≈ 73.9), q 0..63 (RMS of q - 32 ≈ 17.9)
+            out[:, 208:210] = self._scales(nb, WEIGHT_RMS / (73.9 * 17.9)).view(np.uint8).reshape(nb, 2)
         else:
-            raise ValueError(f"make_synthetic writes Q4_0 / Q8_0 blocks, not {qtype.name}")
-        out[:, :2] = self._scales(nb, base).view(np.uint8).reshape(nb, 2)
+            raise ValueError(f"make_synthetic writes Q4_0 / Q8_0 / Q4_K / Q6_K blocks, not {qtype.name}")
         return out
 
     def router(self, rows: int, cols: int) -> np.ndarray:

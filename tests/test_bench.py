@@ -45,6 +45,24 @@ def test_synthetic_model_loads_and_routes(tiny_model):
     assert len({tuple(sorted(r)) for r in ids.tolist()}) > 4
 
 
+def test_synthetic_k_quants(tmp_path):
+    """--preset q4_k_m writes Q4_K and Q6_K blocks whose weights have the intended scale: the
+    dequantized expert and shared weights have an RMS near WEIGHT_RMS, and the model runs."""
+    import lite
+    from lite.kernels.dequant import dequantize
+    ms = _make_synthetic()
+    path = ms.make_synthetic(tmp_path / "tiny-q4_k_m.gguf", layers=2, preset="q4_k_m", tiny=True, quiet=True)
+    m = lite.load(path, n_ctx=32)
+    for name, want in (("blk.1.ffn_gate_exps.weight", "Q4_K"), ("blk.1.ffn_up_shexp.weight", "Q6_K")):
+        t = m.file.tensors[name]
+        assert t.qtype.name == want
+        w = dequantize(np.ascontiguousarray(t.data).reshape(-1, t.data.shape[-1]), t.qtype)
+        assert 0.5 * ms.WEIGHT_RMS < float(np.sqrt(np.mean(w.astype(np.float64) ** 2))) < 2 * ms.WEIGHT_RMS
+        assert abs(float(w.mean())) < 0.2 * ms.WEIGHT_RMS
+    logits = m.logits(np.arange(8))
+    assert np.all(np.isfinite(logits)) and logits.std() > 0
+
+
 def test_full_dims_metadata():
     """--full gives Coder-V2's config (checked without writing the 60-layer file)."""
     from gguf.constants import Keys

@@ -172,11 +172,13 @@ def test_matmul_quant(cb, qtype, t, odd):
     assert rel(y, REF.matmul(x, w)) < 2e-2
 
 
-def test_matmul_large_tiles(cb):
-    """Enough rows to cross a panel (64 rows) and tokens for many tiles, every tile edge too."""
-    w = make_weight(QType.Q4_0, 70, 256, seed=5)
-    x = rng(5).standard_normal((130, 256)).astype(np.float32)
-    tight = quant_act(x, QType.Q4_0).astype(np.float64) @ dequantize(w.data, QType.Q4_0).astype(np.float64).T
+@pytest.mark.parametrize("qtype,cols", [(QType.Q4_0, 256), (QType.Q4_K, 1536)], ids=["Q4_0", "Q4_K"])
+def test_matmul_large_tiles(cb, qtype, cols):
+    """Enough rows to cross a panel (64 rows) and tokens for many tiles, every tile edge too; for
+    Q4_K, 6 super-blocks: the rows-in-lanes kernel's chunk of 4 and a partial one."""
+    w = make_weight(qtype, 70, cols, seed=5)
+    x = rng(5).standard_normal((130, cols)).astype(np.float32)
+    tight = quant_act(x, qtype).astype(np.float64) @ dequantize(w.data, qtype).astype(np.float64).T
     assert rel(cb.matmul(x, w), tight) < 1e-5
 
 

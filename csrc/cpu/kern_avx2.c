@@ -154,6 +154,26 @@ DEF_Q8_KERNELS(tile_q8_0, mv_q8_0, K_Q8_0)
  * One core, 1408 x 2048 Q4_0, 24-256 tokens: 1.41-1.47x the 4 x 4 tiles. */
 #define R8_CHUNK 32
 
+/* 8 x 8 transpose of 32-bit groups: d[v] = group v of every row r[0..7]. */
+INLINE void r8_transpose(const __m256i *r, __m256i *d) {
+    __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+    __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+    __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+    __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+    __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+    __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+    d[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+    d[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+    d[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+    d[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+    d[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+    d[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+    d[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+    d[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+}
+
 /* Blocks [b0, b0 + n) of rows w[0..7] → dst (8 vectors per block) and their scales → dws[8 n]. */
 INLINE void r8_repack(const int KIND, __m256i *dst, float *dws, const uint8_t *w, int64_t ws, int64_t b0, int n) {
     const int64_t bs = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
@@ -171,24 +191,7 @@ INLINE void r8_repack(const int KIND, __m256i *dst, float *dws, const uint8_t *w
                 r[i] = _mm256_loadu_si256((const __m256i *)(blk + 2));
             }
         }
-        /* 8 x 8 transpose of 32-bit groups: vector v = group v of every row. */
-        __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-        __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-        __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
-        __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
-        __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
-        __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
-        __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
-        __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
-        __m256i *d = dst + 8 * k;
-        d[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
-        d[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
-        d[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
-        d[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
-        d[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
-        d[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
-        d[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
-        d[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+        r8_transpose(r, dst + 8 * k);
     }
 }
 
@@ -277,6 +280,101 @@ static void rows8_q8_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, in
 }
 
 /* ---- Q4_K ------------------------------------------------------------------------------------ */
+
+/* Q4_K with the rows in the lanes, the same way: sub-block j of a super-block is 32 unsigned
+ * nibbles (the low or high halves of 32 bytes), so it repacks and dots as a Q4_0 block does.
+ * Each row's sub-block sum is scaled by its 6-bit scale in int32 and its mins come off through
+ * the Q8_K activation's 16-weight sums, both exact as in the tiles; then one convert and FMA per
+ * super-block and token. R8K_CHUNK super-blocks are repacked at a time (8 KB). */
+#define R8K_CHUNK 4
+
+/* Super-blocks [b0, b0 + n) of rows w[0..7]: dst (8 vectors per sub-block), and per super-block k
+ * and sub-block j the 8 rows' scales sc[(8k + j) * 8 + row] and mins mn[...], d dd[8k + row]
+ * and dmin dm[8k + row]. */
+INLINE void r8_repack_q4k(__m256i *dst, int32_t *sc, int32_t *mn, float *dd, float *dm, const uint8_t *w,
+                          int64_t ws, int64_t b0, int n) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int k = 0; k < n; k++) {
+        const uint8_t *blk[8];
+        for (int i = 0; i < 8; i++) {
+            blk[i] = w + i * ws + (b0 + k) * Q4_K_BYTES;
+            dd[8 * k + i] = fp16(blk[i]);
+            dm[8 * k + i] = fp16(blk[i] + 2);
+            for (int j = 0; j < 8; j++) q4k_scale_min(blk[i] + 4, j, &sc[(8 * k + j) * 8 + i], &mn[(8 * k + j) * 8 + i]);
+        }
+        for (int j = 0; j < 8; j++) {
+            __m256i r[8];
+            for (int i = 0; i < 8; i++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)(blk[i] + 16 + 32 * (j >> 1)));
+                r[i] = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(v, 4) : v, m4);
+            }
+            r8_transpose(r, dst + 8 * (8 * k + j));
+        }
+    }
+}
+
+/* Tokens t0..t0+NT-1 over the repacked super-blocks [b0, b0 + n): out[t*ldo + r..r+8], set for the
+ * first chunk and added to after. */
+INLINE void r8k_tokens(const int NT, float *out, int64_t ldo, const __m256i *rep, const int32_t *sc,
+                       const int32_t *mn, const float *dd, const float *dm, const uint8_t *a, int64_t as, int64_t nb,
+                       int64_t b0, int n) {
+    __m256 acc[2];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int k = 0; k < n; k++) {
+        const int64_t b = b0 + k;
+        const uint8_t *y[2];
+        const int16_t *bs[2];
+        __m256i isum[2], msum[2];
+        __m256 dx[2];
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *ar = a + t * as;
+            y[t] = ar + b * QKK;
+            bs[t] = (const int16_t *)(ar + nb * QKK) + b * 16;
+            dx[t] = _mm256_set1_ps(((const float *)(ar + nb * (QKK + 32)))[b]);
+            isum[t] = msum[t] = _mm256_setzero_si256();
+        }
+        for (int j = 0; j < 8; j++) {
+            const uint8_t *yj[2];
+            __m256i dot[2];
+            for (int t = 0; t < NT; t++) yj[t] = y[t] + 32 * j;
+            r8_dot(K_Q4_0, NT, dot, rep + 8 * (8 * k + j), yj);
+            const __m256i s = _mm256_load_si256((const __m256i *)(sc + (8 * k + j) * 8));
+            const __m256i m = _mm256_load_si256((const __m256i *)(mn + (8 * k + j) * 8));
+            for (int t = 0; t < NT; t++) {
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(dot[t], s));
+                msum[t] = _mm256_add_epi32(msum[t], _mm256_mullo_epi32(m, _mm256_set1_epi32(bs[t][2 * j] + bs[t][2 * j + 1])));
+            }
+        }
+        const __m256 d = _mm256_load_ps(dd + 8 * k), dmin = _mm256_load_ps(dm + 8 * k);
+        for (int t = 0; t < NT; t++) {
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d, dx[t]), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum[t]), _mm256_mul_ps(dmin, dx[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        float *o = out + t * ldo;
+        _mm256_storeu_ps(o, b0 ? _mm256_add_ps(_mm256_loadu_ps(o), acc[t]) : acc[t]);
+    }
+}
+
+static void rows8_q4_k(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                       int64_t as, int64_t n_tok, int64_t cols) {
+    const int64_t nb = cols / QKK;
+    _Alignas(32) __m256i rep[8 * 8 * R8K_CHUNK];
+    _Alignas(32) int32_t sc[8 * 8 * R8K_CHUNK], mn[8 * 8 * R8K_CHUNK];
+    _Alignas(32) float dd[8 * R8K_CHUNK], dm[8 * R8K_CHUNK];
+    for (int64_t r = 0; r < nr; r += 8) {
+        for (int64_t b0 = 0; b0 < nb; b0 += R8K_CHUNK) {
+            int n = (int)(nb - b0 < R8K_CHUNK ? nb - b0 : R8K_CHUNK);
+            r8_repack_q4k(rep, sc, mn, dd, dm, w + r * ws, ws, b0, n);
+            int64_t t = 0;
+            for (; t + 2 <= n_tok; t += 2)
+                r8k_tokens(2, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n);
+            if (t < n_tok) r8k_tokens(1, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n);
+        }
+    }
+}
+
 
 INLINE void q4k_fixed(const int NR, const int NT, float *out, int64_t ldo, const uint8_t *w,
                       int64_t wstride, const uint8_t *a, int64_t astride, int64_t nb) {
@@ -663,6 +761,7 @@ void lite_kernels_avx2(kernel_table *t) {
     t->mv[K_Q4_0] = mv_q4_0;
     t->rows8[K_Q4_0] = rows8_q4_0;
     t->rows8[K_Q8_0] = rows8_q8_0;
+    t->rows8[K_Q4_K] = rows8_q4_k;
     t->mv[K_Q8_0] = mv_q8_0;
     t->quant_a8 = quant_a8;
     t->quant_a8k = quant_a8k;
