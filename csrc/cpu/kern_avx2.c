@@ -281,7 +281,7 @@ static void rows8_q8_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, in
 
 /* ---- Q4_K ------------------------------------------------------------------------------------ */
 
-/* Q4_K with the rows in the lanes, the same way: sub-block j of a super-block is 32 unsigned
+/* K-quants with the rows in the lanes. Q4_K: sub-block j of a super-block is 32 unsigned
  * nibbles (the low or high halves of 32 bytes), so it repacks and dots as a Q4_0 block does.
  * Each row's sub-block sum is scaled by its 6-bit scale in int32 and its mins come off through
  * the Q8_K activation's 16-weight sums, both exact as in the tiles; then one convert and FMA per
@@ -357,24 +357,136 @@ INLINE void r8k_tokens(const int NT, float *out, int64_t ldo, const __m256i *rep
     }
 }
 
-static void rows8_q4_k(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                       int64_t as, int64_t n_tok, int64_t cols) {
-    const int64_t nb = cols / QKK;
-    _Alignas(32) __m256i rep[8 * 8 * R8K_CHUNK];
-    _Alignas(32) int32_t sc[8 * 8 * R8K_CHUNK], mn[8 * 8 * R8K_CHUNK];
-    _Alignas(32) float dd[8 * R8K_CHUNK], dm[8 * R8K_CHUNK];
-    for (int64_t r = 0; r < nr; r += 8) {
-        for (int64_t b0 = 0; b0 < nb; b0 += R8K_CHUNK) {
-            int n = (int)(nb - b0 < R8K_CHUNK ? nb - b0 : R8K_CHUNK);
-            r8_repack_q4k(rep, sc, mn, dd, dm, w + r * ws, ws, b0, n);
-            int64_t t = 0;
-            for (; t + 2 <= n_tok; t += 2)
-                r8k_tokens(2, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n);
-            if (t < n_tok) r8k_tokens(1, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n);
+/* Q6_K the same way: sub-block j's 32 six-bit quants (low nibbles from ql, two high bits from qh)
+ * repack as one block; its two halves have their own int8 scales, so the dot keeps them apart
+ * and, the quants reaching 63, widens every two groups. The -32 offset comes off through the
+ * activation's 16-weight sums, exact as in the tiles. */
+INLINE void r8_repack_q6k(__m256i *dst, int32_t *sc, float *dd, const uint8_t *w, int64_t ws, int64_t b0, int n) {
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    for (int k = 0; k < n; k++) {
+        const uint8_t *blk[8];
+        for (int i = 0; i < 8; i++) {
+            blk[i] = w + i * ws + (b0 + k) * Q6_K_BYTES;
+            dd[8 * k + i] = fp16(blk[i] + 208);
+            for (int h = 0; h < 16; h++) sc[(16 * k + h) * 8 + i] = (int8_t)blk[i][192 + h];
+        }
+        for (int j = 0; j < 8; j++) {
+            const int h = j >> 2, cc = j & 3;
+            __m256i r[8];
+            for (int i = 0; i < 8; i++) {
+                __m256i l = _mm256_loadu_si256((const __m256i *)(blk[i] + h * 64 + (cc & 1) * 32));
+                __m256i hb = _mm256_loadu_si256((const __m256i *)(blk[i] + 128 + h * 32));
+                __m256i lo = _mm256_and_si256(cc >> 1 ? _mm256_srli_epi16(l, 4) : l, m4);
+                __m256i hi = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * cc)), m3);
+                r[i] = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+            }
+            r8_transpose(r, dst + 8 * (8 * k + j));
         }
     }
 }
 
+/* A repacked Q6_K sub-block times NT tokens: the integer dots of its weights 0-15 (lo) and 16-31
+ * (hi) apart, pairs of groups added in 16 bits (at most 2 * 2 * 63 * 128). */
+INLINE void r8_dot_halves(const int NT, __m256i *lo, __m256i *hi, const __m256i *wv, const uint8_t *const *y) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int t = 0; t < NT; t++) lo[t] = hi[t] = _mm256_setzero_si256();
+    for (int v = 0; v < 8; v += 2) {
+        __m256i w0 = _mm256_load_si256(wv + v), w1 = _mm256_load_si256(wv + v + 1);
+        for (int t = 0; t < NT; t++) {
+            int32_t g0, g1;
+            memcpy(&g0, y[t] + 4 * v, 4);
+            memcpy(&g1, y[t] + 4 * v + 4, 4);
+            __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0, _mm256_set1_epi32(g0)),
+                                         _mm256_maddubs_epi16(w1, _mm256_set1_epi32(g1)));
+            p = _mm256_madd_epi16(p, ones);
+            if (v < 4) lo[t] = _mm256_add_epi32(lo[t], p);
+            else hi[t] = _mm256_add_epi32(hi[t], p);
+        }
+    }
+}
+
+INLINE void r8q6_tokens(const int NT, float *out, int64_t ldo, const __m256i *rep, const int32_t *sc, const float *dd,
+                        const uint8_t *a, int64_t as, int64_t nb, int64_t b0, int n) {
+    __m256 acc[2];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (int k = 0; k < n; k++) {
+        const int64_t b = b0 + k;
+        const uint8_t *y[2];
+        const int16_t *bs[2];
+        __m256i isum[2], corr[2];
+        __m256 dx[2];
+        for (int t = 0; t < NT; t++) {
+            const uint8_t *ar = a + t * as;
+            y[t] = ar + b * QKK;
+            bs[t] = (const int16_t *)(ar + nb * QKK) + b * 16;
+            dx[t] = _mm256_set1_ps(((const float *)(ar + nb * (QKK + 32)))[b]);
+            isum[t] = corr[t] = _mm256_setzero_si256();
+        }
+        for (int j = 0; j < 8; j++) {
+            const uint8_t *yj[2];
+            __m256i lo[2], hi[2];
+            for (int t = 0; t < NT; t++) yj[t] = y[t] + 32 * j;
+            r8_dot_halves(NT, lo, hi, rep + 8 * (8 * k + j), yj);
+            const __m256i s0 = _mm256_load_si256((const __m256i *)(sc + (16 * k + 2 * j) * 8));
+            const __m256i s1 = _mm256_load_si256((const __m256i *)(sc + (16 * k + 2 * j + 1) * 8));
+            for (int t = 0; t < NT; t++) {
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(_mm256_mullo_epi32(lo[t], s0),
+                                                                     _mm256_mullo_epi32(hi[t], s1)));
+                corr[t] = _mm256_add_epi32(corr[t], _mm256_add_epi32(
+                    _mm256_mullo_epi32(s0, _mm256_set1_epi32(bs[t][2 * j])),
+                    _mm256_mullo_epi32(s1, _mm256_set1_epi32(bs[t][2 * j + 1]))));
+            }
+        }
+        const __m256 d = _mm256_load_ps(dd + 8 * k);
+        for (int t = 0; t < NT; t++) {
+            __m256i q = _mm256_sub_epi32(isum[t], _mm256_slli_epi32(corr[t], 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_mul_ps(d, dx[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        float *o = out + t * ldo;
+        _mm256_storeu_ps(o, b0 ? _mm256_add_ps(_mm256_loadu_ps(o), acc[t]) : acc[t]);
+    }
+}
+
+/* The K-quant rows-in-lanes driver: groups of 8 rows, R8K_CHUNK super-blocks repacked at a time,
+ * tokens in pairs. */
+INLINE void kq_rows8(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr,
+                     const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols) {
+    const int64_t nb = cols / QKK;
+    _Alignas(32) __m256i rep[8 * 8 * R8K_CHUNK];
+    _Alignas(32) int32_t sc[16 * 8 * R8K_CHUNK], mn[8 * 8 * R8K_CHUNK];
+    _Alignas(32) float dd[8 * R8K_CHUNK], dm[8 * R8K_CHUNK];
+    for (int64_t r = 0; r < nr; r += 8) {
+        for (int64_t b0 = 0; b0 < nb; b0 += R8K_CHUNK) {
+            int n = (int)(nb - b0 < R8K_CHUNK ? nb - b0 : R8K_CHUNK);
+            if (KIND == K_Q4_K) r8_repack_q4k(rep, sc, mn, dd, dm, w + r * ws, ws, b0, n);
+            else r8_repack_q6k(rep, sc, dd, w + r * ws, ws, b0, n);
+            for (int64_t t = 0; t < n_tok; t += 2) {
+                const int two = t + 2 <= n_tok;
+                float *o = out + t * ldo + r;
+                const uint8_t *at = a + t * as;
+                if (KIND == K_Q4_K) {
+                    if (two) r8k_tokens(2, o, ldo, rep, sc, mn, dd, dm, at, as, nb, b0, n);
+                    else r8k_tokens(1, o, ldo, rep, sc, mn, dd, dm, at, as, nb, b0, n);
+                } else {
+                    if (two) r8q6_tokens(2, o, ldo, rep, sc, dd, at, as, nb, b0, n);
+                    else r8q6_tokens(1, o, ldo, rep, sc, dd, at, as, nb, b0, n);
+                }
+            }
+        }
+    }
+}
+
+static void rows8_q4_k(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                       int64_t as, int64_t n_tok, int64_t cols) {
+    kq_rows8(K_Q4_K, out, ldo, w, ws, nr, a, as, n_tok, cols);
+}
+
+static void rows8_q6_k(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                       int64_t as, int64_t n_tok, int64_t cols) {
+    kq_rows8(K_Q6_K, out, ldo, w, ws, nr, a, as, n_tok, cols);
+}
 
 INLINE void q4k_fixed(const int NR, const int NT, float *out, int64_t ldo, const uint8_t *w,
                       int64_t wstride, const uint8_t *a, int64_t astride, int64_t nb) {
@@ -762,6 +874,7 @@ void lite_kernels_avx2(kernel_table *t) {
     t->rows8[K_Q4_0] = rows8_q4_0;
     t->rows8[K_Q8_0] = rows8_q8_0;
     t->rows8[K_Q4_K] = rows8_q4_k;
+    t->rows8[K_Q6_K] = rows8_q6_k;
     t->mv[K_Q8_0] = mv_q8_0;
     t->quant_a8 = quant_a8;
     t->quant_a8k = quant_a8k;
