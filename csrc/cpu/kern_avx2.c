@@ -488,6 +488,111 @@ static void rows8_q6_k(float *out, int64_t ldo, const uint8_t *w, int64_t ws, in
     kq_rows8(K_Q6_K, out, ldo, w, ws, nr, a, as, n_tok, cols);
 }
 
+/* One token through K-quant rows, a super-block at a time, rows streamed start to end with the
+ * Q4_0 kernels' prefetch. The tiles decode a super-block's scales one sub-block at a time in
+ * scalar code and broadcast each; here they are taken apart as words (Q4_K) or widened at once
+ * (Q6_K) and each sub-block's scale picked by an in-lane shuffle, and the mins (Q4_K) or the
+ * -32 offset (Q6_K) come off with one madd against the activation's 16-weight sums. */
+
+/* int16 element j of each 128-bit half of v (which holds 8 per half), in every lane of that half:
+ * the shuffle control, constant where j is. */
+INLINE __m256i pick16(const int lo, const int hi) {
+    return _mm256_setr_epi8(2 * lo, 2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * lo,
+                            2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * lo, 2 * lo + 1, 2 * hi,
+                            2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi,
+                            2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1);
+}
+
+INLINE void prefetch_block(const uint8_t *blk, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)blk + MV_PREFETCH + o, _MM_HINT_T0);
+}
+
+static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+    const int64_t nb = cols / QKK;
+    const int16_t *bs = (const int16_t *)(a + nb * QKK);
+    const float *dx = (const float *)(a + nb * (QKK + 32));
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int64_t r = 0; r < nr; r++) {
+        const uint8_t *row = w + r * ws;
+        __m256 acc = _mm256_setzero_ps();
+        __m128 macc = _mm_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * Q4_K_BYTES;
+            const uint8_t *y = a + b * QKK;
+            prefetch_block(blk, Q4_K_BYTES);
+            /* 12 bytes of 6-bit scales and mins as three words: sub-blocks 0-3 in the low six bits
+             * of words 0 (scales) and 1 (mins); 4-7 in word 2's nibbles plus the top two bits of
+             * words 0 and 1. */
+            uint32_t w0, w1, w2;
+            memcpy(&w0, blk + 4, 4);
+            memcpy(&w1, blk + 8, 4);
+            memcpy(&w2, blk + 12, 4);
+            const uint32_t sc_hi = (w2 & 0x0f0f0f0fu) | (((w0 >> 6) & 0x03030303u) << 4);
+            const uint32_t mn_hi = ((w2 >> 4) & 0x0f0f0f0fu) | (((w1 >> 6) & 0x03030303u) << 4);
+            const __m128i sc = _mm_cvtepu8_epi16(_mm_setr_epi32((int)(w0 & 0x3f3f3f3fu), (int)sc_hi, 0, 0));
+            const __m128i mn = _mm_cvtepu8_epi16(_mm_setr_epi32((int)(w1 & 0x3f3f3f3fu), (int)mn_hi, 0, 0));
+            const __m256i scv = _mm256_broadcastsi128_si256(sc);
+            __m256i isum = _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * c));
+                const __m256i plo = _mm256_maddubs_epi16(_mm256_and_si256(v, m4),
+                                                         _mm256_loadu_si256((const __m256i *)(y + 64 * c)));
+                const __m256i phi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                                                         _mm256_loadu_si256((const __m256i *)(y + 64 * c + 32)));
+                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(plo, _mm256_shuffle_epi8(scv, pick16(2 * c, 2 * c))));
+                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(phi, _mm256_shuffle_epi8(scv, pick16(2 * c + 1, 2 * c + 1))));
+            }
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(fp16(blk) * dx[b]), acc);
+            const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)(bs + 16 * b)),
+                                                 _mm_loadu_si128((const __m128i *)(bs + 16 * b + 8)));
+            macc = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mn, pairs)), _mm_set1_ps(fp16(blk + 2) * dx[b]), macc);
+        }
+        macc = _mm_add_ps(macc, _mm_movehl_ps(macc, macc));
+        macc = _mm_add_ss(macc, _mm_movehdup_ps(macc));
+        out[r] = hsum8(acc) - _mm_cvtss_f32(macc);
+    }
+}
+
+static void mv_q6_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+    const int64_t nb = cols / QKK;
+    const int16_t *bs = (const int16_t *)(a + nb * QKK);
+    const float *dx = (const float *)(a + nb * (QKK + 32));
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    for (int64_t r = 0; r < nr; r++) {
+        const uint8_t *row = w + r * ws;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * Q6_K_BYTES;
+            const uint8_t *y = a + b * QKK;
+            prefetch_block(blk, Q6_K_BYTES);
+            /* the 16 int8 scales widened; halves [0..7] and [8..15] each in both 128-bit lanes */
+            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+            const __m256i sa = _mm256_permute2x128_si256(sc16, sc16, 0x00), sb = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+            /* the -32 offset: 32 * sum_i sc_i * bsum_i */
+            __m256i isum = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                            _mm256_slli_epi32(_mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(bs + 16 * b))), 5));
+            for (int h = 0; h < 2; h++) {
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + h * 64));
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + h * 64 + 32));
+                const __m256i hb = _mm256_loadu_si256((const __m256i *)(blk + 128 + h * 32));
+                const __m256i lo[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+                                       _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                       _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
+                for (int g = 0; g < 4; g++) {
+                    const int j = 4 * h + g;   /* sub-block: scales 2j (weights 0-15) and 2j + 1 */
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * g), m3);
+                    const __m256i q = _mm256_or_si256(lo[g], _mm256_slli_epi16(hi, 4));
+                    const __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(y + 32 * j)));
+                    const __m256i s = _mm256_shuffle_epi8(h ? sb : sa, pick16(2 * g, 2 * g + 1));
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, s));
+                }
+            }
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(fp16(blk + 208) * dx[b]), acc);
+        }
+        out[r] = hsum8(acc);
+    }
+}
+
 INLINE void q4k_fixed(const int NR, const int NT, float *out, int64_t ldo, const uint8_t *w,
                       int64_t wstride, const uint8_t *a, int64_t astride, int64_t nb) {
     __m256 acc[4][4];
@@ -875,6 +980,8 @@ void lite_kernels_avx2(kernel_table *t) {
     t->rows8[K_Q8_0] = rows8_q8_0;
     t->rows8[K_Q4_K] = rows8_q4_k;
     t->rows8[K_Q6_K] = rows8_q6_k;
+    t->mv[K_Q4_K] = mv_q4_k;
+    t->mv[K_Q6_K] = mv_q6_k;
     t->mv[K_Q8_0] = mv_q8_0;
     t->quant_a8 = quant_a8;
     t->quant_a8k = quant_a8k;
