@@ -300,7 +300,8 @@ INLINE void r8_repack_q4k(__m256i *dst, int32_t *sc, int32_t *mn, float *dd, flo
             blk[i] = w + i * ws + (b0 + k) * Q4_K_BYTES;
             dd[8 * k + i] = fp16(blk[i]);
             dm[8 * k + i] = fp16(blk[i] + 2);
-            for (int j = 0; j < 8; j++) q4k_scale_min(blk[i] + 4, j, &sc[(8 * k + j) * 8 + i], &mn[(8 * k + j) * 8 + i]);
+            for (int j = 0; j < 8; j++)
+                q4k_scale_min(blk[i] + 4, j, &sc[(8 * k + j) * 8 + i], &mn[(8 * k + j) * 8 + i]);
         }
         for (int j = 0; j < 8; j++) {
             __m256i r[8];
@@ -342,7 +343,8 @@ INLINE void r8k_tokens(const int NT, float *out, int64_t ldo, const __m256i *rep
             const __m256i m = _mm256_load_si256((const __m256i *)(mn + (8 * k + j) * 8));
             for (int t = 0; t < NT; t++) {
                 isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(dot[t], s));
-                msum[t] = _mm256_add_epi32(msum[t], _mm256_mullo_epi32(m, _mm256_set1_epi32(bs[t][2 * j] + bs[t][2 * j + 1])));
+                const __m256i pair = _mm256_set1_epi32(bs[t][2 * j] + bs[t][2 * j + 1]);
+                msum[t] = _mm256_add_epi32(msum[t], _mm256_mullo_epi32(m, pair));
             }
         }
         const __m256 d = _mm256_load_ps(dd + 8 * k), dmin = _mm256_load_ps(dm + 8 * k);
@@ -539,8 +541,10 @@ static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const 
                                                          _mm256_loadu_si256((const __m256i *)(y + 64 * c)));
                 const __m256i phi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
                                                          _mm256_loadu_si256((const __m256i *)(y + 64 * c + 32)));
-                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(plo, _mm256_shuffle_epi8(scv, pick16(2 * c, 2 * c))));
-                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(phi, _mm256_shuffle_epi8(scv, pick16(2 * c + 1, 2 * c + 1))));
+                const __m256i slo = _mm256_shuffle_epi8(scv, pick16(2 * c, 2 * c));
+                const __m256i shi = _mm256_shuffle_epi8(scv, pick16(2 * c + 1, 2 * c + 1));
+                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(plo, slo));
+                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(phi, shi));
             }
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(fp16(blk) * dx[b]), acc);
             const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)(bs + 16 * b)),
@@ -567,10 +571,11 @@ static void mv_q6_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const 
             prefetch_block(blk, Q6_K_BYTES);
             /* the 16 int8 scales widened; halves [0..7] and [8..15] each in both 128-bit lanes */
             const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
-            const __m256i sa = _mm256_permute2x128_si256(sc16, sc16, 0x00), sb = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+            const __m256i sa = _mm256_permute2x128_si256(sc16, sc16, 0x00);
+            const __m256i sb = _mm256_permute2x128_si256(sc16, sc16, 0x11);
             /* the -32 offset: 32 * sum_i sc_i * bsum_i */
-            __m256i isum = _mm256_sub_epi32(_mm256_setzero_si256(),
-                                            _mm256_slli_epi32(_mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(bs + 16 * b))), 5));
+            const __m256i bsv = _mm256_loadu_si256((const __m256i *)(bs + 16 * b));
+            __m256i isum = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsv), 5));
             for (int h = 0; h < 2; h++) {
                 const __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + h * 64));
                 const __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + h * 64 + 32));
