@@ -195,6 +195,14 @@ INLINE void r8_repack(const int KIND, __m256i *dst, float *dws, const uint8_t *w
     }
 }
 
+/* 8 rows of NT tokens' results: stored for a row group's first chunk of blocks, added after. */
+INLINE void r8_store(const int NT, float *out, int64_t ldo, const __m256 *acc, int first) {
+    for (int t = 0; t < NT; t++) {
+        float *o = out + t * ldo;
+        _mm256_storeu_ps(o, first ? acc[t] : _mm256_add_ps(_mm256_loadu_ps(o), acc[t]));
+    }
+}
+
 /* One repacked block times NT tokens' activation blocks y[t]: each token's 8 rows' integer dots
  * (every weight vector loaded once for the NT tokens). */
 INLINE void r8_dot(const int KIND, const int NT, __m256i *dot, const __m256i *wv, const uint8_t *const *y) {
@@ -247,10 +255,7 @@ INLINE void r8_tokens(const int KIND, const int NT, float *out, int64_t ldo, con
             acc[t] = _mm256_fmadd_ps(x, dw, acc[t]);
         }
     }
-    for (int t = 0; t < NT; t++) {
-        float *o = out + t * ldo;
-        _mm256_storeu_ps(o, b0 ? _mm256_add_ps(_mm256_loadu_ps(o), acc[t]) : acc[t]);
-    }
+    r8_store(NT, out, ldo, acc, b0 == 0);
 }
 
 INLINE void q8_rows8(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr,
@@ -314,51 +319,6 @@ INLINE void r8_repack_q4k(__m256i *dst, int32_t *sc, int32_t *mn, float *dd, flo
     }
 }
 
-/* Tokens t0..t0+NT-1 over the repacked super-blocks [b0, b0 + n): out[t*ldo + r..r+8], set for the
- * first chunk and added to after. */
-INLINE void r8k_tokens(const int NT, float *out, int64_t ldo, const __m256i *rep, const int32_t *sc,
-                       const int32_t *mn, const float *dd, const float *dm, const uint8_t *a, int64_t as, int64_t nb,
-                       int64_t b0, int n) {
-    __m256 acc[2];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
-    for (int k = 0; k < n; k++) {
-        const int64_t b = b0 + k;
-        const uint8_t *y[2];
-        const int16_t *bs[2];
-        __m256i isum[2], msum[2];
-        __m256 dx[2];
-        for (int t = 0; t < NT; t++) {
-            const uint8_t *ar = a + t * as;
-            y[t] = ar + b * QKK;
-            bs[t] = (const int16_t *)(ar + nb * QKK) + b * 16;
-            dx[t] = _mm256_set1_ps(((const float *)(ar + nb * (QKK + 32)))[b]);
-            isum[t] = msum[t] = _mm256_setzero_si256();
-        }
-        for (int j = 0; j < 8; j++) {
-            const uint8_t *yj[2];
-            __m256i dot[2];
-            for (int t = 0; t < NT; t++) yj[t] = y[t] + 32 * j;
-            r8_dot(K_Q4_0, NT, dot, rep + 8 * (8 * k + j), yj);
-            const __m256i s = _mm256_load_si256((const __m256i *)(sc + (8 * k + j) * 8));
-            const __m256i m = _mm256_load_si256((const __m256i *)(mn + (8 * k + j) * 8));
-            for (int t = 0; t < NT; t++) {
-                isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(dot[t], s));
-                const __m256i pair = _mm256_set1_epi32(bs[t][2 * j] + bs[t][2 * j + 1]);
-                msum[t] = _mm256_add_epi32(msum[t], _mm256_mullo_epi32(m, pair));
-            }
-        }
-        const __m256 d = _mm256_load_ps(dd + 8 * k), dmin = _mm256_load_ps(dm + 8 * k);
-        for (int t = 0; t < NT; t++) {
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d, dx[t]), acc[t]);
-            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum[t]), _mm256_mul_ps(dmin, dx[t]), acc[t]);
-        }
-    }
-    for (int t = 0; t < NT; t++) {
-        float *o = out + t * ldo;
-        _mm256_storeu_ps(o, b0 ? _mm256_add_ps(_mm256_loadu_ps(o), acc[t]) : acc[t]);
-    }
-}
-
 /* Q6_K the same way: sub-block j's 32 six-bit quants (low nibbles from ql, two high bits from qh)
  * repack as one block; its two halves have their own int8 scales, so the dot keeps them apart
  * and, the quants reaching 63, widens every two groups. The -32 offset comes off through the
@@ -407,8 +367,12 @@ INLINE void r8_dot_halves(const int NT, __m256i *lo, __m256i *hi, const __m256i 
     }
 }
 
-INLINE void r8q6_tokens(const int NT, float *out, int64_t ldo, const __m256i *rep, const int32_t *sc, const float *dd,
-                        const uint8_t *a, int64_t as, int64_t nb, int64_t b0, int n) {
+/* Tokens t0..t0+NT-1 over the repacked super-blocks [b0, b0 + n): out[t*ldo + r..r+8], set for the
+ * first chunk and added to after. corr gathers what comes off through the activation's 16-weight
+ * sums: Q4_K's mins, Q6_K's 32 * scale offsets. */
+INLINE void kq_tokens(const int KIND, const int NT, float *out, int64_t ldo, const __m256i *rep, const int32_t *sc,
+                      const int32_t *mn, const float *dd, const float *dm, const uint8_t *a, int64_t as, int64_t nb,
+                      int64_t b0, int n) {
     __m256 acc[2];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (int k = 0; k < n; k++) {
@@ -426,29 +390,44 @@ INLINE void r8q6_tokens(const int NT, float *out, int64_t ldo, const __m256i *re
         }
         for (int j = 0; j < 8; j++) {
             const uint8_t *yj[2];
-            __m256i lo[2], hi[2];
             for (int t = 0; t < NT; t++) yj[t] = y[t] + 32 * j;
-            r8_dot_halves(NT, lo, hi, rep + 8 * (8 * k + j), yj);
-            const __m256i s0 = _mm256_load_si256((const __m256i *)(sc + (16 * k + 2 * j) * 8));
-            const __m256i s1 = _mm256_load_si256((const __m256i *)(sc + (16 * k + 2 * j + 1) * 8));
-            for (int t = 0; t < NT; t++) {
-                isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(_mm256_mullo_epi32(lo[t], s0),
-                                                                     _mm256_mullo_epi32(hi[t], s1)));
-                corr[t] = _mm256_add_epi32(corr[t], _mm256_add_epi32(
-                    _mm256_mullo_epi32(s0, _mm256_set1_epi32(bs[t][2 * j])),
-                    _mm256_mullo_epi32(s1, _mm256_set1_epi32(bs[t][2 * j + 1]))));
+            if (KIND == K_Q4_K) {
+                __m256i dot[2];
+                r8_dot(K_Q4_0, NT, dot, rep + 8 * (8 * k + j), yj);
+                const __m256i s = _mm256_load_si256((const __m256i *)(sc + (8 * k + j) * 8));
+                const __m256i m = _mm256_load_si256((const __m256i *)(mn + (8 * k + j) * 8));
+                for (int t = 0; t < NT; t++) {
+                    const __m256i pair = _mm256_set1_epi32(bs[t][2 * j] + bs[t][2 * j + 1]);
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(dot[t], s));
+                    corr[t] = _mm256_add_epi32(corr[t], _mm256_mullo_epi32(m, pair));
+                }
+            } else {
+                __m256i lo[2], hi[2];
+                r8_dot_halves(NT, lo, hi, rep + 8 * (8 * k + j), yj);
+                const __m256i s0 = _mm256_load_si256((const __m256i *)(sc + (16 * k + 2 * j) * 8));
+                const __m256i s1 = _mm256_load_si256((const __m256i *)(sc + (16 * k + 2 * j + 1) * 8));
+                for (int t = 0; t < NT; t++) {
+                    isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(_mm256_mullo_epi32(lo[t], s0),
+                                                                         _mm256_mullo_epi32(hi[t], s1)));
+                    corr[t] = _mm256_add_epi32(corr[t], _mm256_add_epi32(
+                        _mm256_mullo_epi32(s0, _mm256_set1_epi32(bs[t][2 * j])),
+                        _mm256_mullo_epi32(s1, _mm256_set1_epi32(bs[t][2 * j + 1]))));
+                }
             }
         }
         const __m256 d = _mm256_load_ps(dd + 8 * k);
         for (int t = 0; t < NT; t++) {
-            __m256i q = _mm256_sub_epi32(isum[t], _mm256_slli_epi32(corr[t], 5));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_mul_ps(d, dx[t]), acc[t]);
+            if (KIND == K_Q4_K) {
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d, dx[t]), acc[t]);
+                acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(corr[t]),
+                                          _mm256_mul_ps(_mm256_load_ps(dm + 8 * k), dx[t]), acc[t]);
+            } else {
+                __m256i q = _mm256_sub_epi32(isum[t], _mm256_slli_epi32(corr[t], 5));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_mul_ps(d, dx[t]), acc[t]);
+            }
         }
     }
-    for (int t = 0; t < NT; t++) {
-        float *o = out + t * ldo;
-        _mm256_storeu_ps(o, b0 ? _mm256_add_ps(_mm256_loadu_ps(o), acc[t]) : acc[t]);
-    }
+    r8_store(NT, out, ldo, acc, b0 == 0);
 }
 
 /* The K-quant rows-in-lanes driver: groups of 8 rows, R8K_CHUNK super-blocks repacked at a time,
@@ -464,18 +443,10 @@ INLINE void kq_rows8(const int KIND, float *out, int64_t ldo, const uint8_t *w, 
             int n = (int)(nb - b0 < R8K_CHUNK ? nb - b0 : R8K_CHUNK);
             if (KIND == K_Q4_K) r8_repack_q4k(rep, sc, mn, dd, dm, w + r * ws, ws, b0, n);
             else r8_repack_q6k(rep, sc, dd, w + r * ws, ws, b0, n);
-            for (int64_t t = 0; t < n_tok; t += 2) {
-                const int two = t + 2 <= n_tok;
-                float *o = out + t * ldo + r;
-                const uint8_t *at = a + t * as;
-                if (KIND == K_Q4_K) {
-                    if (two) r8k_tokens(2, o, ldo, rep, sc, mn, dd, dm, at, as, nb, b0, n);
-                    else r8k_tokens(1, o, ldo, rep, sc, mn, dd, dm, at, as, nb, b0, n);
-                } else {
-                    if (two) r8q6_tokens(2, o, ldo, rep, sc, dd, at, as, nb, b0, n);
-                    else r8q6_tokens(1, o, ldo, rep, sc, dd, at, as, nb, b0, n);
-                }
-            }
+            int64_t t = 0;
+            for (; t + 2 <= n_tok; t += 2)
+                kq_tokens(KIND, 2, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n);
+            if (t < n_tok) kq_tokens(KIND, 1, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n);
         }
     }
 }
