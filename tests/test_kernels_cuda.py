@@ -446,7 +446,7 @@ def test_moe_dense():
 @gpu
 @pytest.mark.parametrize("types,d,f", MOE_TYPES, ids=moe_id)
 @pytest.mark.parametrize("with_shared", [True, False])
-def test_moe_decode(types, d, f, with_shared, matvec_variant):
+def test_moe_decode(types, d, f, with_shared):
     """One token's experts with ids and weights on the device and a device table of every expert
     (ids outside the table are skipped)."""
     g = rng(12)

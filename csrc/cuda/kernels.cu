@@ -263,7 +263,8 @@ __device__ __forceinline__ void dot_tile(float acc[TT], const uint8_t *__restric
 /* A warp per row leaves each lane two or three 32-weight chunks of a 2048-wide row, decoded one
  * after the other: too few loads in flight to stream the weights. Here a whole block splits the
  * row into 16-weight units (half a chunk), one or two per thread, and each thread works on
- * MV_ROWS rows at once. g_matvec = 0 selects the warp tiles instead (lite_cuda_set_matvec). */
+ * MV_ROWS rows at once (the experts of moe_decode: one row each). For a quantized matvec,
+ * g_matvec = 0 selects the warp tiles instead (lite_cuda_set_matvec). */
 #define MV_THREADS 128
 #define MV_ROWS 2
 static int g_matvec = 1;
@@ -1066,50 +1067,9 @@ __device__ __forceinline__ int moe1_entry(int s, const int32_t *ids, int n_ent, 
   return e >= 0 && e < n_ent ? e : -1;
 }
 
-/* h[s, f] = silu(gate_f . x) * (up_f . x) for slot s = blockIdx.y. */
-__global__ void __launch_bounds__(WARPS * 32)
-k_moe1_gate_up(const lite_cuda_expert *__restrict__ tab, int n_ent, const int32_t *__restrict__ ids, int always,
-               const float *__restrict__ x, int64_t D, float *__restrict__ h, int64_t hs) {
-  const int e = moe1_entry((int)blockIdx.y, ids, n_ent, always);
-  if (e < 0) return;
-  const lite_cuda_expert &E = tab[e];
-  const int lane = threadIdx.x & 31;
-  const int64_t f = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5);
-  if (f >= E.ffn) return;
-  const float *xs[1] = {x};
-  float g[1] = {0.f}, u[1] = {0.f};
-  dot_tile<1>(g, E.w[0] + f * E.row_bytes[0], E.type[0], D, xs, 1, lane);
-  dot_tile<1>(u, E.w[1] + f * E.row_bytes[1], E.type[1], D, xs, 1, lane);
-  const float gs = warp_sum(g[0]), us = warp_sum(u[0]);
-  if (lane == 0) h[blockIdx.y * hs + f] = silu_mul1(gs, us);
-}
-
-/* out[d] = sum over slots in order of weight_s * (down_d . h[s]): one warp per output row, so the
- * sum needs no second pass and its order is fixed. */
-__global__ void __launch_bounds__(WARPS * 32)
-k_moe1_down(const lite_cuda_expert *__restrict__ tab, int n_ent, const int32_t *__restrict__ ids,
-            const float *__restrict__ wts, int n_slot, int always, const float *__restrict__ h, int64_t hs, int64_t D,
-            float *__restrict__ out) {
-  const int lane = threadIdx.x & 31;
-  const int64_t d = (int64_t)blockIdx.x * WARPS + (threadIdx.x >> 5);
-  if (d >= D) return;
-  float total = 0.f;
-  for (int s = 0; s < n_slot; s++) {
-    const int e = moe1_entry(s, ids, n_ent, always);
-    if (e < 0) continue;
-    const lite_cuda_expert &E = tab[e];
-    const float *xs[1] = {h + s * hs};
-    float acc[1] = {0.f};
-    dot_tile<1>(acc, E.w[2] + d * E.row_bytes[2], E.type[2], E.ffn, xs, 1, lane);
-    const float v = warp_sum(acc[0]);
-    total += (always >= 0 && s == 0) ? v : v * wts[s - (always >= 0)];
-  }
-  if (lane == 0) out[d] = total;
-}
-
-/* The same two passes with a block per row (g_matvec = 1). */
+/* h[s, f] = silu(gate_f . x) * (up_f . x) for slot s = blockIdx.y, a block per row f. */
 __global__ void __launch_bounds__(MV_THREADS)
-k_moe1_gate_up_b(const lite_cuda_expert *__restrict__ tab, int n_ent, const int32_t *__restrict__ ids, int always,
+k_moe1_gate_up(const lite_cuda_expert *__restrict__ tab, int n_ent, const int32_t *__restrict__ ids, int always,
                  const float *__restrict__ x, int64_t D, float *__restrict__ h, int64_t hs) {
   const int e = moe1_entry((int)blockIdx.y, ids, n_ent, always);
   if (e < 0) return;
@@ -1122,8 +1082,10 @@ k_moe1_gate_up_b(const lite_cuda_expert *__restrict__ tab, int n_ent, const int3
   if (threadIdx.x == 0) h[blockIdx.y * hs + f] = silu_mul1(acc[0], acc[1]);
 }
 
+/* out[d] = sum over slots in order of weight_s * (down_d . h[s]), a block per output row d: the
+ * sum needs no second pass and its order is fixed. */
 __global__ void __launch_bounds__(MV_THREADS)
-k_moe1_down_b(const lite_cuda_expert *__restrict__ tab, int n_ent, const int32_t *__restrict__ ids,
+k_moe1_down(const lite_cuda_expert *__restrict__ tab, int n_ent, const int32_t *__restrict__ ids,
               const float *__restrict__ wts, int n_slot, int always, const float *__restrict__ h, int64_t hs,
               float *__restrict__ out) {
   const int64_t d = blockIdx.x;
@@ -1154,21 +1116,12 @@ LC_API int lite_cuda_moe_decode(float *out, const float *x, int64_t dim, const i
   LC_REQUIRE(((uintptr_t)x & 15) == 0 && ((uintptr_t)d_scratch & 15) == 0, LITE_CUDA_ERR_ARG,
              "input and scratch must be 16-byte aligned");
   cudaStream_t st = lc_stream(stream);
-  if (g_matvec) {
-    LC_REQUIRE(max_ffn < (1ll << 31) && dim < (1ll << 31), LITE_CUDA_ERR_ARG, "too many rows");
-    k_moe1_gate_up_b<<<dim3((unsigned)max_ffn, (unsigned)n_slot), MV_THREADS, 0, st>>>(
-        table, (int)n_entries, ids, (int)always, x, dim, d_scratch, hs);
-    LC_LAUNCHED("moe_decode gate/up");
-    k_moe1_down_b<<<(unsigned)dim, MV_THREADS, 0, st>>>(table, (int)n_entries, ids, weights, (int)n_slot, (int)always,
-                                                       d_scratch, hs, out);
-    LC_LAUNCHED("moe_decode down");
-    return LITE_CUDA_OK;
-  }
-  k_moe1_gate_up<<<dim3((unsigned)((max_ffn + WARPS - 1) / WARPS), (unsigned)n_slot), WARPS * 32, 0, st>>>(
+  LC_REQUIRE(max_ffn < (1ll << 31) && dim < (1ll << 31), LITE_CUDA_ERR_ARG, "too many rows");
+  k_moe1_gate_up<<<dim3((unsigned)max_ffn, (unsigned)n_slot), MV_THREADS, 0, st>>>(
       table, (int)n_entries, ids, (int)always, x, dim, d_scratch, hs);
   LC_LAUNCHED("moe_decode gate/up");
-  k_moe1_down<<<(unsigned)((dim + WARPS - 1) / WARPS), WARPS * 32, 0, st>>>(
-      table, (int)n_entries, ids, weights, (int)n_slot, (int)always, d_scratch, hs, dim, out);
+  k_moe1_down<<<(unsigned)dim, MV_THREADS, 0, st>>>(table, (int)n_entries, ids, weights, (int)n_slot, (int)always,
+                                                   d_scratch, hs, out);
   LC_LAUNCHED("moe_decode down");
   return LITE_CUDA_OK;
 }

@@ -97,8 +97,8 @@ int lite_cuda_event_elapsed(float *ms, void *start, void *end);
  * not overlap. Asynchronous on `stream`. */
 int lite_cuda_repack(uint8_t *dst, const uint8_t *src, int64_t nbytes, int type, int64_t cols, void *stream);
 
-/* One-token kernels (matvec, moe_decode): 1 = a block of threads per weight row (default), 0 =
- * a warp per row. Process-wide; for measuring and testing both. */
+/* The one-token matvec of quantized weights: 1 = a block of threads per weight row (default), 0 =
+ * a warp per row (the many-token kernel's). Process-wide; for measuring and testing both. */
 int lite_cuda_set_matvec(int variant);
 
 /* Bytes of one row of `cols` weights of type `type`. */
