@@ -54,8 +54,9 @@ every weight in the cache (never evicted), each layer's expert table lives on th
 many leading rows of each layer it shares with the host; a step sends the rows the host wrote
 since (a prefill on the per-layer ops) and writes its new row back, and `mla_attention` marks a
 mirror stale from the first row it was given to write. Rows changed on the host by anything
-else (not a kernel) must be in a fresh cache. Per step: one upload (the token's hidden state),
-~16 launches a layer, one copy back. When the weights do not fit, prepare_layers refuses and
+else (not a kernel) must be in a fresh cache. Per step: the token's hidden state and rope tables
+go up, ~16 launches a layer, then the result, the routing and each layer's new cache row come
+back. When the weights do not fit, prepare_layers refuses and
 the per-layer ops run with the expert cache above.
 """
 from __future__ import annotations
