@@ -56,8 +56,8 @@ since (a prefill on the per-layer ops) and writes its new row back, and `mla_att
 mirror stale from the first row it was given to write. Rows changed on the host by anything
 else (not a kernel) must be in a fresh cache. Per step: the token's hidden state and rope tables
 go up, ~16 launches a layer, then the result, the routing and each layer's new cache row come
-back. When the weights do not fit, prepare_layers refuses and
-the per-layer ops run with the expert cache above.
+back. When the weights do not fit, prepare_layers refuses and the per-layer ops run with the
+expert cache above.
 """
 from __future__ import annotations
 
