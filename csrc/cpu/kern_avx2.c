@@ -952,13 +952,13 @@ void lite_kernels_avx2(kernel_table *t) {
     t->tile[K_BF16] = tile_bf16;
     t->mla = mla_heads;
     t->mv[K_Q4_0] = mv_q4_0;
+    t->mv[K_Q8_0] = mv_q8_0;
+    t->mv[K_Q4_K] = mv_q4_k;
+    t->mv[K_Q6_K] = mv_q6_k;
     t->rows8[K_Q4_0] = rows8_q4_0;
     t->rows8[K_Q8_0] = rows8_q8_0;
     t->rows8[K_Q4_K] = rows8_q4_k;
     t->rows8[K_Q6_K] = rows8_q6_k;
-    t->mv[K_Q4_K] = mv_q4_k;
-    t->mv[K_Q6_K] = mv_q6_k;
-    t->mv[K_Q8_0] = mv_q8_0;
     t->quant_a8 = quant_a8;
     t->quant_a8k = quant_a8k;
 }

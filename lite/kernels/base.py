@@ -2,10 +2,11 @@
 Numba, C, CUDA), plus the weight handles kernels receive. Fused ops (a residual add with the next
 norm, routing, a whole attention sublayer) are optional: their compositions of the core ops
 (composed.py) define them and serve any backend without its own; the C backend's own ones replace
-~20 calls per decode layer with 3, since Python's cost per call dominates at one token. The C
-backend also has `prepare_layers`/`decode_layers` (optional, no composition): one decode step
-through every `DecodeLayer` in one call, which the model uses when nothing needs the layers'
-insides and every expert has a fixed address.
+~20 calls per decode layer with 3, since Python's cost per call dominates at one token. The C and
+CUDA backends also have `prepare_layers`/`decode_layers` (optional, no composition): one decode
+step through every `DecodeLayer` in one call, which the model uses when nothing needs the layers'
+insides and every expert has a fixed address (on CUDA also only when every weight fits the
+VRAM budget).
 
 Shape legend: T tokens, S cached positions, D hidden, H heads, C kv_lora_rank, R rope dims,
 K experts per token, F expert width, N rows (output features) of a weight.
