@@ -101,11 +101,12 @@ def measure_bandwidth_isolated(threads: int | None = None, nbytes: int = BANDWID
     return float(bw), how
 
 
-def _fill_cache(model: Any, cache: Any, depth: int, rng: np.random.Generator) -> None:
+def _fill_cache(model: Any, cache: Any, depth: int, rng: np.random.Generator, room: int = 1) -> None:
     """Put `depth` random positions into `cache` without running the model: normalised latents
-    (RMS 1, like `attn_kv_a_norm`'s output) and rope keys."""
+    (RMS 1, like `attn_kv_a_norm`'s output) and rope keys; storage for `room` more positions is
+    made now, as generation sizes the cache for a whole request before it starts."""
     c = model.config
-    cache.reserve(depth + 1)
+    cache.reserve(depth + room)
     for layer in range(c.n_layer):
         cache.write(layer, 0, rng.standard_normal((depth, c.kv_lora_rank), dtype=np.float32),
                     rng.standard_normal((depth, c.qk_rope), dtype=np.float32))
@@ -167,6 +168,7 @@ def run_bench(model_path: str | os.PathLike[str], prompt: int = 256, gen: int = 
     prefill_s, ttft_s, decode_s = [], [], []
     for r in range(repeats):
         cache = m.new_cache()
+        cache.reserve(prompt + gen)
         t0 = time.perf_counter()
         for s in range(0, prompt, PREFILL_CHUNK):
             logits = m.forward(ids[s:s + PREFILL_CHUNK], cache)
@@ -182,7 +184,7 @@ def run_bench(model_path: str | os.PathLike[str], prompt: int = 256, gen: int = 
         times = []
         for _ in range(repeats):
             cache = m.new_cache()
-            _fill_cache(m, cache, d, rng)
+            _fill_cache(m, cache, d, rng, room=gen)
             times.append(_decode(m, cache, int(rng.integers(cfg.vocab_size)), gen))
         depth_rows.append({"depth": d, "decode_tok_s": gen / statistics.median(times)})
         _log(f"depth {d}: decode {depth_rows[-1]['decode_tok_s']:.2f} tok/s")

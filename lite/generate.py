@@ -90,6 +90,9 @@ def run(model: "Model", prompt: Sequence[int], max_tokens: int, sampling: Sampli
     t0 = time.perf_counter()
     gen = Generation(prompt_tokens=len(prompt))
     gen.cached_tokens = reuse_prefix(cache, prompt)
+    # Storage for the whole request now: growing the cache mid-generation copies every layer's
+    # positions, a stall of seconds at long contexts, where a user sees it.
+    cache.reserve(min(model.n_ctx, len(prompt) + max_tokens))
     sampler = Sampler(sampling)
     tok = model.tokenizer if (stop or model.has_tokenizer) else None
     decoder = tok.stream_decoder() if tok is not None else None

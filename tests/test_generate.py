@@ -110,3 +110,15 @@ def test_logits_unchanged_by_generation_state(model):
     a = model.logits([5, 6, 7])
     model.generate("import", max_tokens=3)
     np.testing.assert_array_equal(a, model.logits([5, 6, 7]))
+
+
+def test_cache_sized_once_per_request(model, monkeypatch):
+    """Growing the latent cache copies every layer's positions: a request sizes it before
+    prefill, so no step of its decode pays for a copy."""
+    model.reset()
+    grown = []
+    real = type(model.cache)._grow
+    monkeypatch.setattr(type(model.cache), "_grow", lambda self, a, new: grown.append(new) or real(self, a, new))
+    g = model.generate("def add(a, b):", max_tokens=100)
+    assert len(g.token_ids) > 70    # a decode long enough to have grown the cache twice
+    assert len(grown) == 2 and grown[0] == grown[1] >= g.prompt_tokens + 100   # once, both arrays
