@@ -269,11 +269,12 @@ def test_softmax_silu(cb):
 
 @pytest.mark.parametrize("t,h,c,r,s,start", [
     (1, 16, 512, 64, 40, 39),      # decode
+    (1, 16, 512, 64, 1000, 999),    # decode over 21 chunks of 48, each prefetching the next
     (3, 4, 64, 16, 12, 5),          # chunk with S > start + T
     (17, 3, 96, 8, 17, 0),          # prefill from empty
     (2, 5, 128, 32, 300, 200),      # several online-softmax chunks
     (1, 2, 32, 0, 5, 4),            # no rope dims
-    (2, 9, 64, 8, 133, 131),        # a head group of 8 and one of 1; chunks with a 5-position tail
+    (2, 9, 64, 8, 101, 99),         # a head group of 8 and one of 1; chunks with 4- and 5-position tails
     (1, 7, 40, 4, 70, 69),          # sizes the vector kernel does not take: the scalar one runs
 ])
 def test_mla_attention(cb, t, h, c, r, s, start):

@@ -125,7 +125,7 @@ typedef void (*mla_fn)(float *out, const float *ql, const float *qp, const float
                        int64_t n_vis, int nh, int64_t c_dim, int64_t r_dim, float scale);
 #define MLA_MAX_C 1024     /* latent dims supported (DeepSeek-V2: 512) */
 #define MLA_HEAD_GROUP 8
-#define MLA_CHUNK 32       /* positions per online-softmax step: 32 latent rows (64 KiB) stay near L1 */
+#define MLA_CHUNK 48       /* positions per online-softmax step: 16 triples of rows for the 4x3 score tiles */
 /* Quantize n_rows float rows of length cols into an activation layout (A8 or A8K). */
 typedef void (*quant_fn)(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
 

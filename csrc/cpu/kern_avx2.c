@@ -816,18 +816,33 @@ INLINE __m256 exp_neg(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+/* The next chunk's cache lines (latent rows, then rope keys), one line per step of the passes
+ * over the current chunk. Spread over all the passes, the reads overlap the arithmetic; issued
+ * within one pass, they filled the core's miss buffers and stalled it until memory answered
+ * (the kernel ran at half its in-cache speed with the cache in DRAM). */
+typedef struct { const char *p, *end, *p2, *end2; } mla_prefetch;
+
+INLINE void mla_prefetch_step(mla_prefetch *pf) {
+    if (pf->p < pf->end) {
+        _mm_prefetch(pf->p, _MM_HINT_T0);
+        pf->p += 64;
+    } else if (pf->p2 < pf->end2) {
+        _mm_prefetch(pf->p2, _MM_HINT_T0);
+        pf->p2 += 64;
+    }
+}
+
 /* Scores of NH heads x NS positions: dot products over the latent and the rope parts, each pair
  * in its own accumulator, every cache row loaded once for the NH heads. 4 x 3 fills the 16
  * registers (12 sums, 3 cache rows, a query) with 7 loads per 12 FMAs. */
 INLINE void mla_scores(const int NH, const int NS, float *p, int64_t pld, const float *ql, const float *qp,
-                       const float *ckv, const float *kpe, int64_t c_dim, int64_t r_dim, float scale, int pf) {
+                       const float *ckv, const float *kpe, int64_t c_dim, int64_t r_dim, float scale, mla_prefetch *pf) {
     __m256 acc[4][4];
     for (int h = 0; h < NH; h++)
         for (int s = 0; s < NS; s++) acc[h][s] = _mm256_setzero_ps();
     for (int64_t c = 0; c < c_dim; c += 8) {
         __m256 k[4];
-        if (pf && c % 16 == 0)
-            for (int s = 0; s < NS; s++) _mm_prefetch((const char *)(ckv + (s + MLA_CHUNK) * c_dim + c), _MM_HINT_T1);
+        if (c % 16 == 0) mla_prefetch_step(pf);
         for (int s = 0; s < NS; s++) k[s] = _mm256_loadu_ps(ckv + s * c_dim + c);
         for (int h = 0; h < NH; h++) {
             __m256 q = _mm256_loadu_ps(ql + h * c_dim + c);
@@ -836,8 +851,6 @@ INLINE void mla_scores(const int NH, const int NS, float *p, int64_t pld, const 
     }
     for (int64_t c = 0; c < r_dim; c += 8) {
         __m256 k[4];
-        if (pf && c % 16 == 0)
-            for (int s = 0; s < NS; s++) _mm_prefetch((const char *)(kpe + (s + MLA_CHUNK) * r_dim + c), _MM_HINT_T1);
         for (int s = 0; s < NS; s++) k[s] = _mm256_loadu_ps(kpe + s * r_dim + c);
         for (int h = 0; h < NH; h++) {
             __m256 q = _mm256_loadu_ps(qp + h * r_dim + c);
@@ -852,7 +865,7 @@ INLINE void mla_scores(const int NH, const int NS, float *p, int64_t pld, const 
  * registers across the chunk's positions (4 heads x 24 dims: 12 sums, 3 cache loads and 4
  * broadcasts per 12 FMAs). */
 INLINE void mla_accumulate_block(const int NH, const int NV, float *acc, const float *alpha, const float *p,
-                                 int64_t pld, const float *ckv, int64_t ns, int64_t c_dim, int64_t c) {
+                                 int64_t pld, const float *ckv, int64_t ns, int64_t c_dim, int64_t c, mla_prefetch *pf) {
     __m256 a[4][3];
     for (int h = 0; h < NH; h++) {
         __m256 al = _mm256_set1_ps(alpha[h]);
@@ -860,6 +873,7 @@ INLINE void mla_accumulate_block(const int NH, const int NV, float *acc, const f
     }
     for (int64_t s = 0; s < ns; s++) {
         __m256 k[3];
+        if (s % 2 == 0) mla_prefetch_step(pf);
         for (int v = 0; v < NV; v++) k[v] = _mm256_loadu_ps(ckv + s * c_dim + c + 8 * v);
         for (int h = 0; h < NH; h++) {
             __m256 ps = _mm256_broadcast_ss(p + h * pld + s);
@@ -871,10 +885,10 @@ INLINE void mla_accumulate_block(const int NH, const int NV, float *acc, const f
 }
 
 INLINE void mla_accumulate(const int NH, float *acc, const float *alpha, const float *p, int64_t pld,
-                           const float *ckv, int64_t ns, int64_t c_dim) {
+                           const float *ckv, int64_t ns, int64_t c_dim, mla_prefetch *pf) {
     int64_t c = 0;
-    for (; c + 24 <= c_dim; c += 24) mla_accumulate_block(NH, 3, acc, alpha, p, pld, ckv, ns, c_dim, c);
-    for (; c < c_dim; c += 8) mla_accumulate_block(NH, 1, acc, alpha, p, pld, ckv, ns, c_dim, c);
+    for (; c + 24 <= c_dim; c += 24) mla_accumulate_block(NH, 3, acc, alpha, p, pld, ckv, ns, c_dim, c, pf);
+    for (; c < c_dim; c += 8) mla_accumulate_block(NH, 1, acc, alpha, p, pld, ckv, ns, c_dim, c, pf);
 }
 
 /* The same result as lite_mla_heads_scalar (to float rounding), vectorised; latent and rope
@@ -896,11 +910,13 @@ static void mla_heads(float *out, const float *ql, const float *qp, const float 
     for (int64_t s0 = 0; s0 < n_vis; s0 += MLA_CHUNK) {
         int64_t ns = n_vis - s0 < MLA_CHUNK ? n_vis - s0 : MLA_CHUNK;
         const float *kc = ckv + s0 * c_dim, *kp = r_dim ? kpe + s0 * r_dim : NULL;
+        int64_t nn = n_vis - s0 - ns < MLA_CHUNK ? n_vis - s0 - ns : MLA_CHUNK;   /* next chunk */
+        mla_prefetch pf = {(const char *)(kc + ns * c_dim), (const char *)(kc + (ns + nn) * c_dim),
+                           kp ? (const char *)(kp + ns * r_dim) : NULL, kp ? (const char *)(kp + (ns + nn) * r_dim) : NULL};
         for (int g = 0; g < nh; g += 4) {
             const float *qg = ql + g * c_dim, *pg = qp + g * r_dim;
-            int pf = g == 0 && s0 + 2 * MLA_CHUNK <= n_vis;
             int64_t s = 0;
-#define SCORES(NH, NS) mla_scores(NH, NS, &p[g][s], MLA_CHUNK, qg, pg, kc + s * c_dim, kp + s * r_dim, c_dim, r_dim, scale, pf)
+#define SCORES(NH, NS) mla_scores(NH, NS, &p[g][s], MLA_CHUNK, qg, pg, kc + s * c_dim, kp + s * r_dim, c_dim, r_dim, scale, &pf)
             switch (nh - g < 4 ? nh - g : 4) {
             case 4: for (; s + 3 <= ns; s += 3) SCORES(4, 3); for (; s < ns; s++) SCORES(4, 1); break;
             case 3: for (; s + 3 <= ns; s += 3) SCORES(3, 3); for (; s < ns; s++) SCORES(3, 1); break;
@@ -931,9 +947,9 @@ static void mla_heads(float *out, const float *ql, const float *qp, const float 
         }
         int g = 0;
         for (; g + 4 <= nh; g += 4)
-            mla_accumulate(4, acc + g * MLA_MAX_C, alpha + g, &p[g][0], MLA_CHUNK, kc, ns, c_dim);
+            mla_accumulate(4, acc + g * MLA_MAX_C, alpha + g, &p[g][0], MLA_CHUNK, kc, ns, c_dim, &pf);
         for (; g < nh; g++)
-            mla_accumulate(1, acc + g * MLA_MAX_C, alpha + g, &p[g][0], MLA_CHUNK, kc, ns, c_dim);
+            mla_accumulate(1, acc + g * MLA_MAX_C, alpha + g, &p[g][0], MLA_CHUNK, kc, ns, c_dim, &pf);
     }
     for (int g = 0; g < nh; g++) {
         __m256 inv = _mm256_set1_ps(1.0f / l[g]);
