@@ -4,6 +4,9 @@ kernel work when the real checkpoint is not at hand.
 
     python benchmarks/make_synthetic.py --layers 27 --preset q4_0 --out /tmp/lite-q4_0.gguf
     python benchmarks/make_synthetic.py --layers 4 --full --preset q8_0 --out /tmp/v2-4.gguf
+    # llama.cpp's Q4_0 recipe (every matrix Q4_0 but the output, Q6_K): 1.44 GB read per token
+    python benchmarks/make_synthetic.py --preset q4_0 --shared q4_0 --attn q4_0 --embed q4_0 \
+        --output q6_k --out /tmp/lite-q4_0-all.gguf
 
 Quantized blocks are written directly — random quants (and, for K-quants, random sub-block
 scales) with fp16 scales chosen so that the weights have an RMS of about 0.03 (`WEIGHT_RMS`) —
@@ -13,7 +16,8 @@ super-blocks). The bytes come from a pool of random data sliced at random offset
 ±25% block to block. Norms are F32 ones; routers are F32 Gaussian
 with logit std ≈ 2 on a normalised hidden state, so routing varies from token to token. The
 tensor layout is llama.cpp's current one (attn_k_b `[H, C, N]`, attn_v_b `[H, V, C]`); types per
-tensor class come from quant's presets; metadata from quant's HF-config mapping.
+tensor class come from quant's presets (overridden per class as `lite quantize` takes them);
+metadata from quant's HF-config mapping.
 
 `--tiny` shrinks every dimension (for tests): same code path, a file of a few MB.
 Progress goes to stderr.
@@ -38,7 +42,7 @@ from lite.model.config import ARCH, ModelConfig  # noqa: E402
 from lite.model.tensors import expected_shapes  # noqa: E402
 from quant.gguf_out import PlannedTensor, write_gguf  # noqa: E402
 from quant.hf_config import gguf_metadata  # noqa: E402
-from quant.presets import choose_type, resolve  # noqa: E402
+from quant.presets import CLASSES, choose_type, resolve  # noqa: E402
 
 WEIGHT_RMS = 0.03
 ROUTER_LOGIT_STD = 2.0
@@ -129,8 +133,9 @@ class BlockMaker:
                 * np.float32(ROUTER_LOGIT_STD / cols ** 0.5))
 
 
-def plan_tensors(cfg: ModelConfig, preset: str, seed: int = 0) -> list[PlannedTensor]:
-    table = resolve(preset, {})
+def plan_tensors(cfg: ModelConfig, preset: str, seed: int = 0,
+                 overrides: dict[str, str | None] | None = None) -> list[PlannedTensor]:
+    table = resolve(preset, overrides or {})
     maker = BlockMaker(seed)
     plan = []
     for name, shape in expected_shapes(cfg, split_kv_b=True).items():
@@ -178,8 +183,10 @@ class _Progress:
 
 
 def make_synthetic(out: str | Path, layers: int | None = None, full: bool = False, preset: str = "q4_0",
-                   tiny: bool = False, seed: int = 0, force: bool = True, quiet: bool = False) -> Path:
-    """Write the synthetic GGUF to `out` and return its path."""
+                   tiny: bool = False, seed: int = 0, force: bool = True, quiet: bool = False,
+                   overrides: dict[str, str | None] | None = None) -> Path:
+    """Write the synthetic GGUF to `out` and return its path. `overrides`: tensor class → type,
+    as `lite quantize --attn q4_0 …` takes them."""
     if preset not in FILE_TYPES:
         raise ValueError(f"preset must be one of {', '.join(FILE_TYPES)}, got {preset!r}")
     hf = hf_config(layers, full, tiny)
@@ -194,7 +201,7 @@ def make_synthetic(out: str | Path, layers: int | None = None, full: bool = Fals
     meta["tokenizer.ggml.eos_token_id"] = (100001 if not tiny else 1, GGUFValueType.UINT32)
     cfg = ModelConfig.from_metadata({Keys.General.ARCHITECTURE: ARCH, **{k: v for k, (v, _) in meta.items()}},
                                     "synthetic")
-    plan = plan_tensors(cfg, preset, seed)
+    plan = plan_tensors(cfg, preset, seed, overrides)
     total = sum(t.nbytes for t in plan)
     bar = _Progress(total, quiet)
     t0 = time.perf_counter()
@@ -224,11 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="DeepSeek-Coder-V2 dims instead of -Lite")
     ap.add_argument("--tiny", action="store_true", help="tiny dims (tests)")
     ap.add_argument("--preset", default="q4_0", choices=sorted(FILE_TYPES))
+    for cls in CLASSES:
+        ap.add_argument(f"--{cls}", metavar="TYPE", help=f"override the preset's type of the {cls} tensors")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--no-validate", action="store_true", help="skip loading the file and one forward")
     args = ap.parse_args(argv)
-    path = make_synthetic(args.out, args.layers, args.full, args.preset, args.tiny, args.seed)
+    path = make_synthetic(args.out, args.layers, args.full, args.preset, args.tiny, args.seed,
+                          overrides={cls: getattr(args, cls) for cls in CLASSES})
     if not args.no_validate:
         t0 = time.perf_counter()
         logits = validate(path)

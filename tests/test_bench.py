@@ -63,6 +63,25 @@ def test_synthetic_k_quants(tmp_path):
     assert np.all(np.isfinite(logits)) and logits.std() > 0
 
 
+def test_synthetic_class_overrides(tmp_path):
+    """Per-class types override the preset as `lite quantize --attn …` does: llama.cpp's Q4_0
+    recipe (every matrix Q4_0 but the output, Q6_K where its rows allow) and an unknown type is
+    refused by name."""
+    import lite
+    ms = _make_synthetic()
+    over = {"shared": "q4_0", "attn": "q4_0", "embed": "q4_0", "output": "q6_k"}
+    path = ms.make_synthetic(tmp_path / "tiny-q4_0-all.gguf", layers=2, preset="q4_0", tiny=True, quiet=True,
+                             overrides=over)
+    m = lite.load(path, n_ctx=32)
+    types = {n: t.qtype.name for n, t in m.file.tensors.items()}
+    assert types["blk.1.ffn_up_shexp.weight"] == types["blk.0.attn_output.weight"] == "Q4_0"
+    assert types["token_embd.weight"] == types["blk.1.ffn_down_exps.weight"] == "Q4_0"
+    assert types["output.weight"] in ("Q6_K", "Q8_0")    # Q8_0: the fallback where rows are not 256-long
+    assert np.all(np.isfinite(m.logits(np.arange(8))))
+    with pytest.raises(lite.LiteError, match="--attn q5_1"):
+        ms.make_synthetic(tmp_path / "bad.gguf", layers=1, tiny=True, quiet=True, overrides={"attn": "q5_1"})
+
+
 def test_full_dims_metadata():
     """--full gives Coder-V2's config (checked without writing the 60-layer file)."""
     from gguf.constants import Keys
