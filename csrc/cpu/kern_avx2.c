@@ -154,6 +154,46 @@ DEF_Q8_KERNELS(tile_q8_0, mv_q8_0, K_Q8_0)
  * One core, 1408 x 2048 Q4_0, 24-256 tokens: 1.41-1.47x the 4 x 4 tiles. */
 #define R8_CHUNK 32
 
+/* The next chunk's weights (`len` bytes from byte `off` of 8 rows `ws` apart), prefetched a few
+ * lines before each token pass over the current chunk, so that its repack finds them in cache
+ * instead of waiting on memory. Spread over the passes, the reads hide behind the arithmetic; a
+ * burst would fill the core's miss buffers and stall it (as in the MLA kernel). */
+typedef struct { const char *line, *end; const uint8_t *w; int64_t ws, off, len, per; int i; } r8_prefetch;
+
+/* The chunk after blocks [b0, b0 + chunk) of rows [r, r + 8): the same rows' next blocks, else
+ * the next row group's first; nothing past this call's rows. */
+INLINE r8_prefetch r8_next_chunk(const uint8_t *w, int64_t ws, int64_t r, int64_t nr, int64_t b0, int64_t chunk,
+                                 int64_t nb, int64_t bs, int64_t n_tok) {
+    r8_prefetch p = {NULL, NULL, NULL, ws, 0, 0, 0, 8};
+    if (b0 + chunk < nb) {
+        p.w = w + r * ws;
+        p.off = (b0 + chunk) * bs;
+        p.len = (nb - b0 - chunk < chunk ? nb - b0 - chunk : chunk) * bs;
+    } else if (r + 8 < nr) {
+        p.w = w + (r + 8) * ws;
+        p.len = (nb < chunk ? nb : chunk) * bs;
+    } else {
+        return p;
+    }
+    int64_t lines = 8 * (p.len / 64 + 2), passes = (n_tok + 1) / 2;
+    p.per = (lines + passes - 1) / passes;
+    p.i = -1;
+    return p;
+}
+
+INLINE void r8_prefetch_step(r8_prefetch *p) {
+    for (int64_t n = p->per; n > 0; n--) {
+        if (p->line >= p->end) {
+            if (++p->i >= 8) return;
+            const char *a = (const char *)p->w + p->i * p->ws + p->off;
+            p->line = (const char *)((uintptr_t)a & ~(uintptr_t)63);
+            p->end = a + p->len;
+        }
+        _mm_prefetch(p->line, _MM_HINT_T0);
+        p->line += 64;
+    }
+}
+
 /* 8 x 8 transpose of 32-bit groups: d[v] = group v of every row r[0..7]. */
 INLINE void r8_transpose(const __m256i *r, __m256i *d) {
     __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
@@ -260,16 +300,23 @@ INLINE void r8_tokens(const int KIND, const int NT, float *out, int64_t ldo, con
 
 INLINE void q8_rows8(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr,
                      const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols) {
-    const int64_t nb = cols / QK;
+    const int64_t nb = cols / QK, bs = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
     _Alignas(32) __m256i rep[8 * R8_CHUNK];
     _Alignas(32) float dws[8 * R8_CHUNK];
     for (int64_t r = 0; r < nr; r += 8) {
         for (int64_t b0 = 0; b0 < nb; b0 += R8_CHUNK) {
             int n = (int)(nb - b0 < R8_CHUNK ? nb - b0 : R8_CHUNK);
             r8_repack(KIND, rep, dws, w + r * ws, ws, b0, n);
+            r8_prefetch pf = r8_next_chunk(w, ws, r, nr, b0, R8_CHUNK, nb, bs, n_tok);
             int64_t t = 0;
-            for (; t + 2 <= n_tok; t += 2) r8_tokens(KIND, 2, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n);
-            if (t < n_tok) r8_tokens(KIND, 1, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n);
+            for (; t + 2 <= n_tok; t += 2) {
+                r8_prefetch_step(&pf);
+                r8_tokens(KIND, 2, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n);
+            }
+            if (t < n_tok) {
+                r8_prefetch_step(&pf);
+                r8_tokens(KIND, 1, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n);
+            }
         }
     }
 }
@@ -434,7 +481,7 @@ INLINE void kq_tokens(const int KIND, const int NT, float *out, int64_t ldo, con
  * tokens in pairs. */
 INLINE void kq_rows8(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr,
                      const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols) {
-    const int64_t nb = cols / QKK;
+    const int64_t nb = cols / QKK, bs = KIND == K_Q4_K ? Q4_K_BYTES : Q6_K_BYTES;
     _Alignas(32) __m256i rep[8 * 8 * R8K_CHUNK];
     _Alignas(32) int32_t sc[16 * 8 * R8K_CHUNK], mn[8 * 8 * R8K_CHUNK];
     _Alignas(32) float dd[8 * R8K_CHUNK], dm[8 * R8K_CHUNK];
@@ -443,10 +490,16 @@ INLINE void kq_rows8(const int KIND, float *out, int64_t ldo, const uint8_t *w, 
             int n = (int)(nb - b0 < R8K_CHUNK ? nb - b0 : R8K_CHUNK);
             if (KIND == K_Q4_K) r8_repack_q4k(rep, sc, mn, dd, dm, w + r * ws, ws, b0, n);
             else r8_repack_q6k(rep, sc, dd, w + r * ws, ws, b0, n);
+            r8_prefetch pf = r8_next_chunk(w, ws, r, nr, b0, R8K_CHUNK, nb, bs, n_tok);
             int64_t t = 0;
-            for (; t + 2 <= n_tok; t += 2)
+            for (; t + 2 <= n_tok; t += 2) {
+                r8_prefetch_step(&pf);
                 kq_tokens(KIND, 2, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n);
-            if (t < n_tok) kq_tokens(KIND, 1, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n);
+            }
+            if (t < n_tok) {
+                r8_prefetch_step(&pf);
+                kq_tokens(KIND, 1, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n);
+            }
         }
     }
 }
