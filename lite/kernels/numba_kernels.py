@@ -233,14 +233,7 @@ def _dot_q4_k(row, x, xs, lut):
         o = b * 144
         q = row[o + 16:o + 144]
         xv = x[b * 256:b * 256 + 256]
-        l0 = np.float32(0.0)
-        l1 = np.float32(0.0)
-        l2 = np.float32(0.0)
-        l3 = np.float32(0.0)
-        h0 = np.float32(0.0)
-        h1 = np.float32(0.0)
-        h2 = np.float32(0.0)
-        h3 = np.float32(0.0)
+        l0 = l1 = l2 = l3 = h0 = h1 = h2 = h3 = np.float32(0.0)   # one per sub-block
         for j in range(32):
             v0, v1, v2, v3 = np.int32(q[j]), np.int32(q[32 + j]), np.int32(q[64 + j]), np.int32(q[96 + j])
             l0 += np.float32(v0 & 15) * xv[j]
@@ -310,14 +303,7 @@ def _dot_q6_k(row, x, xs, lut, n16):
             ql = row[o + 64 * h:o + 64 * h + 64]
             qh = row[o + 128 + 32 * h:o + 160 + 32 * h]
             xv = x[b * 256 + 128 * h:b * 256 + 128 * h + 128]
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            a2 = np.float32(0.0)
-            a3 = np.float32(0.0)
-            b0 = np.float32(0.0)
-            b1 = np.float32(0.0)
-            b2 = np.float32(0.0)
-            b3 = np.float32(0.0)
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)   # one per sixteen
             for l in range(16):  # a: weights l of each group, b: weights 16 + l
                 p, r = np.int32(ql[l]), np.int32(ql[16 + l])
                 u, v = np.int32(ql[32 + l]), np.int32(ql[48 + l])
