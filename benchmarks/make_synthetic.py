@@ -112,8 +112,14 @@ class BlockMaker:
             n = min(flat.size - done, POOL_BYTES)
             flat[done:done + n] = self._bytes(n)
             done += n
-        if qtype == QT.Q4_0:     # (q - 8)·d with q uniform 0..15: RMS of (q - 8) is √21.5
-            out[:, :2] = self._scales(nb, WEIGHT_RMS / 21.5 ** 0.5).view(np.uint8).reshape(nb, 2)
+        if qtype == QT.Q4_0:
+            # (q - 8)·d with q uniform 0..15: RMS of (q - 8) is √21.5, but its mean is -0.5. With
+            # d > 0 in every block each matrix would carry a common component along the all-ones
+            # direction, which piles up layer after layer until every token routes to the same few
+            # experts; a random sign per block cancels it.
+            d = self._scales(nb, WEIGHT_RMS / 21.5 ** 0.5)
+            d[self.rng.random(nb) < 0.5] *= -1
+            out[:, :2] = d.view(np.uint8).reshape(nb, 2)
         elif qtype == QT.Q8_0:   # q uniform -128..127: RMS ≈ 73.9
             out[:, :2] = self._scales(nb, WEIGHT_RMS / 73.9).view(np.uint8).reshape(nb, 2)
         elif qtype == QT.Q4_K:

@@ -72,12 +72,23 @@ def test_synthetic_class_overrides(tmp_path):
     over = {"shared": "q4_0", "attn": "q4_0", "embed": "q4_0", "output": "q6_k"}
     path = ms.make_synthetic(tmp_path / "tiny-q4_0-all.gguf", layers=2, preset="q4_0", tiny=True, quiet=True,
                              overrides=over)
-    m = lite.load(path, n_ctx=32)
+    m = lite.load(path, n_ctx=64)
     types = {n: t.qtype.name for n, t in m.file.tensors.items()}
     assert types["blk.1.ffn_up_shexp.weight"] == types["blk.0.attn_output.weight"] == "Q4_0"
     assert types["token_embd.weight"] == types["blk.1.ffn_down_exps.weight"] == "Q4_0"
     assert types["output.weight"] in ("Q6_K", "Q8_0")    # Q8_0: the fallback where rows are not 256-long
     assert np.all(np.isfinite(m.logits(np.arange(8))))
+    # Q4_0's (q - 8) has mean -0.5: the blocks' random signs keep the weights centred, so that
+    # routing still varies with every matrix at Q4_0.
+    from lite.kernels.dequant import dequantize
+    t = m.file.tensors["blk.1.attn_output.weight"]
+    w = dequantize(np.ascontiguousarray(t.data), t.qtype).astype(np.float64)
+    assert abs(w.mean()) < 0.02 * np.sqrt(np.mean(w ** 2))
+    from lite.trace import RoutingTrace
+    trace = RoutingTrace()
+    m.record_routing(trace)
+    m.logits(np.arange(64))
+    assert len({int(e) for layer, ids in trace.records if layer == 1 for e in ids.ravel()}) == m.config.n_expert
     with pytest.raises(lite.LiteError, match="--attn q5_1"):
         ms.make_synthetic(tmp_path / "bad.gguf", layers=1, tiny=True, quiet=True, overrides={"attn": "q5_1"})
 
