@@ -65,8 +65,8 @@ def test_synthetic_k_quants(tmp_path):
 
 def test_synthetic_class_overrides(tmp_path):
     """Per-class types override the preset as `lite quantize --attn …` does: llama.cpp's Q4_0
-    recipe (every matrix Q4_0 but the output, Q6_K where its rows allow) and an unknown type is
-    refused by name."""
+    recipe (every matrix Q4_0 but the output, Q6_K where its rows allow) has centred weights and
+    routing that reaches every expert; an unknown type is refused by name."""
     import lite
     ms = _make_synthetic()
     over = {"shared": "q4_0", "attn": "q4_0", "embed": "q4_0", "output": "q6_k"}
