@@ -58,10 +58,49 @@ INLINE __m256 lane(__m256 v, const int j) {
     }
 }
 
+/* A lone token's Q4_0 activations for `pair_group`: in each whole group of 8 blocks, pair k
+ * (0..3) is the first halves of blocks k and k + 4, then their second halves (64 bytes); the
+ * blocks after the last whole group keep their order. Built once per call of the streaming
+ * kernel, it serves its MV_ROWS rows. */
+static void pair_activations(uint8_t *pq, const uint8_t *a, int64_t nb) {
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8)
+        for (int k = 0; k < 4; k++) {
+            __m256i ya = _mm256_loadu_si256((const __m256i *)(a + (b + k) * QK));
+            __m256i yb = _mm256_loadu_si256((const __m256i *)(a + (b + k + 4) * QK));
+            _mm256_store_si256((__m256i *)(pq + b * QK + 64 * k), _mm256_permute2x128_si256(ya, yb, 0x20));
+            _mm256_store_si256((__m256i *)(pq + b * QK + 64 * k + 32), _mm256_permute2x128_si256(ya, yb, 0x31));
+        }
+    memcpy(pq + b * QK, a + b * QK, (size_t)((nb - b) * QK));
+}
+
+/* 8 Q4_0 blocks of one row and a lone token, two blocks per register: blocks k and k + 4 load
+ * as the two halves, one AND gives both blocks' low nibbles and a shift and AND their high ones,
+ * matching the paired activations, so the two maddubs sums add in 16 bits (|sum| <= 2 * 2 * 15
+ * * 128) before one madd, convert and FMA, whose scale vector (d_k in the low half, d_k+4 in
+ * the high) is a plain in-lane broadcast of the 8 blocks' scales. Against one block per
+ * register, this drops the broadcast load, a third of the madd/convert/FMA/permute work and the
+ * half-swaps of the scales: one core, 1408 x 2048 from L3, 13.8 -> 17.1-17.7 GB/s. */
+INLINE void pair_group(const uint8_t *g, const uint8_t *pq, __m256 dw, __m256 *acc, __m256 *acc1) {
+    const __m256i m4 = _mm256_set1_epi8(15);
+    for (int k = 0; k < 4; k++) {
+        __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(g + k * Q4_0_BYTES + 2))),
+                                            _mm_loadu_si128((const __m128i *)(g + (k + 4) * Q4_0_BYTES + 2)), 1);
+        __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)(pq + 64 * k))),
+                                       _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(pq + 64 * k + 32))));
+        __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+        if (k & 1) *acc1 = _mm256_fmadd_ps(p, lane(dw, k), *acc1);
+        else *acc = _mm256_fmadd_ps(p, lane(dw, k), *acc);
+    }
+}
+
 /* G (8 or 4) consecutive blocks of one row, starting at block b, into acc[t] for NT tokens (one
- * token alternates acc[0] / acc1 to hide the FMA latency). */
+ * token alternates acc[0] / acc1 to hide the FMA latency). pq: a lone Q4_0 token's paired
+ * activations (`pair_activations`), or NULL. */
 INLINE void q8_group(const int KIND, const int NT, const int G, const uint8_t *g, int64_t b, const uint8_t *a,
-                     int64_t as, const float *const *dy, const float *const *sy, __m256 *acc, __m256 *acc1) {
+                     int64_t as, const uint8_t *pq, const float *const *dy, const float *const *sy, __m256 *acc,
+                     __m256 *acc1) {
     const int64_t s = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
     for (int64_t o = 0; o < G * s; o += 64) _mm_prefetch((const char *)g + MV_PREFETCH + o, _MM_HINT_T0);
     __m128i h = G == 8 ? _mm_setr_epi16(rd16(g), rd16(g + s), rd16(g + 2 * s), rd16(g + 3 * s), rd16(g + 4 * s),
@@ -72,6 +111,10 @@ INLINE void q8_group(const int KIND, const int NT, const int G, const uint8_t *g
     if (KIND == K_Q4_0) {
         __m256 dw8 = _mm256_mul_ps(dw, _mm256_set1_ps(8.0f));
         for (int t = 0; t < NT; t++) acc[t] = _mm256_fnmadd_ps(dw8, LOAD_G(sy[t] + b), acc[t]);
+        if (NT == 1 && G == 8 && pq) {
+            pair_group(g, pq + b * QK, _mm256_mul_ps(dw, LOAD_G(dy[0] + b)), acc, acc1);
+            return;
+        }
     }
     for (int half = 0; half < G / 4; half++) {
         __m256 sc[4];
@@ -94,7 +137,7 @@ INLINE void q8_group(const int KIND, const int NT, const int G, const uint8_t *g
 
 /* out[t * ldo + r] = dot(weight row r, activation row t) for r < nr, t < NT. */
 INLINE void q8_rows(const int KIND, const int NT, float *out, int64_t ldo, const uint8_t *w, int64_t ws,
-                    int64_t nr, const uint8_t *a, int64_t as, int64_t cols) {
+                    int64_t nr, const uint8_t *a, int64_t as, const uint8_t *pq, int64_t cols) {
     const int64_t nb = cols / QK, s = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
     const float *dy[4], *sy[4];
     for (int t = 0; t < NT; t++) {
@@ -106,9 +149,9 @@ INLINE void q8_rows(const int KIND, const int NT, float *out, int64_t ldo, const
         __m256 acc[4], acc1 = _mm256_setzero_ps();
         for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
         int64_t b = 0;
-        for (; b + 8 <= nb; b += 8) q8_group(KIND, NT, 8, row + b * s, b, a, as, dy, sy, acc, &acc1);
+        for (; b + 8 <= nb; b += 8) q8_group(KIND, NT, 8, row + b * s, b, a, as, pq, dy, sy, acc, &acc1);
         if (b + 4 <= nb) {
-            q8_group(KIND, NT, 4, row + b * s, b, a, as, dy, sy, acc, &acc1);
+            q8_group(KIND, NT, 4, row + b * s, b, a, as, pq, dy, sy, acc, &acc1);
             b += 4;
         }
         float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -131,14 +174,19 @@ INLINE void q8_rows(const int KIND, const int NT, float *out, int64_t ldo, const
     static void TILE(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int nr, const uint8_t *a, \
                      int64_t as, int nt, int64_t cols) {                                            \
         switch (nt) {                                                                               \
-        case 4: q8_rows(KIND, 4, out, ldo, w, ws, nr, a, as, cols); break;                         \
-        case 3: q8_rows(KIND, 3, out, ldo, w, ws, nr, a, as, cols); break;                         \
-        case 2: q8_rows(KIND, 2, out, ldo, w, ws, nr, a, as, cols); break;                         \
-        default: q8_rows(KIND, 1, out, ldo, w, ws, nr, a, as, cols); break;                        \
+        case 4: q8_rows(KIND, 4, out, ldo, w, ws, nr, a, as, NULL, cols); break;                   \
+        case 3: q8_rows(KIND, 3, out, ldo, w, ws, nr, a, as, NULL, cols); break;                   \
+        case 2: q8_rows(KIND, 2, out, ldo, w, ws, nr, a, as, NULL, cols); break;                   \
+        default: q8_rows(KIND, 1, out, ldo, w, ws, nr, a, as, NULL, cols); break;                  \
         }                                                                                           \
     }                                                                                               \
     static void MV(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) { \
-        q8_rows(KIND, 1, out, 0, w, ws, nr, a, 0, cols);                                            \
+        if (KIND == K_Q4_0) {                                                                       \
+            _Alignas(32) uint8_t pq[MV_MAX_COLS];                                                   \
+            pair_activations(pq, a, cols / QK);                                                     \
+            q8_rows(KIND, 1, out, 0, w, ws, nr, a, 0, pq, cols);                                    \
+        } else                                                                                      \
+            q8_rows(KIND, 1, out, 0, w, ws, nr, a, 0, NULL, cols);                                  \
     }
 
 DEF_Q8_KERNELS(tile_q4_0, mv_q4_0, K_Q4_0)
