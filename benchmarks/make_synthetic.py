@@ -19,6 +19,9 @@ tensor layout is llama.cpp's current one (attn_k_b `[H, C, N]`, attn_v_b `[H, V,
 tensor class come from quant's presets (overridden per class as `lite quantize` takes them);
 metadata from quant's HF-config mapping.
 
+`--vocab FILE` copies the `tokenizer.*` keys of a vocabulary GGUF (such as llama.cpp's
+`ggml-vocab-deepseek-llm.gguf`, the 102400 tokens of Coder-V2), so that tools which insist on a
+tokenizer — llama.cpp's `llama-bench` — run the same file, and `lite chat` can talk to it.
 `--tiny` shrinks every dimension (for tests): same code path, a file of a few MB.
 Progress goes to stderr.
 """
@@ -41,6 +44,9 @@ if str(ROOT) not in sys.path:
 from lite.model.config import ARCH, ModelConfig  # noqa: E402
 from lite.model.tensors import expected_shapes  # noqa: E402
 from quant.gguf_out import PlannedTensor, write_gguf  # noqa: E402
+from lite.errors import LiteError  # noqa: E402
+from lite.gguf_meta import read_metadata  # noqa: E402
+from quant.convert import typed_value  # noqa: E402
 from quant.hf_config import gguf_metadata  # noqa: E402
 from quant.presets import CLASSES, choose_type, resolve  # noqa: E402
 
@@ -188,11 +194,20 @@ class _Progress:
               f"({rate / 2**20:5.0f} MiB/s, {eta:4.0f} s left) {t.name:<32}", end="", file=sys.stderr, flush=True)
 
 
+def vocab_metadata(path: str | Path, vocab_size: int) -> dict[str, tuple[Any, GGUFValueType]]:
+    """The typed `tokenizer.*` key/values of the GGUF at `path`, which must list `vocab_size` tokens."""
+    meta = {k: v for k, v in read_metadata(path).items() if k.startswith("tokenizer.")}
+    n = len(meta.get("tokenizer.ggml.tokens", ()))
+    if n != vocab_size:
+        raise LiteError(f"{path}: tokenizer.ggml.tokens lists {n} tokens; the model's vocabulary has {vocab_size}")
+    return {k: typed_value(v, k) for k, v in meta.items()}
+
+
 def make_synthetic(out: str | Path, layers: int | None = None, full: bool = False, preset: str = "q4_0",
                    tiny: bool = False, seed: int = 0, force: bool = True, quiet: bool = False,
-                   overrides: dict[str, str | None] | None = None) -> Path:
+                   overrides: dict[str, str | None] | None = None, vocab: str | Path | None = None) -> Path:
     """Write the synthetic GGUF to `out` and return its path. `overrides`: tensor class → type,
-    as `lite quantize --attn q4_0 …` takes them."""
+    as `lite quantize --attn q4_0 …` takes them; `vocab`: a GGUF whose tokenizer to copy."""
     if preset not in FILE_TYPES:
         raise ValueError(f"preset must be one of {', '.join(FILE_TYPES)}, got {preset!r}")
     hf = hf_config(layers, full, tiny)
@@ -205,6 +220,8 @@ def make_synthetic(out: str | Path, layers: int | None = None, full: bool = Fals
     meta[Keys.General.QUANTIZATION_VERSION] = (2, GGUFValueType.UINT32)
     meta["tokenizer.ggml.bos_token_id"] = (100000 if not tiny else 0, GGUFValueType.UINT32)
     meta["tokenizer.ggml.eos_token_id"] = (100001 if not tiny else 1, GGUFValueType.UINT32)
+    if vocab is not None:
+        meta.update(vocab_metadata(vocab, hf["vocab_size"]))
     cfg = ModelConfig.from_metadata({Keys.General.ARCHITECTURE: ARCH, **{k: v for k, (v, _) in meta.items()}},
                                     "synthetic")
     plan = plan_tensors(cfg, preset, seed, overrides)
@@ -239,12 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="q4_0", choices=sorted(FILE_TYPES))
     for cls in CLASSES:
         ap.add_argument(f"--{cls}", metavar="TYPE", help=f"override the preset's type of the {cls} tensors")
+    ap.add_argument("--vocab", type=Path, help="copy the tokenizer of this vocabulary GGUF")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--no-validate", action="store_true", help="skip loading the file and one forward")
     args = ap.parse_args(argv)
     path = make_synthetic(args.out, args.layers, args.full, args.preset, args.tiny, args.seed,
-                          overrides={cls: getattr(args, cls) for cls in CLASSES})
+                          overrides={cls: getattr(args, cls) for cls in CLASSES}, vocab=args.vocab)
     if not args.no_validate:
         t0 = time.perf_counter()
         logits = validate(path)

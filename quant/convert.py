@@ -135,7 +135,7 @@ class GGUFSource:
         self.path = path
         self.mf = open_model_file(path)
         self.cfg = self.mf.config
-        self.meta: Meta = {k: _typed(v, k) for k, v in self.mf.meta.items() if k not in _NOT_COPIED}
+        self.meta: Meta = {k: typed_value(v, k) for k, v in self.mf.meta.items() if k not in _NOT_COPIED}
         self.fd = os.open(path, os.O_RDONLY)
 
     def check(self, name: str, shape: tuple[int, ...], qtype: QT) -> None:
@@ -210,10 +210,10 @@ def _hf_sources(cfg: ModelConfig) -> dict[str, list[str]]:
 def _tokenizer_metadata(src_dir: Path) -> Meta:
     from .tokenizer_meta import tokenizer_metadata  # optional: checkpoints may ship no tokenizer
     meta = tokenizer_metadata(src_dir) or {}
-    return {k: _typed(v, k) for k, v in meta.items()}
+    return {k: typed_value(v, k) for k, v in meta.items()}
 
 
-def _typed(v: Any, key: str = "") -> tuple[Any, GGUFValueType]:
+def typed_value(v: Any, key: str = "") -> tuple[Any, GGUFValueType]:
     """A plain metadata value with the GGUF type llama.cpp's converter gives it."""
     if isinstance(v, bool):
         return v, GGUFValueType.BOOL
