@@ -172,12 +172,13 @@ def test_matmul_quant(cb, qtype, t, odd):
     assert rel(y, REF.matmul(x, w)) < 2e-2
 
 
-@pytest.mark.parametrize("qtype,cols", [(QType.Q4_0, 256), (QType.Q4_K, 1536), (QType.Q6_K, 1536)],
-                         ids=["Q4_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype,cols", [(QType.Q4_0, 256), (QType.Q8_0, 1056), (QType.Q4_K, 1536), (QType.Q6_K, 1536)],
+                         ids=["Q4_0", "Q8_0", "Q4_K", "Q6_K"])
 def test_matmul_large_tiles(cb, qtype, cols):
-    """Enough rows to cross a panel (64 rows) and tokens for many tiles, every tile edge too; for
-    the K-quants, 6 super-blocks: the rows-in-lanes kernel's chunk of 4 and a partial one."""
-    w = make_weight(qtype, 70, cols, seed=5)
+    """Enough rows to cross a panel (64 rows, then 24) and tokens for many tiles, every tile edge
+    too; for Q8_0 a whole chunk of 32 blocks and a partial one in the rows-in-lanes kernel; for
+    the K-quants, 6 super-blocks: that kernel's chunk of 4 and a partial one."""
+    w = make_weight(qtype, 88, cols, seed=5)
     x = rng(5).standard_normal((130, cols)).astype(np.float32)
     tight = quant_act(x, qtype).astype(np.float64) @ dequantize(w.data, qtype).astype(np.float64).T
     assert rel(cb.matmul(x, w), tight) < 1e-5
