@@ -126,6 +126,8 @@ typedef void (*mla_fn)(float *out, const float *ql, const float *qp, const float
 #define MLA_MAX_C 1024     /* latent dims supported (DeepSeek-V2: 512) */
 #define MLA_HEAD_GROUP 8
 #define MLA_CHUNK 48       /* positions per online-softmax step: 16 triples of rows for the 4x3 score tiles */
+/* out[i] = silu(g[i]) * u[i] for i < n (out may be g). */
+typedef void (*silu_fn)(float *out, const float *g, const float *u, int64_t n);
 /* Quantize n_rows float rows of length cols into an activation layout (A8 or A8K). */
 typedef void (*quant_fn)(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
 
@@ -136,6 +138,7 @@ typedef struct {
     mv_fn mv[K_COUNT];
     rows8_fn rows8[K_COUNT];
     mla_fn mla;
+    silu_fn silu_mul;
     quant_fn quant_a8;
     quant_fn quant_a8k;
 } kernel_table;
@@ -151,6 +154,7 @@ const kernel_table *lite_active_kernels(void);
 void lite_quant_a8_scalar(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
 void lite_quant_a8k_scalar(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
 
+void lite_silu_mul_scalar(float *out, const float *g, const float *u, int64_t n);
 void lite_mla_heads_scalar(float *out, const float *ql, const float *qp, const float *ckv, const float *kpe,
                            int64_t n_vis, int nh, int64_t c_dim, int64_t r_dim, float scale);
 

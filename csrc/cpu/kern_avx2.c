@@ -917,6 +917,22 @@ INLINE __m256 exp_neg(__m256 x) {
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
+/* silu(g) * u, eight at a time: the sigmoid from e = e^-|g| (<= 1, so exp_neg serves) as 1 / (1 + e)
+ * for g >= 0 and e / (1 + e) below. glibc's scalar expf took ~5.5 ns a call here, and a 256-token
+ * prefill makes 2.9 million of them per MoE layer. */
+static void silu_mul(float *out, const float *g, const float *u, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 e = exp_neg(_mm256_or_ps(x, sign));
+        __m256 num = _mm256_blendv_ps(one, e, x);   /* x's sign bit picks e */
+        __m256 s = _mm256_div_ps(num, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(x, s), _mm256_loadu_ps(u + i)));
+    }
+    lite_silu_mul_scalar(out + i, g + i, u + i, n - i);
+}
+
 /* The next chunk's cache lines (latent rows, then rope keys), one line per step of the passes
  * over the current chunk. Spread over all the passes, the reads overlap the arithmetic; issued
  * within one pass, they filled the core's miss buffers and stalled it until memory answered
@@ -1068,6 +1084,7 @@ void lite_kernels_avx2(kernel_table *t) {
     t->tile[K_F16] = tile_f16;
     t->tile[K_BF16] = tile_bf16;
     t->mla = mla_heads;
+    t->silu_mul = silu_mul;
     t->mv[K_Q4_0] = mv_q4_0;
     t->mv[K_Q8_0] = mv_q8_0;
     t->mv[K_Q4_K] = mv_q4_k;

@@ -198,6 +198,10 @@ void lite_mla_heads_scalar(float *out, const float *ql, const float *qp, const f
     }
 }
 
+void lite_silu_mul_scalar(float *out, const float *g, const float *u, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
 void lite_kernels_scalar(kernel_table *t) {
     t->tile[K_Q4_0] = tile_q4_0;
     t->tile[K_Q8_0] = tile_q8_0;
@@ -207,6 +211,7 @@ void lite_kernels_scalar(kernel_table *t) {
     t->tile[K_F16] = tile_f16;
     t->tile[K_BF16] = tile_bf16;
     t->mla = lite_mla_heads_scalar;
+    t->silu_mul = lite_silu_mul_scalar;
     t->quant_a8 = lite_quant_a8_scalar;
     t->quant_a8k = lite_quant_a8k_scalar;
 }

@@ -186,7 +186,7 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
             int64_t f = ffn[e];
             float *ga = g + a * max_ffn;
             const float *ua = u + a * max_ffn;
-            for (int64_t i = 0; i < f; i++) ga[i] = ga[i] / (1.0f + expf(-ga[i])) * ua[i];
+            kt->silu_mul(ga, ga, ua, f);
             int cd = act_class(kd[e]);
             if (cd < 2) (cd == 0 ? kt->quant_a8 : kt->quant_a8k)(act + a * arow, arow, ga, 1, f);
         }

@@ -58,7 +58,7 @@ int lite_softmax_f32(float *out, const float *x, int64_t n_rows, int64_t n) {
 int lite_silu_mul_f32(float *out, const float *g, const float *u, int64_t n) {
     if (!out || !g || !u) return LITE_ERR_NULL;
     if (n < 0) return LITE_ERR_ARG;
-    for (int64_t i = 0; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    lite_active_kernels()->silu_mul(out, g, u, n);
     return LITE_OK;
 }
 
