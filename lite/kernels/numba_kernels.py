@@ -59,8 +59,8 @@ def _u8ptr(typingctx, addr):
 # - The inner loop's trip count is `n16` (always 16, or 2 * n16 = 32), passed in at run time from
 #   Python. With a literal 16 or 32, LLVM unrolls the loop completely before its loop vectoriser
 #   runs and the SLP vectoriser then leaves the unrolled code scalar. The K-quant dots are the
-#   exception (their unrolled loops measured 1.2x (Q4_K) and 1.3x (Q6_K) faster than the
-#   vectorised ones), and so is Q4_K's row decoder.
+#   exception (their loops over 8 lanes, below, are one 8-wide vector step whichever vectoriser
+#   takes them), and so is Q4_K's row decoder.
 
 @njit(cache=True, fastmath=FM)
 def _dot_f32v(a, b):
@@ -98,9 +98,10 @@ def _nibbles(byte):
 # x[32b + 16 + j] (j < 16). The high half is taken as ((byte & 0xF0) − 128) · (x[32b + 16 + j] / 16),
 # so each byte needs two masks, two conversions and two subtractions but no shift (numba widens a
 # shift to int64, which AVX2 cannot convert to float); `_prep` prepares the activation row once
-# per call (high halves times 1/16: exact). Four blocks share one inner loop, each with its own
-# accumulator, and the scales are applied once per block after it. On Q4_0 1408x2048, T=1 this
-# is 1.6x the earlier kernel (nibbles decoded in float, two blocks per loop, literal trip count).
+# per call (high halves times 1/16: exact). Four blocks share one loop over 8 lanes (see the
+# K-quant dots below): lane l sums weights l, l + 8, l + 16, l + 24 of each block, scaled
+# lane-wise by the block's d, and one horizontal sum per four blocks is left (1.1-1.2x the
+# earlier loop over 16 bytes with one accumulator and one horizontal sum per block).
 #
 # The K-quant dots take their offsets (Q4_K's mins, Q6_K's −32) off with the sums of x over each
 # 16 weights, which `_prep` appends to the prepared row, so their loops multiply bare quants.
@@ -124,38 +125,41 @@ def _prep(x, xp):
             xp[t, k + g] = a
 
 
-@njit(cache=True, fastmath=FM)
-def _dot_q4_0(row, xp, lut, n16):
-    """One Q4_0 row · x as prepared by `_prep` (its first K elements)."""
-    nb = xp.shape[0] // 32
+@njit(cache=True, inline="always")
+def _q4_0_block(q, xv, o, l):
+    """Lane l (weights l, l + 8 of each 16-weight half) of the Q4_0 block at byte o of q, unscaled."""
     lo0 = np.float32(8.0)
     hi0 = np.float32(128.0)
+    xo = o // 18 * 32
+    v0, v1 = np.int32(q[o + 2 + l]), np.int32(q[o + 10 + l])
+    return (((np.float32(v0 & 15) - lo0) * xv[xo + l] + (np.float32(v1 & 15) - lo0) * xv[xo + 8 + l])
+            + ((np.float32(v0 & 240) - hi0) * xv[xo + 16 + l]
+               + (np.float32(v1 & 240) - hi0) * xv[xo + 24 + l]))
+
+
+@njit(cache=True, inline="always")
+def _dot_q4_0(row, xp, lut):
+    """One Q4_0 row · x as prepared by `_prep` (its first K elements)."""
+    nb = xp.shape[0] // 32
     s = np.float32(0.0)
     b = 0
     while b + 4 <= nb:
         q = row[b * 18:b * 18 + 72]
         xv = xp[b * 32:b * 32 + 128]
-        s0 = np.float32(0.0)
-        s1 = np.float32(0.0)
-        s2 = np.float32(0.0)
-        s3 = np.float32(0.0)
-        for j in range(n16):
-            v0, v1 = np.int32(q[2 + j]), np.int32(q[20 + j])
-            v2, v3 = np.int32(q[38 + j]), np.int32(q[56 + j])
-            s0 += (np.float32(v0 & 15) - lo0) * xv[j] + (np.float32(v0 & 240) - hi0) * xv[16 + j]
-            s1 += (np.float32(v1 & 15) - lo0) * xv[32 + j] + (np.float32(v1 & 240) - hi0) * xv[48 + j]
-            s2 += (np.float32(v2 & 15) - lo0) * xv[64 + j] + (np.float32(v2 & 240) - hi0) * xv[80 + j]
-            s3 += (np.float32(v3 & 15) - lo0) * xv[96 + j] + (np.float32(v3 & 240) - hi0) * xv[112 + j]
-        s += lut[_h(q, 0)] * s0 + lut[_h(q, 18)] * s1 + lut[_h(q, 36)] * s2 + lut[_h(q, 54)] * s3
+        d0, d1, d2, d3 = lut[_h(q, 0)], lut[_h(q, 18)], lut[_h(q, 36)], lut[_h(q, 54)]
+        t = np.float32(0.0)
+        for l in range(8):
+            t += ((d0 * _q4_0_block(q, xv, 0, l) + d1 * _q4_0_block(q, xv, 18, l))
+                  + (d2 * _q4_0_block(q, xv, 36, l) + d3 * _q4_0_block(q, xv, 54, l)))
+        s += t
         b += 4
     while b < nb:
         q = row[b * 18:b * 18 + 18]
         xv = xp[b * 32:b * 32 + 32]
-        bs = np.float32(0.0)
-        for j in range(n16):
-            v = np.int32(q[2 + j])
-            bs += (np.float32(v & 15) - lo0) * xv[j] + (np.float32(v & 240) - hi0) * xv[16 + j]
-        s += lut[_h(q, 0)] * bs
+        t = np.float32(0.0)
+        for l in range(8):
+            t += _q4_0_block(q, xv, 0, l)
+        s += lut[_h(q, 0)] * t
         b += 1
     return s
 
@@ -218,32 +222,51 @@ def _q4k_scale_min(row, o, j):
     return sc, mn
 
 
-# Q4_K weight j of sub-block i (0..7) is d·sc_i·q − dmin·m_i. Per super-block one loop sums
-# q·x for each sub-block in its own accumulator (q straight from the nibble; high nibbles as
-# byte & 0xF0, i.e. 16q, the 1/16 going into the scale), then the scales are applied once and the
-# mins come off as dmin·Σ m_i·(sum of x over sub-block i). 1.3-1.6x the earlier kernel (which decoded
-# every weight fully) on 1408x2048, T=1 (noisy 2-core machine, interleaved A/B).
+# Scales as float32 by table lookup: a load the FMAs take straight as a broadcast, where a
+# conversion (vcvtsi2ss) and a broadcast each cost a slot on the vector ports the dot loops are
+# bound on. F6_SC: a Q4_K 6-bit scale or min k → k (index k) and k / 16 (64 + k); F8_SC: a Q6_K
+# scale byte → its int8 value (index byte) and value / 16 (256 + byte). All exact.
+F6_SC = np.concatenate([np.arange(64), np.arange(64) / 16]).astype(np.float32)
+_I8_VALUES = np.arange(256).astype(np.uint8).view(np.int8).astype(np.float32)
+F8_SC = np.concatenate([_I8_VALUES, _I8_VALUES / 16]).astype(np.float32)
 
-@njit(cache=True, fastmath=FM)
+
+# The K-quant dots vectorise across 8 positions l (0..7) of every 16- or 32-weight sub-block at
+# once: lane l sums the sub-block's weights l, l + 8, ... in its own partial, the partials are
+# scaled (broadcast scales) and added lane-wise, and one horizontal sum per super-block is left.
+# The earlier layout (one accumulator per sub-block, scales applied after the loop) needed a
+# horizontal sum per sub-block, 8 (Q4_K) or 16 (Q6_K) per super-block, and those plus the scalar
+# scale conversions cost about as much as the weights' decode. Through `matmul`, T=1: 1.1-1.3x
+# the earlier kernels on Q4_K 1408x2048, 1.3-1.4x on Q6_K 2816x2048 (noisy 2-core machine,
+# interleaved A/B).
+#
+# Q4_K weight j of sub-block i (0..7) is d·sc_i·q − dmin·m_i: the loop multiplies bare quants
+# (high nibbles as byte & 0xF0, i.e. 16q, the 1/16 going into the scale) and the mins come off
+# as dmin·Σ m_i·(sum of x over sub-block i).
+
+@njit(cache=True, inline="always")
+def _q4k_pair(q, xv, c, l, s_lo, s_hi):
+    """Lane l of sub-blocks 2c (low nibbles, scale s_lo) and 2c + 1 (high nibbles, s_hi). Indexed
+    as constant + l, not through slices of q and xv: the slices' bounds arithmetic measured 1.2x
+    slower."""
+    qo, xo = 32 * c, 64 * c
+    v0, v1 = np.int32(q[qo + l]), np.int32(q[qo + 8 + l])
+    v2, v3 = np.int32(q[qo + 16 + l]), np.int32(q[qo + 24 + l])
+    lo = ((np.float32(v0 & 15) * xv[xo + l] + np.float32(v1 & 15) * xv[xo + 8 + l])
+          + (np.float32(v2 & 15) * xv[xo + 16 + l] + np.float32(v3 & 15) * xv[xo + 24 + l]))
+    hi = ((np.float32(v0 & 240) * xv[xo + 32 + l] + np.float32(v1 & 240) * xv[xo + 40 + l])
+          + (np.float32(v2 & 240) * xv[xo + 48 + l] + np.float32(v3 & 240) * xv[xo + 56 + l]))
+    return s_lo * lo + s_hi * hi
+
+
+@njit(cache=True, inline="always")
 def _dot_q4_k(row, x, xs, lut):
     """xs: the 16-element sums of x (`_prep`)."""
-    g = np.float32(0.0625)
     s = np.float32(0.0)
     for b in range(x.shape[0] // 256):
         o = b * 144
         q = row[o + 16:o + 144]
         xv = x[b * 256:b * 256 + 256]
-        l0 = l1 = l2 = l3 = h0 = h1 = h2 = h3 = np.float32(0.0)   # one per sub-block
-        for j in range(32):
-            v0, v1, v2, v3 = np.int32(q[j]), np.int32(q[32 + j]), np.int32(q[64 + j]), np.int32(q[96 + j])
-            l0 += np.float32(v0 & 15) * xv[j]
-            h0 += np.float32(v0 & 240) * xv[32 + j]
-            l1 += np.float32(v1 & 15) * xv[64 + j]
-            h1 += np.float32(v1 & 240) * xv[96 + j]
-            l2 += np.float32(v2 & 15) * xv[128 + j]
-            h2 += np.float32(v2 & 240) * xv[160 + j]
-            l3 += np.float32(v3 & 15) * xv[192 + j]
-            h3 += np.float32(v3 & 240) * xv[224 + j]
         k0, m0 = _q4k_scale_min(row, o, 0)
         k1, m1 = _q4k_scale_min(row, o, 1)
         k2, m2 = _q4k_scale_min(row, o, 2)
@@ -252,88 +275,122 @@ def _dot_q4_k(row, x, xs, lut):
         k5, m5 = _q4k_scale_min(row, o, 5)
         k6, m6 = _q4k_scale_min(row, o, 6)
         k7, m7 = _q4k_scale_min(row, o, 7)
-        sc = ((np.float32(k0) * l0 + np.float32(k1) * g * h0)
-              + (np.float32(k2) * l1 + np.float32(k3) * g * h1)
-              + (np.float32(k4) * l2 + np.float32(k5) * g * h2)
-              + (np.float32(k6) * l3 + np.float32(k7) * g * h3))
+        t = np.float32(0.0)
+        for l in range(8):
+            t += ((_q4k_pair(q, xv, 0, l, F6_SC[k0], F6_SC[64 + k1])
+                   + _q4k_pair(q, xv, 1, l, F6_SC[k2], F6_SC[64 + k3]))
+                  + (_q4k_pair(q, xv, 2, l, F6_SC[k4], F6_SC[64 + k5])
+                     + _q4k_pair(q, xv, 3, l, F6_SC[k6], F6_SC[64 + k7])))
         xb = xs[b * 16:b * 16 + 16]
-        mn = ((np.float32(m0) * (xb[0] + xb[1]) + np.float32(m1) * (xb[2] + xb[3]))
-              + (np.float32(m2) * (xb[4] + xb[5]) + np.float32(m3) * (xb[6] + xb[7]))
-              + (np.float32(m4) * (xb[8] + xb[9]) + np.float32(m5) * (xb[10] + xb[11]))
-              + (np.float32(m6) * (xb[12] + xb[13]) + np.float32(m7) * (xb[14] + xb[15])))
-        s += lut[_h(row, o)] * sc - lut[_h(row, o + 2)] * mn
+        mn = ((F6_SC[m0] * (xb[0] + xb[1]) + F6_SC[m1] * (xb[2] + xb[3]))
+              + (F6_SC[m2] * (xb[4] + xb[5]) + F6_SC[m3] * (xb[6] + xb[7]))
+              + (F6_SC[m4] * (xb[8] + xb[9]) + F6_SC[m5] * (xb[10] + xb[11]))
+              + (F6_SC[m6] * (xb[12] + xb[13]) + F6_SC[m7] * (xb[14] + xb[15])))
+        s += lut[_h(row, o)] * t - lut[_h(row, o + 2)] * mn
     return s
 
 
-# Q6_K weight l of group g (0..3) in half h of a super-block is d·sc·(q − 32), q = 4 bits of
-# ql | 2 bits of qh << 4, sc the int8 scale of its 16 weights. Per half one loop sums q·x for each
-# of the 8 sixteens in its own accumulator; q is built in float as low + high·16 (high nibbles as
-# byte & 0xF0, i.e. 16·low, the 1/16 going into the scale), and the −32 comes off with the sums of
-# x. The factors 16 and 4 are run-time values (from n16): with literals LLVM turns the float sum
-# back into one int64 or-of-shifts (numba's integer type) and the loop drops to 4-lane vectors.
-# 1.3x the earlier kernel (which decoded every weight fully) on 2048x2048, T=1.
+# Q6_K weight j of group g (0..3) in half h of a super-block is d·sc·(q − 32), q = 4 bits of
+# ql | 2 bits of qh << 4, sc the int8 scale of its 16 weights. q is built in float as
+# low + high·16 (high nibbles as byte & 0xF0, i.e. 16·low, the 1/16 going into the scale), and
+# the −32 comes off with the sums of x. The factors 16 and 4 are run-time values (from n16):
+# with literals LLVM turns the float sum back into one int64 or-of-shifts (numba's integer type)
+# and the loop drops to 4-lane vectors.
 
 @njit(cache=True, inline="always")
-def _i8(row, o):
-    return np.float32(np.int8(row[o]))
+def _q6k_q(low, high, m):
+    return np.float32(low) + np.float32(high) * m
 
 
 @njit(cache=True, inline="always")
-def _q6k_dot16(row, sb, xb, a0, b0, a1, b1, a2, b2, a3, b3):
-    """Σ sc·(Σ q·x − 32·Σ x) over the 8 sixteens of one half (scales at byte sb; high-nibble
-    groups 2 and 3 summed as 16q)."""
-    g = np.float32(0.0625)
-    c = np.float32(32.0)
-    return ((_i8(row, sb) * (a0 - c * xb[0]) + _i8(row, sb + 1) * (b0 - c * xb[1]))
-            + (_i8(row, sb + 2) * (a1 - c * xb[2]) + _i8(row, sb + 3) * (b1 - c * xb[3]))
-            + (_i8(row, sb + 4) * (g * a2 - c * xb[4]) + _i8(row, sb + 5) * (g * b2 - c * xb[5]))
-            + (_i8(row, sb + 6) * (g * a3 - c * xb[6]) + _i8(row, sb + 7) * (g * b3 - c * xb[7])))
+def _q6k_half(blk, xv, xb, h, l, m16, m4):
+    """Lane l of the 8 sixteens of half h of super-block `blk` (the two weights of each sixteen
+    that fall in lane l); indexed as constant + l, like `_q4k_pair`."""
+    ql, qh, sc, xo = 64 * h, 128 + 32 * h, 192 + 8 * h, 128 * h
+    p0, p1 = np.int32(blk[ql + l]), np.int32(blk[ql + 8 + l])
+    p2, p3 = np.int32(blk[ql + 16 + l]), np.int32(blk[ql + 24 + l])
+    u0, u1 = np.int32(blk[ql + 32 + l]), np.int32(blk[ql + 40 + l])
+    u2, u3 = np.int32(blk[ql + 48 + l]), np.int32(blk[ql + 56 + l])
+    h0, h1 = np.int32(blk[qh + l]), np.int32(blk[qh + 8 + l])
+    h2, h3 = np.int32(blk[qh + 16 + l]), np.int32(blk[qh + 24 + l])
+    a0 = _q6k_q(p0 & 15, h0 & 3, m16) * xv[xo + l] + _q6k_q(p1 & 15, h1 & 3, m16) * xv[xo + 8 + l]
+    b0 = _q6k_q(p2 & 15, h2 & 3, m16) * xv[xo + 16 + l] + _q6k_q(p3 & 15, h3 & 3, m16) * xv[xo + 24 + l]
+    a1 = _q6k_q(u0 & 15, h0 & 12, m4) * xv[xo + 32 + l] + _q6k_q(u1 & 15, h1 & 12, m4) * xv[xo + 40 + l]
+    b1 = _q6k_q(u2 & 15, h2 & 12, m4) * xv[xo + 48 + l] + _q6k_q(u3 & 15, h3 & 12, m4) * xv[xo + 56 + l]
+    a2 = _q6k_q(p0 & 240, h0 & 48, m16) * xv[xo + 64 + l] + _q6k_q(p1 & 240, h1 & 48, m16) * xv[xo + 72 + l]
+    b2 = _q6k_q(p2 & 240, h2 & 48, m16) * xv[xo + 80 + l] + _q6k_q(p3 & 240, h3 & 48, m16) * xv[xo + 88 + l]
+    a3 = _q6k_q(u0 & 240, h0 & 192, m4) * xv[xo + 96 + l] + _q6k_q(u1 & 240, h1 & 192, m4) * xv[xo + 104 + l]
+    b3 = _q6k_q(u2 & 240, h2 & 192, m4) * xv[xo + 112 + l] + _q6k_q(u3 & 240, h3 & 192, m4) * xv[xo + 120 + l]
+    return ((((F8_SC[blk[sc]] * a0 + F8_SC[blk[sc + 1]] * b0)
+              + (F8_SC[blk[sc + 2]] * a1 + F8_SC[blk[sc + 3]] * b1))
+             + ((F8_SC[256 + blk[sc + 4]] * a2 + F8_SC[256 + blk[sc + 5]] * b2)
+                + (F8_SC[256 + blk[sc + 6]] * a3 + F8_SC[256 + blk[sc + 7]] * b3)))
+            - np.float32(32.0) * (np.float32(np.int8(blk[sc + l])) * xb[8 * h + l]))
 
 
-@njit(cache=True, fastmath=FM)
+@njit(cache=True, inline="always")
 def _dot_q6_k(row, x, xs, lut, n16):
     """xs: the 16-element sums of x (`_prep`)."""
     m16 = np.float32(n16)
     m4 = np.float32(0.25) * m16
     s = np.float32(0.0)
     for b in range(x.shape[0] // 256):
-        o = b * 210
-        tot = np.float32(0.0)
-        for h in range(2):
-            ql = row[o + 64 * h:o + 64 * h + 64]
-            qh = row[o + 128 + 32 * h:o + 160 + 32 * h]
-            xv = x[b * 256 + 128 * h:b * 256 + 128 * h + 128]
-            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)   # one per sixteen
-            for l in range(16):  # a: weights l of each group, b: weights 16 + l
-                p, r = np.int32(ql[l]), np.int32(ql[16 + l])
-                u, v = np.int32(ql[32 + l]), np.int32(ql[48 + l])
-                hp, hr = np.int32(qh[l]), np.int32(qh[16 + l])
-                a0 += (np.float32(p & 15) + np.float32(hp & 3) * m16) * xv[l]
-                b0 += (np.float32(r & 15) + np.float32(hr & 3) * m16) * xv[16 + l]
-                a1 += (np.float32(u & 15) + np.float32(hp & 12) * m4) * xv[32 + l]
-                b1 += (np.float32(v & 15) + np.float32(hr & 12) * m4) * xv[48 + l]
-                a2 += (np.float32(p & 240) + np.float32(hp & 48) * m16) * xv[64 + l]
-                b2 += (np.float32(r & 240) + np.float32(hr & 48) * m16) * xv[80 + l]
-                a3 += (np.float32(u & 240) + np.float32(hp & 192) * m4) * xv[96 + l]
-                b3 += (np.float32(v & 240) + np.float32(hr & 192) * m4) * xv[112 + l]
-            tot += _q6k_dot16(row, o + 192 + 8 * h, xs[b * 16 + 8 * h:b * 16 + 8 * h + 8],
-                              a0, b0, a1, b1, a2, b2, a3, b3)
-        s += lut[_h(row, o + 208)] * tot
+        blk = row[b * 210:b * 210 + 210]
+        xv = x[b * 256:b * 256 + 256]
+        xb = xs[b * 16:b * 16 + 16]
+        t = np.float32(0.0)
+        for l in range(8):
+            t += _q6k_half(blk, xv, xb, 0, l, m16, m4) + _q6k_half(blk, xv, xb, 1, l, m16, m4)
+        s += lut[_h(blk, 208)] * t
     return s
+
+
+@njit(cache=True, inline="always")
+def _reads_prep(qt):
+    return qt == Q4_0 or qt == Q4_K or qt == Q6_K
+
+
+# Q4_0 and the K-quants (the types that read xp) are compiled into one kernel, up to four rows
+# per call: a call of a numba function costs ~40 ns (each array argument is passed as 7 words
+# and has its reference count touched), ~10% of a 2048-wide K-quant row. Their row dots are
+# inlined there only, so they always run under its fastmath flags.
+
+@njit(cache=True, inline="always")
+def _row_prep(qt, row, x, xp, lut16, n16):
+    k = x.shape[0]
+    if qt == Q4_0:
+        return _dot_q4_0(row, xp[:k], lut16)
+    if qt == Q4_K:
+        return _dot_q4_k(row, x, xp[k:], lut16)
+    return _dot_q6_k(row, x, xp[k:], lut16, n16)
+
+
+@njit(cache=True, fastmath=FM)
+def _dots_prep(qt, n, w0, w1, w2, w3, x, xp, lut16, n16):
+    """Rows w0..w3, the first n of them (1 ≤ n ≤ 4), · x. A loop, not four calls of `_row_prep`:
+    one inlined copy of the row dots compiles in a quarter of the time."""
+    ws = (w0, w1, w2, w3)
+    s0 = s1 = s2 = s3 = np.float32(0.0)
+    for i in range(n):
+        s = _row_prep(qt, ws[i], x, xp, lut16, n16)
+        if i == 0:
+            s0 = s
+        elif i == 1:
+            s1 = s
+        elif i == 2:
+            s2 = s
+        else:
+            s3 = s
+    return s0, s1, s2, s3
 
 
 @njit(cache=True)
 def _dot(qt, row, x, xp, lut16, lutbf, n16):
     """One row of type qt · x; xp is x as prepared by `_prep`."""
-    k = x.shape[0]
-    if qt == Q4_0:
-        return _dot_q4_0(row, xp[:k], lut16, n16)
+    if _reads_prep(qt):
+        return _dots_prep(qt, 1, row, row, row, row, x, xp, lut16, n16)[0]
     if qt == Q8_0:
         return _dot_q8_0(row, x, lut16, n16)
-    if qt == Q4_K:
-        return _dot_q4_k(row, x, xp[k:], lut16)
-    if qt == Q6_K:
-        return _dot_q6_k(row, x, xp[k:], lut16, n16)
     if qt == F16:
         return _dot_lut(row, x, lut16)
     if qt == BF16:
@@ -346,13 +403,10 @@ def _dot4(qt, w0, w1, w2, w3, x, xp, lut16, lutbf, n16):
     """Four rows of type qt · x (rows of different matrices are fine: MoE pairs gate and up)."""
     if qt == Q8_0:
         return _dot4_q8_0(w0, w1, w2, w3, x, lut16, n16)
+    if _reads_prep(qt):
+        return _dots_prep(qt, 4, w0, w1, w2, w3, x, xp, lut16, n16)
     return (_dot(qt, w0, x, xp, lut16, lutbf, n16), _dot(qt, w1, x, xp, lut16, lutbf, n16),
             _dot(qt, w2, x, xp, lut16, lutbf, n16), _dot(qt, w3, x, xp, lut16, lutbf, n16))
-
-
-@njit(cache=True, inline="always")
-def _reads_prep(qt):
-    return qt == Q4_0 or qt == Q4_K or qt == Q6_K
 
 
 @njit(cache=True)
