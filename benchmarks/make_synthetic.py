@@ -21,7 +21,7 @@ metadata from quant's HF-config mapping.
 
 `--vocab FILE` copies the `tokenizer.*` keys of a vocabulary GGUF (such as llama.cpp's
 `ggml-vocab-deepseek-llm.gguf`, the 102400 tokens of Coder-V2), so that tools which insist on a
-tokenizer — llama.cpp's `llama-bench` — run the same file, and `lite chat` can talk to it.
+tokenizer — llama.cpp's `llama-bench` — run the same file, and text prompts tokenize.
 `--tiny` shrinks every dimension (for tests): same code path, a file of a few MB.
 Progress goes to stderr.
 """
@@ -41,12 +41,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from lite.model.config import ARCH, ModelConfig  # noqa: E402
-from lite.model.tensors import expected_shapes  # noqa: E402
-from quant.gguf_out import PlannedTensor, write_gguf  # noqa: E402
 from lite.errors import LiteError  # noqa: E402
 from lite.gguf_meta import read_metadata  # noqa: E402
+from lite.model.config import ARCH, ModelConfig  # noqa: E402
+from lite.model.tensors import expected_shapes  # noqa: E402
 from quant.convert import typed_value  # noqa: E402
+from quant.gguf_out import PlannedTensor, write_gguf  # noqa: E402
 from quant.hf_config import gguf_metadata  # noqa: E402
 from quant.presets import CLASSES, choose_type, resolve  # noqa: E402
 
