@@ -85,15 +85,6 @@ def _h(row, o):
     return np.int64(row[o]) | (np.int64(row[o + 1]) << 8)
 
 
-@njit(cache=True, inline="always")
-def _nibbles(byte):
-    """(low, high) nibble of a byte, in float32: exact, and it vectorises in 32-bit lanes
-    (numba widens `q >> 4` to int64, which AVX2 cannot convert to float)."""
-    v = np.float32(byte)
-    hi = np.floor(v * np.float32(0.0625))
-    return v - hi * np.float32(16.0), hi
-
-
 # Q4_0 weight j of block b is d·(q − 8), q its nibble: low nibbles meet x[32b + j], high nibbles
 # x[32b + 16 + j] (j < 16). The high half is taken as ((byte & 0xF0) − 128) · (x[32b + 16 + j] / 16),
 # so each byte needs two masks, two conversions and two subtractions but no shift (numba widens a
