@@ -13,8 +13,9 @@ scales) with fp16 scales chosen so that the weights have an RMS of about 0.03 (`
 never through float32, so a 27-layer Lite file (~9.5 GB at q4_0) is bound by the disk. Presets
 q4_0, q8_0 and q4_k_m (Q4_K / Q6_K, with quant's fallbacks where a row is not whole
 super-blocks). The bytes come from a pool of random data sliced at random offsets; scales vary
-±25% block to block (and Q4_0's take a random sign, which centres its weights). Norms are F32 ones; routers are F32 Gaussian
-with logit std ≈ 2 on a normalised hidden state, so routing varies from token to token. The
+±25% block to block (and Q4_0's take a random sign, which centres its weights). Norms are F32
+ones; routers are F32 Gaussian with logit std ≈ 2 on a normalised hidden state, so routing
+varies from token to token. The
 tensor layout is llama.cpp's current one (attn_k_b `[H, C, N]`, attn_v_b `[H, V, C]`); types per
 tensor class come from quant's presets (overridden per class as `lite quantize` takes them);
 metadata from quant's HF-config mapping.

@@ -100,20 +100,24 @@ def test_synthetic_vocab(tmp_path):
 
     import lite
     from lite.gguf_meta import read_metadata
+    def vocab_gguf(name: str, tokens: list[str]) -> Path:
+        path = tmp_path / name
+        w = gguf.GGUFWriter(str(path), "deepseek2")
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("deepseek-llm")
+        w.add_token_list(tokens)
+        w.add_token_types([1] * len(tokens))
+        w.add_token_merges(["t 1", "t1 0"])
+        w.add_bos_token_id(5)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
     ms = _make_synthetic()
-    vocab = tmp_path / "vocab.gguf"
     tokens = [f"t{i}" for i in range(1024)]            # the tiny model's vocabulary size
-    w = gguf.GGUFWriter(str(vocab), "deepseek2")
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("deepseek-llm")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * len(tokens))
-    w.add_token_merges(["t 1", "t1 0"])
-    w.add_bos_token_id(5)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    vocab = vocab_gguf("vocab.gguf", tokens)
     path = ms.make_synthetic(tmp_path / "tiny-vocab.gguf", layers=1, tiny=True, quiet=True, vocab=vocab)
     meta = read_metadata(path)
     assert meta["tokenizer.ggml.tokens"] == tokens
@@ -121,13 +125,7 @@ def test_synthetic_vocab(tmp_path):
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "deepseek-llm"
     assert meta["tokenizer.ggml.bos_token_id"] == 5
     assert np.all(np.isfinite(lite.load(path, n_ctx=16).logits(np.arange(4))))
-    small = tmp_path / "small.gguf"
-    w = gguf.GGUFWriter(str(small), "deepseek2")
-    w.add_token_list(tokens[:1000])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    small = vocab_gguf("small.gguf", tokens[:1000])
     with pytest.raises(lite.LiteError, match=r"small\.gguf: tokenizer\.ggml\.tokens lists 1000 tokens; "
                                              r"the model's vocabulary has 1024"):
         ms.make_synthetic(tmp_path / "bad.gguf", layers=1, tiny=True, quiet=True, vocab=small)
