@@ -2,7 +2,8 @@
  *
  * Activation layouts used inside matmul (one row per token, `stride` bytes apart, 64-byte aligned):
  *   A8  (for Q4_0 / Q8_0 weights): int8 qs[nb*32], then float d[nb]   (d already rounded to fp16),
- *       then float s[nb] = d * sum(qs of the block) (takes Q4_0's +8 nibble offset off in float)
+ *       then float s[nb] = 8 * d * sum(qs of the block): Q4_0's +8 nibble offset, taken off in float
+ *       (the 8 is exact, so any product with it rounds as if it were applied last)
  *   A8K (for Q4_K / Q6_K weights): int8 qs[nb*256], int16 bsums[nb*16], float d[nb]
  * Float weights (F32/F16/BF16) take float activations directly.
  */
@@ -95,7 +96,7 @@ static inline void a8_fill_sums(uint8_t *row, int64_t nb) {
     for (int64_t b = 0; b < nb; b++) {
         int sum = 0;
         for (int i = 0; i < QK; i++) sum += qs[b * QK + i];
-        s[b] = d[b] * (float)sum;
+        s[b] = 8.0f * (d[b] * (float)sum);
     }
 }
 static inline int64_t a8k_stride(int64_t cols) { return ((cols / QKK) * (QKK + 32 + 4) + 63) & ~(int64_t)63; }

@@ -23,7 +23,7 @@ INLINE float fp16(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
  * block. Instead 8 blocks' weight scales are converted as one vector, multiplied by the token's 8
  * activation scales, and each block's product taken by an in-lane permute (one token, Q4_0, from
  * L3 on one core: 8.7 -> 12.2 GB/s). Q4_0 nibbles go into maddubs unsigned; their +8 offset is
- * taken off per 8 blocks in float from the activation sums s[b] = d * sum(q) of the A8 layout.
+ * taken off per 8 blocks in float from the activation sums s[b] = 8 * d * sum(q) of the A8 layout.
  * Rows are read start to end with a software prefetch about 1 KiB ahead: a 4-row tile's short
  * interleaved streams reached only 5.1 GB/s from RAM on one core, against 9.4-10.5 streamed. */
 #define MV_PREFETCH 1024
@@ -109,8 +109,7 @@ INLINE void q8_group(const int KIND, const int NT, const int G, const uint8_t *g
     __m256 dw = _mm256_cvtph_ps(h);
 #define LOAD_G(p) (G == 8 ? _mm256_loadu_ps(p) : _mm256_zextps128_ps256(_mm_loadu_ps(p)))
     if (KIND == K_Q4_0) {
-        __m256 dw8 = _mm256_mul_ps(dw, _mm256_set1_ps(8.0f));
-        for (int t = 0; t < NT; t++) acc[t] = _mm256_fnmadd_ps(dw8, LOAD_G(sy[t] + b), acc[t]);
+        for (int t = 0; t < NT; t++) acc[t] = _mm256_fnmadd_ps(dw, LOAD_G(sy[t] + b), acc[t]);
         if (NT == 1 && G == 8 && pq) {
             pair_group(g, pq + b * QK, _mm256_mul_ps(dw, LOAD_G(dy[0] + b)), acc, acc1);
             return;
@@ -162,7 +161,7 @@ INLINE void q8_rows(const int KIND, const int NT, float *out, int64_t ldo, const
             for (int t = 0; t < NT; t++) {
                 __m256 p = _mm256_cvtepi32_ps(q8_dot(KIND, wv, a + t * as + b * QK));
                 acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * dy[t][b]), acc[t]);
-                if (KIND == K_Q4_0) tail[t] += 8.0f * dw * sy[t][b];
+                if (KIND == K_Q4_0) tail[t] += dw * sy[t][b];
             }
         }
         acc[0] = _mm256_add_ps(acc[0], acc1);
@@ -193,37 +192,37 @@ DEF_Q8_KERNELS(tile_q4_0, mv_q4_0, K_Q4_0)
 DEF_Q8_KERNELS(tile_q8_0, mv_q8_0, K_Q8_0)
 
 /* Q4_0 / Q8_0 for many tokens, rows in the lanes: 8 rows' blocks are repacked (a chunk of blocks
- * at a time, into L1) so that vector v of a block holds weights 4v..4v+3 of each row as bytes.
- * Four activation bytes broadcast to every lane then give, per maddubs, two products per row,
- * and one convert and FMA per block and token serve all 8 rows, with no permutes or horizontal
- * sums. Q4_0 nibbles go in unsigned and four maddubs sums add in 16 bits (|sum| <= 4 * 2 * 15 *
- * 128); their +8 offset comes off in float through the activation sums s[b]. Q8_0 uses the sign
- * trick (|w| times sign(y, w)), whose pair sums reach 2 * 127 * 127 and so widen at once.
- * One core, 1408 x 2048 Q4_0, 24-256 tokens: 1.41-1.47x the 4 x 4 tiles. */
+ * at a time, into L1) so that each vector of a block holds four weights of each row as bytes.
+ * The four matching activation bytes broadcast to every lane then give, per maddubs, two products
+ * per row, and one convert and FMA per block and token serve all 8 rows, with no permutes or
+ * horizontal sums. Q4_0 nibbles go in unsigned; their +8 offset comes off in float through the
+ * activation sums s[b]. One core, 1408 x 2048 Q4_0, 24-256 tokens: 1.41-1.47x the 4 x 4 tiles;
+ * then two row groups and four tokens a pass (`r8_tokens`): 1.35-1.5x that, Q8_0 1.2-1.25x. */
 #define R8_CHUNK 32
 
-/* The next chunk's weights (`len` bytes from byte `off` of 8 rows `ws` apart), prefetched a few
+/* The next chunk's weights (`len` bytes from byte `off` of `rows` rows `ws` apart), prefetched a few
  * lines before each token pass over the current chunk, so that its repack finds them in cache
  * instead of waiting on memory. Spread over the passes, the reads hide behind the arithmetic; a
  * burst would fill the core's miss buffers and stall it (as in the MLA kernel). */
-typedef struct { const char *line, *end; const uint8_t *w; int64_t ws, off, len, per; int i; } r8_prefetch;
+typedef struct { const char *line, *end; const uint8_t *w; int64_t ws, off, len, per; int i, rows; } r8_prefetch;
 
-/* The chunk after blocks [b0, b0 + chunk) of rows [r, r + 8): the same rows' next blocks, else
- * the next row group's first; nothing past this call's rows. */
-INLINE r8_prefetch r8_next_chunk(const uint8_t *w, int64_t ws, int64_t r, int64_t nr, int64_t b0, int64_t chunk,
-                                 int64_t nb, int64_t bs, int64_t n_tok) {
-    r8_prefetch p = {NULL, NULL, NULL, ws, 0, 0, 0, 8};
+/* The chunk after blocks [b0, b0 + chunk) of rows [r, r + rows): the same rows' next blocks, else
+ * the next row group's first; nothing past this call's rows. Spread over the passes of nt tokens. */
+INLINE r8_prefetch r8_next_chunk(const uint8_t *w, int64_t ws, int64_t r, int64_t nr, int rows, int64_t b0,
+                                 int64_t chunk, int64_t nb, int64_t bs, int64_t n_tok, int nt) {
+    r8_prefetch p = {NULL, NULL, NULL, ws, 0, 0, 0, rows, rows};
     if (b0 + chunk < nb) {
         p.w = w + r * ws;
         p.off = (b0 + chunk) * bs;
         p.len = (nb - b0 - chunk < chunk ? nb - b0 - chunk : chunk) * bs;
-    } else if (r + 8 < nr) {
-        p.w = w + (r + 8) * ws;
+    } else if (r + rows < nr) {
+        p.w = w + (r + rows) * ws;
+        p.rows = nr - r - rows < rows ? (int)(nr - r - rows) : rows;
         p.len = (nb < chunk ? nb : chunk) * bs;
     } else {
         return p;
     }
-    int64_t lines = 8 * (p.len / 64 + 2), passes = (n_tok + 1) / 2;
+    int64_t lines = p.rows * (p.len / 64 + 2), passes = (n_tok + nt - 1) / nt;
     p.per = (lines + passes - 1) / passes;
     p.i = -1;
     return p;
@@ -232,7 +231,7 @@ INLINE r8_prefetch r8_next_chunk(const uint8_t *w, int64_t ws, int64_t r, int64_
 INLINE void r8_prefetch_step(r8_prefetch *p) {
     for (int64_t n = p->per; n > 0; n--) {
         if (p->line >= p->end) {
-            if (++p->i >= 8) return;
+            if (++p->i >= p->rows) return;
             const char *a = (const char *)p->w + p->i * p->ws + p->off;
             p->line = (const char *)((uintptr_t)a & ~(uintptr_t)63);
             p->end = a + p->len;
@@ -262,24 +261,35 @@ INLINE void r8_transpose(const __m256i *r, __m256i *d) {
     d[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
 }
 
-/* Blocks [b0, b0 + n) of rows w[0..7] → dst (8 vectors per block) and their scales → dws[8 n]. */
+/* Blocks [b0, b0 + n) of rows w[0..7] → dst (8 vectors a block) and their scales → dws[8 n].
+ * Q8_0: vector v holds weights 4v..4v+3 of each row (an 8 x 8 transpose of 4-byte groups).
+ * Q4_0: vector 2j holds the low nibbles of quant bytes 4j..4j+3 (weights 4j..4j+3) of each row,
+ * vector 2j+1 their high nibbles (weights 16+4j..16+4j+3); two rows' 16 quant bytes share a
+ * register, so the transpose is of 4-byte groups within 128-bit lanes: 8 shuffles a block, not 24. */
 INLINE void r8_repack(const int KIND, __m256i *dst, float *dws, const uint8_t *w, int64_t ws, int64_t b0, int n) {
     const int64_t bs = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
-    const __m128i m4 = _mm_set1_epi8(15);
+    const __m256i m4 = _mm256_set1_epi8(15);
     for (int k = 0; k < n; k++) {
-        __m256i r[8];
-        for (int i = 0; i < 8; i++) {
-            const uint8_t *blk = w + i * ws + (b0 + k) * bs;
-            dws[8 * k + i] = fp16(blk);
-            if (KIND == K_Q4_0) {
-                __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
-                r[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(q, m4)),
-                                               _mm_and_si128(_mm_srli_epi16(q, 4), m4), 1);
-            } else {
-                r[i] = _mm256_loadu_si256((const __m256i *)(blk + 2));
-            }
+        const uint8_t *blk = w + (b0 + k) * bs;
+        for (int i = 0; i < 8; i++) dws[8 * k + i] = fp16(blk + i * ws);
+        if (KIND == K_Q8_0) {
+            __m256i r[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_si256((const __m256i *)(blk + i * ws + 2));
+            r8_transpose(r, dst + 8 * k);
+            continue;
         }
-        r8_transpose(r, dst + 8 * k);
+        __m256i r[4];
+        for (int i = 0; i < 4; i++)
+            r[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(blk + i * ws + 2))),
+                                           _mm_loadu_si128((const __m128i *)(blk + (i + 4) * ws + 2)), 1);
+        __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+        __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+        __m256i g[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
+                        _mm256_unpackhi_epi64(t1, t3)};
+        for (int j = 0; j < 4; j++) {
+            dst[8 * k + 2 * j] = _mm256_and_si256(g[j], m4);
+            dst[8 * k + 2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(g[j], 4), m4);
+        }
     }
 }
 
@@ -291,82 +301,114 @@ INLINE void r8_store(const int NT, float *out, int64_t ldo, const __m256 *acc, i
     }
 }
 
-/* One repacked block times NT tokens' activation blocks y[t]: each token's 8 rows' integer dots
- * (every weight vector loaded once for the NT tokens). */
-INLINE void r8_dot(const int KIND, const int NT, __m256i *dot, const __m256i *wv, const uint8_t *const *y) {
+/* NT tokens over the repacked blocks [b0, b0 + n) of G groups of 8 rows (group g's vectors at
+ * rep + g * 8 * R8_CHUNK), out[t*ldo + r..r+8G], set for the first chunk of blocks and added to
+ * after. Every activation broadcast serves G maddubs and every weight vector NT: with one group
+ * and two tokens a maddubs cost 1.5 loads, and the two vector load ports were the limit. Q4_0:
+ * a block's eight maddubs sums add in 16 bits (|sum| <= 8 * 2 * 15 * 127 < 2^15). Q8_0 uses the
+ * sign trick (|w| times sign(y, w)), whose pair sums reach 2 * 127 * 127 and so widen at once. */
+INLINE void r8_tokens(const int KIND, const int G, const int NT, float *out, int64_t ldo, const __m256i *rep,
+                      const float *dws, const uint8_t *a, int64_t as, int64_t nb, int64_t b0, int n) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2][4];
+    for (int g = 0; g < G; g++)
+        for (int t = 0; t < NT; t++) acc[g][t] = _mm256_setzero_ps();
+    for (int k = 0; k < n; k++) {
+        __m256i s[2][4];
+#pragma GCC unroll 8
+        for (int v = 0; v < 8; v++) {
+            const int off = KIND == K_Q4_0 ? (v & 1) * 16 + 4 * (v >> 1) : 4 * v;
+            __m256i wv[2], aw[2];
+            for (int g = 0; g < G; g++) {
+                wv[g] = _mm256_load_si256(rep + g * 8 * R8_CHUNK + 8 * k + v);
+                aw[g] = KIND == K_Q8_0 ? _mm256_sign_epi8(wv[g], wv[g]) : wv[g];
+            }
+            for (int t = 0; t < NT; t++) {
+                int32_t q;
+                memcpy(&q, a + t * as + (b0 + k) * QK + off, 4);
+                __m256i y = _mm256_set1_epi32(q);
+                for (int g = 0; g < G; g++) {
+                    if (KIND == K_Q4_0) {
+                        __m256i p = _mm256_maddubs_epi16(wv[g], y);
+                        s[g][t] = v ? _mm256_add_epi16(s[g][t], p) : p;
+                    } else {
+                        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw[g], _mm256_sign_epi8(y, wv[g])), ones);
+                        s[g][t] = v ? _mm256_add_epi32(s[g][t], p) : p;
+                    }
+                    /* keeps GCC from reassociating the sums into a tree of spilled products */
+                    __asm__("" : "+x"(s[g][t]));
+                }
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const float *dy = (const float *)(a + t * as + nb * QK);
+            __m256 d = _mm256_set1_ps(dy[b0 + k]), c = _mm256_set1_ps(dy[nb + b0 + k]);
+            for (int g = 0; g < G; g++) {
+                __m256 p = _mm256_cvtepi32_ps(KIND == K_Q4_0 ? _mm256_madd_epi16(s[g][t], ones) : s[g][t]);
+                __m256 x = KIND == K_Q4_0 ? _mm256_fmsub_ps(p, d, c) : _mm256_mul_ps(p, d);
+                acc[g][t] = _mm256_fmadd_ps(x, _mm256_load_ps(dws + g * 8 * R8_CHUNK + 8 * k), acc[g][t]);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) r8_store(NT, out + 8 * g, ldo, acc[g], b0 == 0);
+}
+
+/* One repacked block of unsigned nibbles in weight order (vector v: weights 4v..4v+3 of each of
+ * 8 rows) times NT tokens' 32 activations y[t]: each token's 8 rows' integer dots, four maddubs
+ * sums adding in 16 bits at a time. */
+INLINE void r8_dot(const int NT, __m256i *dot, const __m256i *wv, const uint8_t *const *y) {
     const __m256i ones = _mm256_set1_epi16(1);
     for (int t = 0; t < NT; t++) dot[t] = _mm256_setzero_si256();
     for (int h = 0; h < 8; h += 4) {
         __m256i s16[2];
         for (int t = 0; t < NT; t++) s16[t] = _mm256_setzero_si256();
         for (int v = h; v < h + 4; v++) {
-            __m256i w = _mm256_load_si256(wv + v), aw = KIND == K_Q8_0 ? _mm256_sign_epi8(w, w) : w;
+            __m256i w = _mm256_load_si256(wv + v);
             for (int t = 0; t < NT; t++) {
                 int32_t g;
                 memcpy(&g, y[t] + 4 * v, 4);
-                __m256i yv = _mm256_set1_epi32(g);
-                if (KIND == K_Q4_0) {
-                    s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(w, yv));
-                } else {
-                    __m256i p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(yv, w));
-                    dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(p, ones));
-                }
+                s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(w, _mm256_set1_epi32(g)));
             }
         }
-        if (KIND == K_Q4_0)
-            for (int t = 0; t < NT; t++) dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(s16[t], ones));
+        for (int t = 0; t < NT; t++) dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(s16[t], ones));
     }
 }
 
-/* Tokens t0..t0+NT-1 over the repacked blocks [b0, b0 + n) of 8 rows: out[t*ldo + r..r+8], set
- * for the first chunk of blocks and added to after. */
-INLINE void r8_tokens(const int KIND, const int NT, float *out, int64_t ldo, const __m256i *rep, const float *dws,
-                      const uint8_t *a, int64_t as, int64_t nb, int64_t b0, int n) {
-    const __m256 eight = _mm256_set1_ps(8.0f);
-    const float *dy[2], *sy[2];
-    __m256 acc[2];
-    for (int t = 0; t < NT; t++) {
-        dy[t] = (const float *)(a + t * as + nb * QK);
-        sy[t] = dy[t] + nb;
-        acc[t] = _mm256_setzero_ps();
-    }
-    for (int k = 0; k < n; k++) {
-        const uint8_t *y[2];
-        __m256i dot[2];
-        for (int t = 0; t < NT; t++) y[t] = a + t * as + (b0 + k) * QK;
-        r8_dot(KIND, NT, dot, rep + 8 * k, y);
-        __m256 dw = _mm256_load_ps(dws + 8 * k);
-        for (int t = 0; t < NT; t++) {
-            __m256 p = _mm256_cvtepi32_ps(dot[t]), d = _mm256_set1_ps(dy[t][b0 + k]);
-            __m256 x = KIND == K_Q4_0 ? _mm256_fmsub_ps(p, d, _mm256_mul_ps(eight, _mm256_set1_ps(sy[t][b0 + k])))
-                                      : _mm256_mul_ps(p, d);
-            acc[t] = _mm256_fmadd_ps(x, dw, acc[t]);
+/* Tokens a pass of the rows-in-lanes kernels: four keep 8 int16 sums (two groups) in registers. */
+#define R8_NT 4
+
+/* Rows [r, r + 8G) of the rows-in-lanes kernels, a chunk of blocks at a time. */
+INLINE void r8_rows(const int KIND, const int G, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t r,
+                    int64_t nr, const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb) {
+    const int64_t bs = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
+    _Alignas(32) __m256i rep[2 * 8 * R8_CHUNK];
+    _Alignas(32) float dws[2 * 8 * R8_CHUNK];
+    for (int64_t b0 = 0; b0 < nb; b0 += R8_CHUNK) {
+        int n = (int)(nb - b0 < R8_CHUNK ? nb - b0 : R8_CHUNK);
+        for (int g = 0; g < G; g++)
+            r8_repack(KIND, rep + g * 8 * R8_CHUNK, dws + g * 8 * R8_CHUNK, w + (r + 8 * g) * ws, ws, b0, n);
+        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 8 * G, b0, R8_CHUNK, nb, bs, n_tok, R8_NT);
+        int64_t t = 0;
+        for (; t + R8_NT <= n_tok; t += R8_NT) {
+            r8_prefetch_step(&pf);
+            r8_tokens(KIND, G, R8_NT, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n);
+        }
+        r8_prefetch_step(&pf);
+        switch (n_tok - t) {
+        case 3: r8_tokens(KIND, G, 3, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n); break;
+        case 2: r8_tokens(KIND, G, 2, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n); break;
+        case 1: r8_tokens(KIND, G, 1, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n); break;
         }
     }
-    r8_store(NT, out, ldo, acc, b0 == 0);
 }
 
+/* 16 rows (two groups of 8) at a time, a last group of 8 alone. */
 INLINE void q8_rows8(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr,
                      const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols) {
-    const int64_t nb = cols / QK, bs = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
-    _Alignas(32) __m256i rep[8 * R8_CHUNK];
-    _Alignas(32) float dws[8 * R8_CHUNK];
-    for (int64_t r = 0; r < nr; r += 8) {
-        for (int64_t b0 = 0; b0 < nb; b0 += R8_CHUNK) {
-            int n = (int)(nb - b0 < R8_CHUNK ? nb - b0 : R8_CHUNK);
-            r8_repack(KIND, rep, dws, w + r * ws, ws, b0, n);
-            r8_prefetch pf = r8_next_chunk(w, ws, r, nr, b0, R8_CHUNK, nb, bs, n_tok);
-            int64_t t = 0;
-            for (; t + 2 <= n_tok; t += 2) {
-                r8_prefetch_step(&pf);
-                r8_tokens(KIND, 2, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n);
-            }
-            if (t < n_tok) {
-                r8_prefetch_step(&pf);
-                r8_tokens(KIND, 1, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n);
-            }
-        }
-    }
+    const int64_t nb = cols / QK;
+    int64_t r = 0;
+    for (; r + 16 <= nr; r += 16) r8_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+    if (r < nr) r8_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
 }
 
 static void rows8_q4_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
@@ -488,7 +530,7 @@ INLINE void kq_tokens(const int KIND, const int NT, float *out, int64_t ldo, con
             for (int t = 0; t < NT; t++) yj[t] = y[t] + 32 * j;
             if (KIND == K_Q4_K) {
                 __m256i dot[2];
-                r8_dot(K_Q4_0, NT, dot, rep + 8 * (8 * k + j), yj);
+                r8_dot(NT, dot, rep + 8 * (8 * k + j), yj);
                 const __m256i s = _mm256_load_si256((const __m256i *)(sc + (8 * k + j) * 8));
                 const __m256i m = _mm256_load_si256((const __m256i *)(mn + (8 * k + j) * 8));
                 for (int t = 0; t < NT; t++) {
@@ -538,7 +580,7 @@ INLINE void kq_rows8(const int KIND, float *out, int64_t ldo, const uint8_t *w, 
             int n = (int)(nb - b0 < R8K_CHUNK ? nb - b0 : R8K_CHUNK);
             if (KIND == K_Q4_K) r8_repack_q4k(rep, sc, mn, dd, dm, w + r * ws, ws, b0, n);
             else r8_repack_q6k(rep, sc, dd, w + r * ws, ws, b0, n);
-            r8_prefetch pf = r8_next_chunk(w, ws, r, nr, b0, R8K_CHUNK, nb, bs, n_tok);
+            r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 8, b0, R8K_CHUNK, nb, bs, n_tok, 2);
             int64_t t = 0;
             for (; t + 2 <= n_tok; t += 2) {
                 r8_prefetch_step(&pf);
