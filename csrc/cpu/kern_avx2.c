@@ -201,15 +201,18 @@ DEF_Q8_KERNELS(tile_q8_0, mv_q8_0, K_Q8_0)
 #define R8_CHUNK 32
 
 /* The next chunk's weights (`len` bytes from byte `off` of `rows` rows `ws` apart), prefetched a few
- * lines before each token pass over the current chunk, so that its repack finds them in cache
- * instead of waiting on memory. Spread over the passes, the reads hide behind the arithmetic; a
+ * lines at each block of the token passes over the current chunk, so that its repack finds them
+ * in cache instead of waiting on memory. Spread out, the reads hide behind the arithmetic; a
  * burst would fill the core's miss buffers and stall it (as in the MLA kernel). */
 typedef struct { const char *line, *end; const uint8_t *w; int64_t ws, off, len, per; int i, rows; } r8_prefetch;
 
 /* The chunk after blocks [b0, b0 + chunk) of rows [r, r + rows): the same rows' next blocks, else
- * the next row group's first; nothing past this call's rows. Spread over the passes of nt tokens. */
+ * the next row group's first; nothing past this call's rows. Spread over the passes of nt tokens
+ * and their n blocks each: issued a pass at a time, 16 rows of Q6_K took ~40 lines at once,
+ * past the core's ~24 outstanding misses (2 threads from DRAM: 0.9x the 8-row kernel; 1.0-1.04x
+ * spread, Q4_K 1.09-1.26x, Q4_0 1.05-1.1x). */
 INLINE r8_prefetch r8_next_chunk(const uint8_t *w, int64_t ws, int64_t r, int64_t nr, int rows, int64_t b0,
-                                 int64_t chunk, int64_t nb, int64_t bs, int64_t n_tok, int nt) {
+                                 int64_t chunk, int64_t nb, int64_t bs, int64_t n_tok, int nt, int n) {
     r8_prefetch p = {NULL, NULL, NULL, ws, 0, 0, 0, rows, rows};
     if (b0 + chunk < nb) {
         p.w = w + r * ws;
@@ -222,8 +225,8 @@ INLINE r8_prefetch r8_next_chunk(const uint8_t *w, int64_t ws, int64_t r, int64_
     } else {
         return p;
     }
-    int64_t lines = p.rows * (p.len / 64 + 2), passes = (n_tok + nt - 1) / nt;
-    p.per = (lines + passes - 1) / passes;
+    int64_t lines = p.rows * (p.len / 64 + 2), steps = (n_tok + nt - 1) / nt * n;
+    p.per = (lines + steps - 1) / steps;
     p.i = -1;
     return p;
 }
@@ -308,13 +311,14 @@ INLINE void r8_store(const int NT, float *out, int64_t ldo, const __m256 *acc, i
  * a block's eight maddubs sums add in 16 bits (|sum| <= 8 * 2 * 15 * 127 < 2^15). Q8_0 uses the
  * sign trick (|w| times sign(y, w)), whose pair sums reach 2 * 127 * 127 and so widen at once. */
 INLINE void r8_tokens(const int KIND, const int G, const int NT, float *out, int64_t ldo, const __m256i *rep,
-                      const float *dws, const uint8_t *a, int64_t as, int64_t nb, int64_t b0, int n) {
+                      const float *dws, const uint8_t *a, int64_t as, int64_t nb, int64_t b0, int n, r8_prefetch *pf) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[2][4];
     for (int g = 0; g < G; g++)
         for (int t = 0; t < NT; t++) acc[g][t] = _mm256_setzero_ps();
     for (int k = 0; k < n; k++) {
         __m256i s[2][4];
+        r8_prefetch_step(pf);
 #pragma GCC unroll 8
         for (int v = 0; v < 8; v++) {
             const int off = KIND == K_Q4_0 ? (v & 1) * 16 + 4 * (v >> 1) : 4 * v;
@@ -387,17 +391,15 @@ INLINE void r8_rows(const int KIND, const int G, float *out, int64_t ldo, const 
         int n = (int)(nb - b0 < R8_CHUNK ? nb - b0 : R8_CHUNK);
         for (int g = 0; g < G; g++)
             r8_repack(KIND, rep + g * 8 * R8_CHUNK, dws + g * 8 * R8_CHUNK, w + (r + 8 * g) * ws, ws, b0, n);
-        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 8 * G, b0, R8_CHUNK, nb, bs, n_tok, R8_NT);
+        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 8 * G, b0, R8_CHUNK, nb, bs, n_tok, R8_NT, n);
         int64_t t = 0;
         for (; t + R8_NT <= n_tok; t += R8_NT) {
-            r8_prefetch_step(&pf);
-            r8_tokens(KIND, G, R8_NT, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n);
+            r8_tokens(KIND, G, R8_NT, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf);
         }
-        r8_prefetch_step(&pf);
         switch (n_tok - t) {
-        case 3: r8_tokens(KIND, G, 3, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n); break;
-        case 2: r8_tokens(KIND, G, 2, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n); break;
-        case 1: r8_tokens(KIND, G, 1, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n); break;
+        case 3: r8_tokens(KIND, G, 3, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf); break;
+        case 2: r8_tokens(KIND, G, 2, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf); break;
+        case 1: r8_tokens(KIND, G, 1, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf); break;
         }
     }
 }
@@ -430,28 +432,37 @@ static void rows8_q8_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, in
  * super-block and token. R8K_CHUNK super-blocks are repacked at a time (8 KB). */
 #define R8K_CHUNK 4
 
-/* Super-blocks [b0, b0 + n) of rows w[0..7]: dst (8 vectors per sub-block), and per super-block k
- * and sub-block j the 8 rows' scales sc[(8k + j) * 8 + row] and mins mn[...], d dd[8k + row]
- * and dmin dm[8k + row]. */
+/* Super-blocks [b0, b0 + n) of rows w[0..7]: dst (8 vectors per sub-block, vector v holding
+ * weights 4v..4v+3 of each row), and per super-block k and sub-block j the 8 rows' scales
+ * sc[(8k + j) * 8 + row] and mins mn[...], d dd[8k + row] and dmin dm[8k + row]. Sub-blocks 2i
+ * and 2i+1 are the low and high nibbles of the same 32 bytes; two rows' 16-byte halves share a
+ * register and transpose as 4-byte groups within 128-bit lanes (as `r8_repack` does Q4_0). */
 INLINE void r8_repack_q4k(__m256i *dst, int32_t *sc, int32_t *mn, float *dd, float *dm, const uint8_t *w,
                           int64_t ws, int64_t b0, int n) {
     const __m256i m4 = _mm256_set1_epi8(15);
     for (int k = 0; k < n; k++) {
-        const uint8_t *blk[8];
+        const uint8_t *blk = w + (b0 + k) * Q4_K_BYTES;
         for (int i = 0; i < 8; i++) {
-            blk[i] = w + i * ws + (b0 + k) * Q4_K_BYTES;
-            dd[8 * k + i] = fp16(blk[i]);
-            dm[8 * k + i] = fp16(blk[i] + 2);
+            dd[8 * k + i] = fp16(blk + i * ws);
+            dm[8 * k + i] = fp16(blk + i * ws + 2);
             for (int j = 0; j < 8; j++)
-                q4k_scale_min(blk[i] + 4, j, &sc[(8 * k + j) * 8 + i], &mn[(8 * k + j) * 8 + i]);
+                q4k_scale_min(blk + i * ws + 4, j, &sc[(8 * k + j) * 8 + i], &mn[(8 * k + j) * 8 + i]);
         }
-        for (int j = 0; j < 8; j++) {
-            __m256i r[8];
-            for (int i = 0; i < 8; i++) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)(blk[i] + 16 + 32 * (j >> 1)));
-                r[i] = _mm256_and_si256(j & 1 ? _mm256_srli_epi16(v, 4) : v, m4);
+        for (int q = 0; q < 8; q++) {               /* 16-byte piece q: pair q/2, half q%2 */
+            const uint8_t *src = blk + 16 + 16 * q;
+            __m256i r[4];
+            for (int i = 0; i < 4; i++)
+                r[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(src + i * ws))),
+                                               _mm_loadu_si128((const __m128i *)(src + (i + 4) * ws)), 1);
+            __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+            __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+            __m256i g[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
+                            _mm256_unpackhi_epi64(t1, t3)};
+            __m256i *lo = dst + 8 * (8 * k + 2 * (q >> 1)) + 4 * (q & 1), *hi = lo + 8;
+            for (int j = 0; j < 4; j++) {
+                lo[j] = _mm256_and_si256(g[j], m4);
+                hi[j] = _mm256_and_si256(_mm256_srli_epi16(g[j], 4), m4);
             }
-            r8_transpose(r, dst + 8 * (8 * k + j));
         }
     }
 }
@@ -484,114 +495,135 @@ INLINE void r8_repack_q6k(__m256i *dst, int32_t *sc, float *dd, const uint8_t *w
     }
 }
 
-/* A repacked Q6_K sub-block times NT tokens: the integer dots of its weights 0-15 (lo) and 16-31
- * (hi) apart, pairs of groups added in 16 bits (at most 2 * 2 * 63 * 128). */
-INLINE void r8_dot_halves(const int NT, __m256i *lo, __m256i *hi, const __m256i *wv, const uint8_t *const *y) {
+/* NT tokens over the repacked super-blocks [b0, b0 + n) of G groups of 8 rows (group g's arrays
+ * at g * the chunk's size: vectors rep + g * RK_REP, scales sc + g * RK_SC, mins mn + g * RK_MN,
+ * d/dmin dd/dm + g * RK_D): out[t*ldo + r..r+8G], set for the first chunk and added to after.
+ * As in `r8_tokens`, each activation broadcast serves G maddubs and each weight vector NT. A
+ * sub-block's integer dot is scaled by its 6-bit (Q4_K) or two 8-bit (Q6_K, halves of 16)
+ * scales in int32; corr gathers what comes off through the activation's 16-weight sums: Q4_K's
+ * mins, Q6_K's 32 * scale offsets. Q4_K's eight maddubs sums add in 16 bits (as Q4_0's); Q6_K's
+ * quants reach 63, so its sums widen every two. */
+#define RK_REP (8 * 8 * R8K_CHUNK)
+#define RK_SC (16 * 8 * R8K_CHUNK)
+#define RK_MN (8 * 8 * R8K_CHUNK)
+#define RK_D (8 * R8K_CHUNK)
+INLINE void kq_tokens(const int KIND, const int G, const int NT, float *out, int64_t ldo, const __m256i *rep,
+                      const int32_t *sc, const int32_t *mn, const float *dd, const float *dm, const uint8_t *a,
+                      int64_t as, int64_t nb, int64_t b0, int n, r8_prefetch *pf) {
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int t = 0; t < NT; t++) lo[t] = hi[t] = _mm256_setzero_si256();
-    for (int v = 0; v < 8; v += 2) {
-        __m256i w0 = _mm256_load_si256(wv + v), w1 = _mm256_load_si256(wv + v + 1);
-        for (int t = 0; t < NT; t++) {
-            int32_t g0, g1;
-            memcpy(&g0, y[t] + 4 * v, 4);
-            memcpy(&g1, y[t] + 4 * v + 4, 4);
-            __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(w0, _mm256_set1_epi32(g0)),
-                                         _mm256_maddubs_epi16(w1, _mm256_set1_epi32(g1)));
-            p = _mm256_madd_epi16(p, ones);
-            if (v < 4) lo[t] = _mm256_add_epi32(lo[t], p);
-            else hi[t] = _mm256_add_epi32(hi[t], p);
-        }
-    }
-}
-
-/* Tokens t0..t0+NT-1 over the repacked super-blocks [b0, b0 + n): out[t*ldo + r..r+8], set for the
- * first chunk and added to after. corr gathers what comes off through the activation's 16-weight
- * sums: Q4_K's mins, Q6_K's 32 * scale offsets. */
-INLINE void kq_tokens(const int KIND, const int NT, float *out, int64_t ldo, const __m256i *rep, const int32_t *sc,
-                      const int32_t *mn, const float *dd, const float *dm, const uint8_t *a, int64_t as, int64_t nb,
-                      int64_t b0, int n) {
-    __m256 acc[2];
-    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    __m256 acc[2][4];
+    for (int g = 0; g < G; g++)
+        for (int t = 0; t < NT; t++) acc[g][t] = _mm256_setzero_ps();
     for (int k = 0; k < n; k++) {
         const int64_t b = b0 + k;
-        const uint8_t *y[2];
-        const int16_t *bs[2];
-        __m256i isum[2], corr[2];
-        __m256 dx[2];
-        for (int t = 0; t < NT; t++) {
-            const uint8_t *ar = a + t * as;
-            y[t] = ar + b * QKK;
-            bs[t] = (const int16_t *)(ar + nb * QKK) + b * 16;
-            dx[t] = _mm256_set1_ps(((const float *)(ar + nb * (QKK + 32)))[b]);
-            isum[t] = corr[t] = _mm256_setzero_si256();
-        }
+        __m256i isum[2][4], corr[2][4];
+        r8_prefetch_step(pf);
+        for (int g = 0; g < G; g++)
+            for (int t = 0; t < NT; t++) isum[g][t] = corr[g][t] = _mm256_setzero_si256();
         for (int j = 0; j < 8; j++) {
-            const uint8_t *yj[2];
-            for (int t = 0; t < NT; t++) yj[t] = y[t] + 32 * j;
-            if (KIND == K_Q4_K) {
-                __m256i dot[2];
-                r8_dot(NT, dot, rep + 8 * (8 * k + j), yj);
-                const __m256i s = _mm256_load_si256((const __m256i *)(sc + (8 * k + j) * 8));
-                const __m256i m = _mm256_load_si256((const __m256i *)(mn + (8 * k + j) * 8));
-                for (int t = 0; t < NT; t++) {
-                    const __m256i pair = _mm256_set1_epi32(bs[t][2 * j] + bs[t][2 * j + 1]);
-                    isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(dot[t], s));
-                    corr[t] = _mm256_add_epi32(corr[t], _mm256_mullo_epi32(m, pair));
+            const __m256i *wj = rep + 8 * (8 * k + j);
+            const uint8_t *yj = a + b * QKK + 32 * j;
+            const int16_t *bs = (const int16_t *)(a + nb * QKK) + b * 16 + 2 * j;
+            /* Q4_K: one segment of 8 vectors; Q6_K: two of 4 (the halves), in pairs */
+            const int NSEG = KIND == K_Q4_K ? 1 : 2, VS = 8 / NSEG;
+            for (int h = 0; h < NSEG; h++) {
+                __m256i s16[2][4], s32[2][4];
+#pragma GCC unroll 8
+                for (int u = 0; u < VS; u++) {
+                    const int v = h * VS + u;
+                    __m256i wv[2];
+                    for (int g = 0; g < G; g++) wv[g] = _mm256_load_si256(wj + g * RK_REP + v);
+                    for (int t = 0; t < NT; t++) {
+                        int32_t q;
+                        memcpy(&q, yj + t * as + 4 * v, 4);
+                        __m256i y = _mm256_set1_epi32(q);
+                        for (int g = 0; g < G; g++) {
+                            __m256i p = _mm256_maddubs_epi16(wv[g], y);
+                            if (KIND == K_Q4_K) {
+                                s16[g][t] = u ? _mm256_add_epi16(s16[g][t], p) : p;
+                                /* keeps GCC from reassociating the sums into a tree of spilled products */
+                                __asm__("" : "+x"(s16[g][t]));
+                            } else if (!(u & 1)) {
+                                s16[g][t] = p;
+                            } else {
+                                p = _mm256_madd_epi16(_mm256_add_epi16(s16[g][t], p), ones);
+                                s32[g][t] = u > 1 ? _mm256_add_epi32(s32[g][t], p) : p;
+                                __asm__("" : "+x"(s32[g][t]));
+                            }
+                        }
+                    }
                 }
-            } else {
-                __m256i lo[2], hi[2];
-                r8_dot_halves(NT, lo, hi, rep + 8 * (8 * k + j), yj);
-                const __m256i s0 = _mm256_load_si256((const __m256i *)(sc + (16 * k + 2 * j) * 8));
-                const __m256i s1 = _mm256_load_si256((const __m256i *)(sc + (16 * k + 2 * j + 1) * 8));
-                for (int t = 0; t < NT; t++) {
-                    isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(_mm256_mullo_epi32(lo[t], s0),
-                                                                         _mm256_mullo_epi32(hi[t], s1)));
-                    corr[t] = _mm256_add_epi32(corr[t], _mm256_add_epi32(
-                        _mm256_mullo_epi32(s0, _mm256_set1_epi32(bs[t][2 * j])),
-                        _mm256_mullo_epi32(s1, _mm256_set1_epi32(bs[t][2 * j + 1]))));
-                }
+                for (int t = 0; t < NT; t++)
+                    for (int g = 0; g < G; g++) {
+                        const int32_t *sg = sc + g * RK_SC;
+                        if (KIND == K_Q4_K) {
+                            const __m256i dot = _mm256_madd_epi16(s16[g][t], ones);
+                            const __m256i pair = _mm256_set1_epi32(bs[t * as / 2] + bs[t * as / 2 + 1]);
+                            const __m256i m = _mm256_load_si256((const __m256i *)(mn + g * RK_MN + (8 * k + j) * 8));
+                            isum[g][t] = _mm256_add_epi32(isum[g][t], _mm256_mullo_epi32(dot, _mm256_load_si256((const __m256i *)(sg + (8 * k + j) * 8))));
+                            corr[g][t] = _mm256_add_epi32(corr[g][t], _mm256_mullo_epi32(m, pair));
+                        } else {
+                            const __m256i sh = _mm256_load_si256((const __m256i *)(sg + (16 * k + 2 * j + h) * 8));
+                            isum[g][t] = _mm256_add_epi32(isum[g][t], _mm256_mullo_epi32(s32[g][t], sh));
+                            corr[g][t] = _mm256_add_epi32(corr[g][t], _mm256_mullo_epi32(sh, _mm256_set1_epi32(bs[t * as / 2 + h])));
+                        }
+                    }
             }
         }
-        const __m256 d = _mm256_load_ps(dd + 8 * k);
         for (int t = 0; t < NT; t++) {
-            if (KIND == K_Q4_K) {
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_mul_ps(d, dx[t]), acc[t]);
-                acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(corr[t]),
-                                          _mm256_mul_ps(_mm256_load_ps(dm + 8 * k), dx[t]), acc[t]);
-            } else {
-                __m256i q = _mm256_sub_epi32(isum[t], _mm256_slli_epi32(corr[t], 5));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_mul_ps(d, dx[t]), acc[t]);
+            const __m256 dx = _mm256_set1_ps(((const float *)(a + t * as + nb * (QKK + 32)))[b]);
+            for (int g = 0; g < G; g++) {
+                const __m256 d = _mm256_load_ps(dd + g * RK_D + 8 * k);
+                if (KIND == K_Q4_K) {
+                    acc[g][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[g][t]), _mm256_mul_ps(d, dx), acc[g][t]);
+                    acc[g][t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(corr[g][t]),
+                                                 _mm256_mul_ps(_mm256_load_ps(dm + g * RK_D + 8 * k), dx), acc[g][t]);
+                } else {
+                    __m256i q = _mm256_sub_epi32(isum[g][t], _mm256_slli_epi32(corr[g][t], 5));
+                    acc[g][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_mul_ps(d, dx), acc[g][t]);
+                }
             }
         }
     }
-    r8_store(NT, out, ldo, acc, b0 == 0);
+    for (int g = 0; g < G; g++) r8_store(NT, out + 8 * g, ldo, acc[g], b0 == 0);
 }
 
-/* The K-quant rows-in-lanes driver: groups of 8 rows, R8K_CHUNK super-blocks repacked at a time,
- * tokens in pairs. */
-INLINE void kq_rows8(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr,
-                     const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols) {
-    const int64_t nb = cols / QKK, bs = KIND == K_Q4_K ? Q4_K_BYTES : Q6_K_BYTES;
-    _Alignas(32) __m256i rep[8 * 8 * R8K_CHUNK];
-    _Alignas(32) int32_t sc[16 * 8 * R8K_CHUNK], mn[8 * 8 * R8K_CHUNK];
-    _Alignas(32) float dd[8 * R8K_CHUNK], dm[8 * R8K_CHUNK];
-    for (int64_t r = 0; r < nr; r += 8) {
-        for (int64_t b0 = 0; b0 < nb; b0 += R8K_CHUNK) {
-            int n = (int)(nb - b0 < R8K_CHUNK ? nb - b0 : R8K_CHUNK);
-            if (KIND == K_Q4_K) r8_repack_q4k(rep, sc, mn, dd, dm, w + r * ws, ws, b0, n);
-            else r8_repack_q6k(rep, sc, dd, w + r * ws, ws, b0, n);
-            r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 8, b0, R8K_CHUNK, nb, bs, n_tok, 2);
-            int64_t t = 0;
-            for (; t + 2 <= n_tok; t += 2) {
-                r8_prefetch_step(&pf);
-                kq_tokens(KIND, 2, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n);
-            }
-            if (t < n_tok) {
-                r8_prefetch_step(&pf);
-                kq_tokens(KIND, 1, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n);
-            }
+/* Rows [r, r + 8G) of the K-quant rows-in-lanes kernels, R8K_CHUNK super-blocks repacked at a
+ * time, R8_NT tokens a pass (for Q6_K too, whose half sums then spill: 1.1x two tokens). */
+INLINE void kq_rows(const int KIND, const int G, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t r,
+                    int64_t nr, const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb) {
+    const int NT = R8_NT;
+    const int64_t bs = KIND == K_Q4_K ? Q4_K_BYTES : Q6_K_BYTES;
+    _Alignas(32) __m256i rep[2 * RK_REP];
+    _Alignas(32) int32_t sc[2 * RK_SC], mn[2 * RK_MN];
+    _Alignas(32) float dd[2 * RK_D], dm[2 * RK_D];
+    for (int64_t b0 = 0; b0 < nb; b0 += R8K_CHUNK) {
+        int n = (int)(nb - b0 < R8K_CHUNK ? nb - b0 : R8K_CHUNK);
+        for (int g = 0; g < G; g++) {
+            const uint8_t *wg = w + (r + 8 * g) * ws;
+            if (KIND == K_Q4_K) r8_repack_q4k(rep + g * RK_REP, sc + g * RK_SC, mn + g * RK_MN, dd + g * RK_D, dm + g * RK_D, wg, ws, b0, n);
+            else r8_repack_q6k(rep + g * RK_REP, sc + g * RK_SC, dd + g * RK_D, wg, ws, b0, n);
+        }
+        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 8 * G, b0, R8K_CHUNK, nb, bs, n_tok, NT, n);
+        int64_t t = 0;
+        for (; t + NT <= n_tok; t += NT) {
+            kq_tokens(KIND, G, NT, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n, &pf);
+        }
+        switch (n_tok - t) {
+        case 3: kq_tokens(KIND, G, 3, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n, &pf); break;
+        case 2: kq_tokens(KIND, G, 2, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n, &pf); break;
+        case 1: kq_tokens(KIND, G, 1, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n, &pf); break;
         }
     }
+}
+
+/* 16 rows (two groups of 8) at a time, a last group of 8 alone. */
+INLINE void kq_rows8(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr,
+                     const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols) {
+    const int64_t nb = cols / QKK;
+    int64_t r = 0;
+    for (; r + 16 <= nr; r += 16) kq_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+    if (r < nr) kq_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
 }
 
 static void rows8_q4_k(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
