@@ -357,27 +357,6 @@ INLINE void r8_tokens(const int KIND, const int G, const int NT, float *out, int
     for (int g = 0; g < G; g++) r8_store(NT, out + 8 * g, ldo, acc[g], b0 == 0);
 }
 
-/* One repacked block of unsigned nibbles in weight order (vector v: weights 4v..4v+3 of each of
- * 8 rows) times NT tokens' 32 activations y[t]: each token's 8 rows' integer dots, four maddubs
- * sums adding in 16 bits at a time. */
-INLINE void r8_dot(const int NT, __m256i *dot, const __m256i *wv, const uint8_t *const *y) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int t = 0; t < NT; t++) dot[t] = _mm256_setzero_si256();
-    for (int h = 0; h < 8; h += 4) {
-        __m256i s16[2];
-        for (int t = 0; t < NT; t++) s16[t] = _mm256_setzero_si256();
-        for (int v = h; v < h + 4; v++) {
-            __m256i w = _mm256_load_si256(wv + v);
-            for (int t = 0; t < NT; t++) {
-                int32_t g;
-                memcpy(&g, y[t] + 4 * v, 4);
-                s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(w, _mm256_set1_epi32(g)));
-            }
-        }
-        for (int t = 0; t < NT; t++) dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(s16[t], ones));
-    }
-}
-
 /* Tokens a pass of the rows-in-lanes kernels: four keep 8 int16 sums (two groups) in registers. */
 #define R8_NT 4
 
@@ -429,7 +408,7 @@ static void rows8_q8_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, in
  * nibbles (the low or high halves of 32 bytes), so it repacks and dots as a Q4_0 block does.
  * Each row's sub-block sum is scaled by its 6-bit scale in int32 and its mins come off through
  * the Q8_K activation's 16-weight sums, both exact as in the tiles; then one convert and FMA per
- * super-block and token. R8K_CHUNK super-blocks are repacked at a time (8 KB). */
+ * super-block and token. R8K_CHUNK super-blocks are repacked at a time (8 KB a group of 8 rows). */
 #define R8K_CHUNK 4
 
 /* Super-blocks [b0, b0 + n) of rows w[0..7]: dst (8 vectors per sub-block, vector v holding
