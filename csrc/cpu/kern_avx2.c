@@ -383,24 +383,6 @@ INLINE void r8_rows(const int KIND, const int G, float *out, int64_t ldo, const 
     }
 }
 
-/* 16 rows (two groups of 8) at a time, a last group of 8 alone. */
-INLINE void q8_rows8(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr,
-                     const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols) {
-    const int64_t nb = cols / QK;
-    int64_t r = 0;
-    for (; r + 16 <= nr; r += 16) r8_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
-    if (r < nr) r8_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
-}
-
-static void rows8_q4_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                       int64_t as, int64_t n_tok, int64_t cols) {
-    q8_rows8(K_Q4_0, out, ldo, w, ws, nr, a, as, n_tok, cols);
-}
-
-static void rows8_q8_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                       int64_t as, int64_t n_tok, int64_t cols) {
-    q8_rows8(K_Q8_0, out, ldo, w, ws, nr, a, as, n_tok, cols);
-}
 
 /* ---- Q4_K ------------------------------------------------------------------------------------ */
 
@@ -596,24 +578,33 @@ INLINE void kq_rows(const int KIND, const int G, float *out, int64_t ldo, const 
     }
 }
 
-/* 16 rows (two groups of 8) at a time, a last group of 8 alone. */
-INLINE void kq_rows8(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr,
-                     const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols) {
-    const int64_t nb = cols / QKK;
+/* The rows-in-lanes kernels of every kind: 16 rows (two groups of 8) at a time, a last group of
+ * 8 alone. */
+INLINE void rows_in_lanes(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr,
+                          const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols) {
+    const int q8 = KIND == K_Q4_0 || KIND == K_Q8_0;
+    const int64_t nb = cols / (q8 ? QK : QKK);
     int64_t r = 0;
-    for (; r + 16 <= nr; r += 16) kq_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
-    if (r < nr) kq_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+    for (; r + 16 <= nr; r += 16) {
+        if (q8) r8_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+        else kq_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+    }
+    if (r < nr) {
+        if (q8) r8_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+        else kq_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+    }
 }
 
-static void rows8_q4_k(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                       int64_t as, int64_t n_tok, int64_t cols) {
-    kq_rows8(K_Q4_K, out, ldo, w, ws, nr, a, as, n_tok, cols);
-}
+#define DEF_ROWS8(NAME, KIND)                                                                      \
+    static void NAME(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, \
+                     int64_t as, int64_t n_tok, int64_t cols) {                                  \
+        rows_in_lanes(KIND, out, ldo, w, ws, nr, a, as, n_tok, cols);                             \
+    }
+DEF_ROWS8(rows8_q4_0, K_Q4_0)
+DEF_ROWS8(rows8_q8_0, K_Q8_0)
+DEF_ROWS8(rows8_q4_k, K_Q4_K)
+DEF_ROWS8(rows8_q6_k, K_Q6_K)
 
-static void rows8_q6_k(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                       int64_t as, int64_t n_tok, int64_t cols) {
-    kq_rows8(K_Q6_K, out, ldo, w, ws, nr, a, as, n_tok, cols);
-}
 
 /* One token through K-quant rows, a super-block at a time, rows streamed start to end with the
  * Q4_0 kernels' prefetch. The tiles decode a super-block's scales one sub-block at a time in
