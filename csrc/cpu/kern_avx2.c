@@ -520,13 +520,15 @@ INLINE void kq_tokens(const int KIND, const int G, const int NT, float *out, int
                         if (KIND == K_Q4_K) {
                             const __m256i dot = _mm256_madd_epi16(s16[g][t], ones);
                             const __m256i pair = _mm256_set1_epi32(bs[t * as / 2] + bs[t * as / 2 + 1]);
+                            const __m256i s = _mm256_load_si256((const __m256i *)(sg + (8 * k + j) * 8));
                             const __m256i m = _mm256_load_si256((const __m256i *)(mn + g * RK_MN + (8 * k + j) * 8));
-                            isum[g][t] = _mm256_add_epi32(isum[g][t], _mm256_mullo_epi32(dot, _mm256_load_si256((const __m256i *)(sg + (8 * k + j) * 8))));
+                            isum[g][t] = _mm256_add_epi32(isum[g][t], _mm256_mullo_epi32(dot, s));
                             corr[g][t] = _mm256_add_epi32(corr[g][t], _mm256_mullo_epi32(m, pair));
                         } else {
                             const __m256i sh = _mm256_load_si256((const __m256i *)(sg + (16 * k + 2 * j + h) * 8));
                             isum[g][t] = _mm256_add_epi32(isum[g][t], _mm256_mullo_epi32(s32[g][t], sh));
-                            corr[g][t] = _mm256_add_epi32(corr[g][t], _mm256_mullo_epi32(sh, _mm256_set1_epi32(bs[t * as / 2 + h])));
+                            const __m256i bh = _mm256_set1_epi32(bs[t * as / 2 + h]);
+                            corr[g][t] = _mm256_add_epi32(corr[g][t], _mm256_mullo_epi32(sh, bh));
                         }
                     }
             }
@@ -562,7 +564,8 @@ INLINE void kq_rows(const int KIND, const int G, float *out, int64_t ldo, const 
         int n = (int)(nb - b0 < R8K_CHUNK ? nb - b0 : R8K_CHUNK);
         for (int g = 0; g < G; g++) {
             const uint8_t *wg = w + (r + 8 * g) * ws;
-            if (KIND == K_Q4_K) r8_repack_q4k(rep + g * RK_REP, sc + g * RK_SC, mn + g * RK_MN, dd + g * RK_D, dm + g * RK_D, wg, ws, b0, n);
+            if (KIND == K_Q4_K)
+                r8_repack_q4k(rep + g * RK_REP, sc + g * RK_SC, mn + g * RK_MN, dd + g * RK_D, dm + g * RK_D, wg, ws, b0, n);
             else r8_repack_q6k(rep + g * RK_REP, sc + g * RK_SC, dd + g * RK_D, wg, ws, b0, n);
         }
         r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 8 * G, b0, R8K_CHUNK, nb, bs, n_tok, NT, n);
