@@ -133,7 +133,9 @@ def _moe_case(rng, t, d, f, qts, e=4, k=2):
     (256, 37, (QT.Q4_0, QT.Q4_0, QT.F32)),    # odd expert width: a single gate/up row at the end
     (50, 64, (QT.F16, QT.F16, QT.Q4_0)),      # D = 50: output chunks end in a 2-row tail
     (96, 64, (QT.Q8_0, QT.Q8_0, QT.Q8_0)),    # four-row Q8_0 kernel for gate/up pairs and down rows
-], ids=["mixed-gate-up", "odd-width", "row-tail", "q8"])
+    (256, 256, (QT.Q4_K, QT.Q6_K, QT.Q6_K)),  # one prepared x read by Q4_K and Q6_K; Q6_K down rows
+    (512, 256, (QT.Q6_K, QT.Q6_K, QT.Q4_0)),  # Q6_K gate/up pairs; prepared h read by Q4_0
+], ids=["mixed-gate-up", "odd-width", "row-tail", "q8", "k-quants", "q6k-pairs"])
 def test_moe_branches(t, d, f, qts, threads):
     rng = np.random.default_rng(t + d + f)
     x, ids, w, experts = _moe_case(rng, t, d, f, qts)

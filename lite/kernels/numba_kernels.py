@@ -7,11 +7,11 @@ before calling in, so these loops may index without bounds checks.
 
 Numerics: quantized weights are dequantized block by block in registers and multiplied into
 float32 activations (no activation quantization; Q4_0 reads a copy of x whose 32-block high halves
-are scaled by 1/16, exactly, and the K-quants take their offsets off with sums of x over 16
-elements), so every matmul agrees with the numpy reference to float32 rounding. Reductions are
-compiled with fastmath flags `reassoc` and `contract` only, which lets LLVM keep several SIMD
-partial sums (and fuse multiply-adds); no flag that changes inf/nan/signed-zero semantics is
-used. Elementwise kernels use no fastmath at all.
+are scaled by 1/16, Q6_K one permuted within 32-blocks, both exact, and Q4_K takes its mins off
+with sums of x over 16 elements), so every matmul agrees with the numpy reference to float32
+rounding. Reductions are compiled with fastmath flags `reassoc` and `contract` only, which lets
+LLVM keep several SIMD partial sums (and fuse multiply-adds); no flag that changes
+inf/nan/signed-zero semantics is used. Elementwise kernels use no fastmath at all.
 
 Shape legend: T tokens, S cached positions, H heads, C latent width, R rope dims, N weight rows,
 K (here) row length of a weight, D hidden, F expert width.
@@ -60,9 +60,8 @@ def _u8ptr(typingctx, addr):
 #   load plus an insert.
 # - The inner loop's trip count is `n16` (always 16, or 2 * n16 = 32), passed in at run time from
 #   Python. With a literal 16 or 32, LLVM unrolls the loop completely before its loop vectoriser
-#   runs and the SLP vectoriser then leaves the unrolled code scalar. The K-quant dots are the
-#   exception (their loops over 8 lanes, below, are one 8-wide vector step whichever vectoriser
-#   takes them), and so is Q4_K's row decoder.
+#   runs and the SLP vectoriser then leaves the unrolled code scalar. Q4_K's row decoder is the
+#   exception. The Q4_0 and K-quant dots are explicit vectors (below) and need neither rule.
 
 @njit(cache=True, fastmath=FM)
 def _dot_f32v(a, b):
@@ -94,13 +93,21 @@ def _h(row, o):
 # per call (high halves times 1/16: exact). Lane l of an 8-wide vector sums weights l, l + 8,
 # l + 16, l + 24 of each block, scaled lane-wise by the block's d (`_dot_q4_0`, below).
 #
-# The K-quant dots take their offsets (Q4_K's mins, Q6_K's −32) off with the sums of x over each
-# 16 weights, which `_prep` appends to the prepared row, so their loops multiply bare quants.
+# Q4_K takes its mins off with the sums of x over each 16 weights, which `_prep` appends to the
+# prepared row, so its loop multiplies bare quants; Q6_K reads a third part, x permuted within
+# each 32-block to meet its weights' lane order (see `_q6k_block`).
+
+@njit(cache=True, inline="always")
+def _prep_width(k):
+    """The width of a prepared row of x `[K]`: K (Q4_0) + K // 16 (Q4_K) + K (Q6_K)."""
+    return 2 * k + k // 16
+
 
 @njit(cache=True)
 def _prep(x, xp):
-    """x `[T, K]` → xp `[T, K + K // 16]`: x with each 32-block's high half times 1/16 (Q4_0),
-    then the sum of every 16 elements of x (the K-quants)."""
+    """x `[T, K]` → xp `[T, _prep_width(K)]`: x with each 32-block's high half times 1/16 (Q4_0),
+    the sum of every 16 elements of x (Q4_K), then x with element 4l + k of each 32-block at
+    8k + l (l 0..7, k 0..3; Q6_K). All exact."""
     k = x.shape[1]
     for t in range(x.shape[0]):
         for b in range(k // 32):
@@ -114,6 +121,13 @@ def _prep(x, xp):
             for j in range(16):
                 a += x[t, 16 * g + j]
             xp[t, k + g] = a
+        q6 = k + k // 16
+        for b in range(k // 32):
+            xv = x[t, b * 32:b * 32 + 32]
+            pv = xp[t, q6 + b * 32:q6 + b * 32 + 32]
+            for i in range(4):
+                for j in range(8):
+                    pv[8 * i + j] = xv[4 * j + i]
 
 
 # Q4_0 as explicit 8-lane vectors (`V8`, an LLVM <8 x float>, and intrinsics on it). Written as
@@ -329,15 +343,6 @@ def _q4k_scale_min(row, o, j):
     return sc, mn
 
 
-# Scales as float32 by table lookup: a load the FMAs take straight as a broadcast, where a
-# conversion (vcvtsi2ss) and a broadcast each cost a slot on the vector ports the dot loops are
-# bound on. F6_SC: a Q4_K 6-bit scale or min k → k (index k) and k / 16 (64 + k); F8_SC: a Q6_K
-# scale byte → its int8 value (index byte) and value / 16 (256 + byte). All exact.
-F6_SC = np.concatenate([np.arange(64), np.arange(64) / 16]).astype(np.float32)
-_I8_VALUES = np.arange(256).astype(np.uint8).view(np.int8).astype(np.float32)
-F8_SC = np.concatenate([_I8_VALUES, _I8_VALUES / 16]).astype(np.float32)
-
-
 # The K-quant dots vectorise across 8 positions l (0..7) of every 16- or 32-weight sub-block at
 # once: lane l sums the sub-block's weights l, l + 8, ... in its own partial, the partials are
 # scaled (broadcast scales) and added lane-wise, and one horizontal sum per super-block is left.
@@ -351,7 +356,7 @@ F8_SC = np.concatenate([_I8_VALUES, _I8_VALUES / 16]).astype(np.float32)
 # (high nibbles as byte & 0xF0, i.e. 16q, the 1/16 going into the scale) and the mins come off
 # as dmin·Σ m_i·(sum of x over sub-block i). Q4_K is now explicit 8-lane vectors like Q4_0
 # (`_q4k_block`: one super-block per call, one horizontal sum per row): one thread, Q4_K
-# 1408x2048, T=1, from L3: 4.2-4.4 → 5.4-5.7 GB/s (interleaved A/B). Q6_K keeps the loop form.
+# 1408x2048, T=1, from L3: 4.2-4.4 → 5.4-5.7 GB/s (interleaved A/B). Q6_K followed (below).
 
 @intrinsic
 def _q4k_block(typingctx, acc, row, o, x, xo, xs, so, d, dmin):
@@ -440,60 +445,96 @@ def _dot_q4_k(row, x, xs, lut):
     return _v8_sum(a0)
 
 
-# Q6_K weight j of group g (0..3) in half h of a super-block is d·sc·(q − 32), q = 4 bits of
-# ql | 2 bits of qh << 4, sc the int8 scale of its 16 weights. q is built in float as
-# low + high·16 (high nibbles as byte & 0xF0, i.e. 16·low, the 1/16 going into the scale), and
-# the −32 comes off with the sums of x. The factors 16 and 4 are run-time values (from n16):
-# with literals LLVM turns the float sum back into one int64 or-of-shifts (numba's integer type)
-# and the loop drops to 4-lane vectors.
+# Q6_K weight i (0..255) of a super-block is d·sc·(q − 32), sc the int8 scale of its 16 weights
+# (byte 192 + i // 16) and q 4 bits of ql | 2 bits of qh << 4: in half h (128 weights), 32-weight
+# group g (0..3) takes the low (g < 2) or high nibbles of ql[64h + 32(g & 1) + j] and bits 2g,
+# 2g + 1 of qh[32h + j] (j 0..31; dequant.py). `_q6k_block` is explicit 8-lane vectors like
+# Q4_K: a group's 32 values q − 32 are built as bytes (each mask, shift, or and subtraction
+# covers 32 weights) and read as 8 int32 lanes of 4 bytes; byte k of lane l (weight 4l + k) goes
+# to the top byte of its lane (a shift or a byte shuffle, and a mask), which converts to
+# (q − 32)·2^24 exactly, and the scales times 2^-24 (exact) take the factor off again (partial
+# sums stay below 2^31·max|x|). The activations meet that order in the copy of x that `_prep`
+# permutes within each 32-block (x[4l + k] at 8k + l), so no weight is widened by a shuffle:
+# reading the bytes in natural order (sign extension of 8 bytes at a time, or a byte transpose
+# of every load) measured 1.2-1.4x slower. A lane's scale is its group's first (lanes 0-3) or
+# second sixteen's (lanes 4-7), from the block's 16 scales converted once. The −32 comes off in
+# the bytes, not with sums of x as before: faster, and no cancellation against 32·Σx.
+# Against the earlier loop form (interleaved A/B, noisy 2-core machine): through `matmul`, T=1,
+# Q6_K 2816x2048 from L3, one thread 4.5 → 6.9 GB/s, two 7.3 → 13.4 GB/s (best of 25; 1.5-1.8x
+# across runs); decode of the 8-layer q4_k_m file, 2 threads, matmul 43 → 29 ms/token.
+
+@intrinsic
+def _q6k_block(typingctx, acc, row, o, xq, xo, d):
+    """acc + d·(the Q6_K super-block at byte o of row · x) as 8 lane sums, xq[xo:xo + 256] being
+    that x as permuted by `_prep` and d the block's fp16 d as float32. No bounds checks."""
+    if not (isinstance(row, types.Array) and isinstance(xq, types.Array)) or d != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        _, rowty, _, xty, _, _ = signature.args
+        acc, row, o, xq, xo, d = args
+        rp = context.make_array(rowty)(context, builder, row).data
+        xp = context.make_array(xty)(context, builder, xq).data
+        i64 = o.type
+        b32 = ir.VectorType(ir.IntType(8), 32)
+
+        def c8(v):
+            return ir.Constant(b32, [v] * 32)
+
+        def c32(v):
+            return ir.Constant(_V8I, [v] * 8)
+
+        def vf(v):
+            return ir.Constant(_V8F, [v] * 8)
+
+        def load(ptr, base, off, ty, align):
+            p = builder.gep(ptr, [builder.add(base, i64(off))])
+            return builder.load(builder.bitcast(p, ty.as_pointer()), align=align)
+
+        def add(a, b):
+            return builder.fadd(a, b, flags=_FFLAGS)
+
+        def mul(a, b):
+            return builder.fmul(a, b, flags=_FFLAGS)
+
+        def shuffle(v, idx):
+            return builder.shuffle_vector(v, v, ir.Constant(_V8I, idx))
+
+        i8x8 = ir.VectorType(ir.IntType(8), 8)
+        scales = [mul(builder.sitofp(builder.sext(load(rp, o, 192 + 8 * h, i8x8, 1), _V8I), _V8F), vf(2.0 ** -24))
+                  for h in range(2)]
+        top = c32(255 << 24)
+        halves = []
+        for h in range(2):
+            qa, qb, qh = (load(rp, o, off, b32, 1) for off in (64 * h, 64 * h + 32, 128 + 32 * h))
+            groups = (builder.or_(builder.and_(qa, c8(15)), builder.and_(builder.shl(qh, c8(4)), c8(48))),
+                      builder.or_(builder.and_(qb, c8(15)), builder.and_(builder.shl(qh, c8(2)), c8(48))),
+                      builder.or_(builder.lshr(qa, c8(4)), builder.and_(qh, c8(48))),
+                      builder.or_(builder.lshr(qb, c8(4)), builder.and_(builder.lshr(qh, c8(2)), c8(48))))
+            parts = []
+            for g, q in enumerate(groups):
+                v = builder.bitcast(builder.sub(q, c8(32)), _V8I)
+                w = (builder.shl(v, c32(24)), builder.and_(builder.shl(v, c32(16)), top),
+                     builder.and_(builder.shl(v, c32(8)), top), builder.and_(v, top))
+                px = [mul(builder.sitofp(w[k], _V8F), load(xp, xo, 128 * h + 32 * g + 8 * k, _V8F, 4))
+                      for k in range(4)]
+                sv = shuffle(scales[h], [2 * g] * 4 + [2 * g + 1] * 4)
+                parts.append(mul(sv, add(add(px[0], px[1]), add(px[2], px[3]))))
+            halves.append(add(add(parts[0], parts[1]), add(parts[2], parts[3])))
+        dv = builder.insert_element(ir.Constant(_V8F, ir.Undefined), d, _I32(0))
+        return add(mul(shuffle(dv, [0] * 8), add(halves[0], halves[1])), acc)
+
+    return V8(V8, row, types.int64, xq, types.int64, types.float32), codegen
+
 
 @njit(cache=True, inline="always")
-def _q6k_q(low, high, m):
-    return np.float32(low) + np.float32(high) * m
-
-
-@njit(cache=True, inline="always")
-def _q6k_half(blk, xv, xb, h, l, m16, m4):
-    """Lane l of the 8 sixteens of half h of super-block `blk` (the two weights of each sixteen
-    that fall in lane l); indexed as constant + l, not through slices (their bounds arithmetic
-    measured 1.2x slower)."""
-    ql, qh, sc, xo = 64 * h, 128 + 32 * h, 192 + 8 * h, 128 * h
-    p0, p1 = np.int32(blk[ql + l]), np.int32(blk[ql + 8 + l])
-    p2, p3 = np.int32(blk[ql + 16 + l]), np.int32(blk[ql + 24 + l])
-    u0, u1 = np.int32(blk[ql + 32 + l]), np.int32(blk[ql + 40 + l])
-    u2, u3 = np.int32(blk[ql + 48 + l]), np.int32(blk[ql + 56 + l])
-    h0, h1 = np.int32(blk[qh + l]), np.int32(blk[qh + 8 + l])
-    h2, h3 = np.int32(blk[qh + 16 + l]), np.int32(blk[qh + 24 + l])
-    a0 = _q6k_q(p0 & 15, h0 & 3, m16) * xv[xo + l] + _q6k_q(p1 & 15, h1 & 3, m16) * xv[xo + 8 + l]
-    b0 = _q6k_q(p2 & 15, h2 & 3, m16) * xv[xo + 16 + l] + _q6k_q(p3 & 15, h3 & 3, m16) * xv[xo + 24 + l]
-    a1 = _q6k_q(u0 & 15, h0 & 12, m4) * xv[xo + 32 + l] + _q6k_q(u1 & 15, h1 & 12, m4) * xv[xo + 40 + l]
-    b1 = _q6k_q(u2 & 15, h2 & 12, m4) * xv[xo + 48 + l] + _q6k_q(u3 & 15, h3 & 12, m4) * xv[xo + 56 + l]
-    a2 = _q6k_q(p0 & 240, h0 & 48, m16) * xv[xo + 64 + l] + _q6k_q(p1 & 240, h1 & 48, m16) * xv[xo + 72 + l]
-    b2 = _q6k_q(p2 & 240, h2 & 48, m16) * xv[xo + 80 + l] + _q6k_q(p3 & 240, h3 & 48, m16) * xv[xo + 88 + l]
-    a3 = _q6k_q(u0 & 240, h0 & 192, m4) * xv[xo + 96 + l] + _q6k_q(u1 & 240, h1 & 192, m4) * xv[xo + 104 + l]
-    b3 = _q6k_q(u2 & 240, h2 & 192, m4) * xv[xo + 112 + l] + _q6k_q(u3 & 240, h3 & 192, m4) * xv[xo + 120 + l]
-    return ((((F8_SC[blk[sc]] * a0 + F8_SC[blk[sc + 1]] * b0)
-              + (F8_SC[blk[sc + 2]] * a1 + F8_SC[blk[sc + 3]] * b1))
-             + ((F8_SC[256 + blk[sc + 4]] * a2 + F8_SC[256 + blk[sc + 5]] * b2)
-                + (F8_SC[256 + blk[sc + 6]] * a3 + F8_SC[256 + blk[sc + 7]] * b3)))
-            - np.float32(32.0) * (np.float32(np.int8(blk[sc + l])) * xb[8 * h + l]))
-
-
-@njit(cache=True, inline="always")
-def _dot_q6_k(row, x, xs, lut, n16):
-    """xs: the 16-element sums of x (`_prep`)."""
-    m16 = np.float32(n16)
-    m4 = np.float32(0.25) * m16
-    s = np.float32(0.0)
-    for b in range(x.shape[0] // 256):
-        blk = row[b * 210:b * 210 + 210]
-        xv = x[b * 256:b * 256 + 256]
-        xb = xs[b * 16:b * 16 + 16]
-        t = np.float32(0.0)
-        for l in range(8):
-            t += _q6k_half(blk, xv, xb, 0, l, m16, m4) + _q6k_half(blk, xv, xb, 1, l, m16, m4)
-        s += lut[_h(blk, 208)] * t
-    return s
+def _dot_q6_k(row, xq, lut):
+    """xq: x as permuted by `_prep`. One accumulator."""
+    a0 = _v8_zero()
+    for b in range(xq.shape[0] // 256):
+        o = b * 210
+        a0 = _q6k_block(a0, row, o, xq, b * 256, lut[_h(row, o + 208)])
+    return _v8_sum(a0)
 
 
 @njit(cache=True, inline="always")
@@ -507,23 +548,23 @@ def _reads_prep(qt):
 # inlined there only, so they always run under its fastmath flags.
 
 @njit(cache=True, inline="always")
-def _row_prep(qt, row, x, xp, lut16, n16):
+def _row_prep(qt, row, x, xp, lut16):
     k = x.shape[0]
     if qt == Q4_0:
         return _dot_q4_0(row, xp[:k], lut16)
     if qt == Q4_K:
-        return _dot_q4_k(row, x, xp[k:], lut16)
-    return _dot_q6_k(row, x, xp[k:], lut16, n16)
+        return _dot_q4_k(row, x, xp[k:k + k // 16], lut16)
+    return _dot_q6_k(row, xp[k + k // 16:], lut16)
 
 
 @njit(cache=True, fastmath=FM)
-def _dots_prep(qt, n, w0, w1, w2, w3, x, xp, lut16, n16):
+def _dots_prep(qt, n, w0, w1, w2, w3, x, xp, lut16):
     """Rows w0..w3, the first n of them (1 ≤ n ≤ 4), · x. A loop, not four calls of `_row_prep`:
     one inlined copy of the row dots compiles in a quarter of the time."""
     ws = (w0, w1, w2, w3)
     s0 = s1 = s2 = s3 = np.float32(0.0)
     for i in range(n):
-        s = _row_prep(qt, ws[i], x, xp, lut16, n16)
+        s = _row_prep(qt, ws[i], x, xp, lut16)
         if i == 0:
             s0 = s
         elif i == 1:
@@ -539,7 +580,7 @@ def _dots_prep(qt, n, w0, w1, w2, w3, x, xp, lut16, n16):
 def _dot(qt, row, x, xp, lut16, lutbf, n16):
     """One row of type qt · x; xp is x as prepared by `_prep`."""
     if _reads_prep(qt):
-        return _dots_prep(qt, 1, row, row, row, row, x, xp, lut16, n16)[0]
+        return _dots_prep(qt, 1, row, row, row, row, x, xp, lut16)[0]
     if qt == Q8_0:
         return _dot_q8_0(row, x, lut16, n16)
     if qt == F16:
@@ -555,7 +596,7 @@ def _dot4(qt, w0, w1, w2, w3, x, xp, lut16, lutbf, n16):
     if qt == Q8_0:
         return _dot4_q8_0(w0, w1, w2, w3, x, lut16, n16)
     if _reads_prep(qt):
-        return _dots_prep(qt, 4, w0, w1, w2, w3, x, xp, lut16, n16)
+        return _dots_prep(qt, 4, w0, w1, w2, w3, x, xp, lut16)
     return (_dot(qt, w0, x, xp, lut16, lutbf, n16), _dot(qt, w1, x, xp, lut16, lutbf, n16),
             _dot(qt, w2, x, xp, lut16, lutbf, n16), _dot(qt, w3, x, xp, lut16, lutbf, n16))
 
@@ -563,8 +604,8 @@ def _dot4(qt, w0, w1, w2, w3, x, xp, lut16, lutbf, n16):
 @njit(cache=True)
 def _prepared(qt, x):
     """xp for `_dot` on weights of type qt: filled for Q4_0 and the K-quants, unused (but
-    allocated, so every caller has one type) otherwise. x `[T, K]` → `[T, K + K // 16]`."""
-    xp = np.empty((x.shape[0], x.shape[1] + x.shape[1] // 16), np.float32)
+    allocated, so every caller has one type) otherwise. x `[T, K]` → `[T, _prep_width(K)]`."""
+    xp = np.empty((x.shape[0], _prep_width(x.shape[1])), np.float32)
     if _reads_prep(qt):
         _prep(x, xp)
     return xp
@@ -965,16 +1006,16 @@ def moe(x, addrs, rbytes, qts, widths, offs, toks, wts, lut16, lutbf, n16, out):
                     h[hoff[e] + i * f + r] = _silu(_dot_f32v(bg, xr)) * _dot_f32v(bu, xr)
 
     # h rows of experts whose down rows read xp (and take the fused path), prepared once; expert
-    # e's block starts at hpoff[e], one row of widths[e] + widths[e] // 16 per token slot.
+    # e's block starts at hpoff[e], one row of _prep_width(widths[e]) per token slot.
     hpoff = np.zeros(ne + 1, np.int64)
     for e in range(ne):
-        hpoff[e + 1] = hpoff[e] + (offs[e + 1] - offs[e]) * (widths[e] + widths[e] // 16)
+        hpoff[e + 1] = hpoff[e] + (offs[e + 1] - offs[e]) * _prep_width(widths[e])
     hp = np.empty(hpoff[ne], np.float32)
     for e in range(ne):
         m = offs[e + 1] - offs[e]
         if _reads_prep(qts[e, 2]) and 0 < m <= SMALL_T:
             f = widths[e]
-            _prep(h[hoff[e]:hoff[e + 1]].reshape(m, f), hp[hpoff[e]:hpoff[e + 1]].reshape(m, f + f // 16))
+            _prep(h[hoff[e]:hoff[e + 1]].reshape(m, f), hp[hpoff[e]:hpoff[e + 1]].reshape(m, _prep_width(f)))
 
     # Expert by expert within each chunk of output rows: each expert's rows stream in order.
     nch = (d + MOE_CHUNK - 1) // MOE_CHUNK
@@ -997,7 +1038,7 @@ def moe(x, addrs, rbytes, qts, widths, offs, toks, wts, lut16, lutbf, n16, out):
                 while r < r1:
                     for i in range(m):
                         hv = h[hoff[e] + i * f:hoff[e] + (i + 1) * f]
-                        fp = f + f // 16
+                        fp = _prep_width(f)
                         hpv = hp[hpoff[e] + i * fp:hpoff[e] + (i + 1) * fp]
                         k = offs[e] + i
                         if r + 4 <= r1:
