@@ -278,6 +278,34 @@ def test_c_side_checks():
     assert lib.lite_mla_step_scratch_bytes(box, types, 1, 64, 4, 16, 8, 32, 16, 0) == lib.LITE_ERR_TYPE
 
 
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("short", [3, 4], ids=["k_b", "v_b"])
+def test_mla_step_c_refuses_short_head_weights(t, short):
+    """The library itself refuses a k_b or v_b shorter than the dims say, whether one token's heads
+    run in one region or op by op (a caller that skipped Python's checks gets an error, not a read
+    past the weights)."""
+    cb = c_backend()
+    ffi, lib = cb.ffi, cb.lib
+    w = attention(np.random.default_rng(3), False)
+    p = cb._mla_pack(w, 64)
+    f = lambda a: ffi.from_buffer("float[]", a)
+    x, out = np.ones((t, 64), np.float32), np.empty((t, 64), np.float32)
+    ckv, kpe, cs = np.zeros((8, 32), np.float32), np.zeros((8, 8), np.float32), np.ones((t, 4), np.float32)
+    box = ffi.new("int64_t *")
+    assert lib.lite_mla_step_scratch_bytes(box, p.types, t, 64, *p.dims) == 0
+    scratch = np.empty(box[0], np.uint8)
+
+    def step(nbytes):
+        return lib.lite_mla_step(f(out), out.size, f(x), ffi.NULL, p.norm, 1e-6, t, 64, p.ptrs, nbytes, p.types,
+                                 p.q_a_norm, p.kv_norm, *p.dims, f(ckv), f(kpe), 8, f(cs), f(cs), 0, 0.2, 1e-6,
+                                 ffi.from_buffer("uint8_t[]", scratch), scratch.nbytes)
+
+    sizes = [p.nbytes[i] for i in range(6)]
+    assert step(ffi.new("int64_t[]", sizes)) == 0
+    sizes[short] -= 1
+    assert step(ffi.new("int64_t[]", sizes)) == lib.LITE_ERR_SIZE
+
+
 def per_layer(model) -> None:
     """Make `model` decode op by op, as it does without decode_layers."""
     model._net._pack, model._net._pack_tried = None, True

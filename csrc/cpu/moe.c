@@ -44,6 +44,42 @@ int lite_moe_scratch_bytes(int64_t *out, int64_t n_tok, int64_t dim, int64_t k, 
 
 static int act_class(int kind) { return (kind == K_Q4_0 || kind == K_Q8_0) ? 0 : (kind <= K_Q6_K ? 1 : 2); }
 
+/* Phase 1 of lite_moe: zero the output; gather each assignment's input row and quantize it for
+ * gate (and for up when up needs another activation class). Work-shared inside a parallel
+ * region, whole on the calling thread outside one. */
+static void gather(float *out, const float *x, int64_t n_tok, int64_t dim, int64_t n_assign, const int64_t *off,
+                   const int32_t *idx, const int *kg, const int *ku, float *xg, uint8_t *act, uint8_t *act2,
+                   int64_t arow) {
+    const kernel_table *kt = lite_active_kernels();
+#pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < n_tok * dim; i++) out[i] = 0.0f;
+#pragma omp for schedule(static)
+    for (int64_t a = 0; a < n_assign; a++) {
+        int64_t e = 0;
+        while (off[e + 1] <= a) e++;
+        float *xa = xg + a * dim;
+        memcpy(xa, x + (int64_t)idx[a] * dim, sizeof(float) * dim);
+        int cg = act_class(kg[e]), cu = act_class(ku[e]);
+        if (cg < 2) (cg == 0 ? kt->quant_a8 : kt->quant_a8k)(act + a * arow, arow, xa, 1, dim);
+        if (cu < 2 && cu != cg) (cu == 0 ? kt->quant_a8 : kt->quant_a8k)(act2 + a * arow, arow, xa, 1, dim);
+    }
+}
+
+/* Phase 5: scale each assignment's output y and add it into out, by column ranges (no two threads
+ * share an element), assignments in entry order. Shared or not, as `gather`. */
+static void scatter(float *out, int64_t dim, int64_t n_assign, const int32_t *idx, const float *wt, const float *y) {
+#pragma omp for schedule(static)
+    for (int64_t c0 = 0; c0 < dim; c0 += 64) {
+        int64_t c1 = c0 + 64 < dim ? c0 + 64 : dim;
+        for (int64_t a = 0; a < n_assign; a++) {
+            float *o = out + (int64_t)idx[a] * dim;
+            const float *ya = y + a * dim;
+            float wa = wt[a];
+            for (int64_t c = c0; c < c1; c++) o[c] += wa * ya[c];
+        }
+    }
+}
+
 int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t dim,
              const int32_t *slot, const float *weight, int64_t k,
              int64_t n_exp, const uint8_t **gate, const uint8_t **up, const uint8_t **down,
@@ -139,22 +175,14 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
      * guided keeps long runs of rows per thread for the streams. */
     omp_set_schedule(n_tok > 1 ? omp_sched_dynamic : omp_sched_guided, n_tok > 1 ? 1 : 0);
 #endif
+    /* A lone token's gather and weighted sum run on this thread before and after the parallel
+     * region: a few µs of work each, where sharing them cost a barrier each (~13 µs with sleeping
+     * workers). The same operations in the same order either way. */
+    const int serial_ends = n_tok == 1;
+    if (serial_ends) gather(out, x, n_tok, dim, n_assign, off, idx, kg, ku, xg, act, act2, arow);
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
-        /* 1: zero the output; gather each assignment's input row and quantize it for gate (and
-         * for up when up needs another activation class). */
-#pragma omp for schedule(static) nowait
-        for (int64_t i = 0; i < n_tok * dim; i++) out[i] = 0.0f;
-#pragma omp for schedule(static)
-        for (int64_t a = 0; a < n_assign; a++) {
-            int64_t e = 0;
-            while (off[e + 1] <= a) e++;
-            float *xa = xg + a * dim;
-            memcpy(xa, x + (int64_t)idx[a] * dim, sizeof(float) * dim);
-            int cg = act_class(kg[e]), cu = act_class(ku[e]);
-            if (cg < 2) (cg == 0 ? kt->quant_a8 : kt->quant_a8k)(act + a * arow, arow, xa, 1, dim);
-            if (cu < 2 && cu != cg) (cu == 0 ? kt->quant_a8 : kt->quant_a8k)(act2 + a * arow, arow, xa, 1, dim);
-        }
+        if (!serial_ends) gather(out, x, n_tok, dim, n_assign, off, idx, kg, ku, xg, act, act2, arow);
         /* 2: gate and up panels of every entry, each over all of the entry's tokens. */
 #pragma omp for schedule(runtime)
         for (int64_t it = 0; it < iu[n_exp]; it++) {
@@ -208,18 +236,8 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
             float *o = y + off[e] * dim + r0;
             lite_gemm_panel(o, dim, w, rb, nr, kind, a0, as, off[e + 1] - off[e], f);
         }
-        /* 5: scale and add into the output, by column ranges (no two threads share an element);
-         * assignments in entry order, as before. */
-#pragma omp for schedule(static)
-        for (int64_t c0 = 0; c0 < dim; c0 += 64) {
-            int64_t c1 = c0 + 64 < dim ? c0 + 64 : dim;
-            for (int64_t a = 0; a < n_assign; a++) {
-                float *o = out + (int64_t)idx[a] * dim;
-                const float *ya = y + a * dim;
-                float wa = wt[a];
-                for (int64_t c = c0; c < c1; c++) o[c] += wa * ya[c];
-            }
-        }
+        if (!serial_ends) scatter(out, dim, n_assign, idx, wt, y);
     }
+    if (serial_ends) scatter(out, dim, n_assign, idx, wt, y);
     return LITE_OK;
 }
