@@ -267,21 +267,21 @@ def _prefetch(typingctx, row, o):
 
 
 @njit(cache=True, inline="always")
-def _dot_q4_0(row, xp, lut):
-    """One Q4_0 row · x as prepared by `_prep` (its first K elements); two accumulators."""
-    nb = xp.shape[0] // 32
+def _dot_q4_0(w, base, nb, xp, lut):
+    """The nb-block Q4_0 row at byte `base` of w · x as prepared by `_prep` (its first K
+    elements); two accumulators."""
     a0 = _v8_zero()
     a1 = _v8_zero()
     b = 0
     while b + 2 <= nb:
-        o = b * 18
-        _prefetch(row, o + PREFETCH)
-        a0 = _v8_scaled_add(a0, lut[_h(row, o)], _q4_0_lanes(row, o, xp, b * 32))
-        a1 = _v8_scaled_add(a1, lut[_h(row, o + 18)], _q4_0_lanes(row, o + 18, xp, b * 32 + 32))
+        o = base + b * 18
+        _prefetch(w, o + PREFETCH)
+        a0 = _v8_scaled_add(a0, lut[_h(w, o)], _q4_0_lanes(w, o, xp, b * 32))
+        a1 = _v8_scaled_add(a1, lut[_h(w, o + 18)], _q4_0_lanes(w, o + 18, xp, b * 32 + 32))
         b += 2
     if b < nb:
-        o = b * 18
-        a0 = _v8_scaled_add(a0, lut[_h(row, o)], _q4_0_lanes(row, o, xp, b * 32))
+        o = base + b * 18
+        a0 = _v8_scaled_add(a0, lut[_h(w, o)], _q4_0_lanes(w, o, xp, b * 32))
     return _v8_sum(_v8_add(a0, a1))
 
 
@@ -300,10 +300,15 @@ def _dot_q8_0(row, x, lut, n16):
 
 
 # Four Q8_0 rows at once share every load of x and give four independent accumulator chains:
-# 1.5x the one-row kernel on 2048x2048, 2x on MLA's 128-wide W_UK rows.
+# 1.5x the one-row kernel on 2048x2048, 2x on MLA's 128-wide W_UK rows. The rows are cut from the
+# weight's flat bytes here rather than passed in as four views (see `_rows_prep`): W_UK (16 x 512
+# x 128), T=1, one thread 355 → 211 µs, Q8_0 2048x2048 497 → 444 µs (min; interleaved A/B).
 
 @njit(cache=True, fastmath=FM)
-def _dot4_q8_0(w0, w1, w2, w3, x, lut, n16):
+def _dot4_q8_0(w, base, rb, x, lut, n16):
+    """The four rows at bytes base, base + rb, ... of w · x."""
+    w0, w1 = w[base:base + rb], w[base + rb:base + 2 * rb]
+    w2, w3 = w[base + 2 * rb:base + 3 * rb], w[base + 3 * rb:base + 4 * rb]
     q0, q1, q2, q3 = w0.view(np.int8), w1.view(np.int8), w2.view(np.int8), w3.view(np.int8)
     s0 = np.float32(0.0)
     s1 = np.float32(0.0)
@@ -434,14 +439,15 @@ def _q4k_block(typingctx, acc, row, o, x, xo, xs, so, d, dmin):
 
 
 @njit(cache=True, inline="always")
-def _dot_q4_k(row, x, xs, lut):
-    """xs: the 16-element sums of x (`_prep`). One accumulator (two, alternating super-blocks,
-    spilled registers and measured 5% slower). No prefetch: the 1 KiB one of `_dot_q4_0`, three
-    lines per super-block, cost 20% from L3 and gained nothing measurable in decode."""
+def _dot_q4_k(w, base, x, xs, so, lut):
+    """The Q4_K row at byte `base` of w · x; xs[so:] the 16-element sums of x (`_prep`). One
+    accumulator (two, alternating super-blocks, spilled registers and measured 5% slower). No
+    prefetch: the 1 KiB one of `_dot_q4_0`, three lines per super-block, cost 20% from L3 and
+    gained nothing measurable in decode."""
     a0 = _v8_zero()
     for b in range(x.shape[0] // 256):
-        o = b * 144
-        a0 = _q4k_block(a0, row, o, x, b * 256, xs, b * 16, lut[_h(row, o)], lut[_h(row, o + 2)])
+        o = base + b * 144
+        a0 = _q4k_block(a0, w, o, x, b * 256, xs, so + b * 16, lut[_h(w, o)], lut[_h(w, o + 2)])
     return _v8_sum(a0)
 
 
@@ -528,12 +534,13 @@ def _q6k_block(typingctx, acc, row, o, xq, xo, d):
 
 
 @njit(cache=True, inline="always")
-def _dot_q6_k(row, xq, lut):
-    """xq: x as permuted by `_prep`. One accumulator."""
+def _dot_q6_k(w, base, nb, xq, xo, lut):
+    """The nb-super-block Q6_K row at byte `base` of w · x, xq[xo:] being x as permuted by
+    `_prep`. One accumulator."""
     a0 = _v8_zero()
-    for b in range(xq.shape[0] // 256):
-        o = b * 210
-        a0 = _q6k_block(a0, row, o, xq, b * 256, lut[_h(row, o + 208)])
+    for b in range(nb):
+        o = base + b * 210
+        a0 = _q6k_block(a0, w, o, xq, xo + b * 256, lut[_h(w, o + 208)])
     return _v8_sum(a0)
 
 
@@ -542,45 +549,38 @@ def _reads_prep(qt):
     return qt == Q4_0 or qt == Q4_K or qt == Q6_K
 
 
-# Q4_0 and the K-quants (the types that read xp) are compiled into one kernel, up to four rows
-# per call: a call of a numba function costs ~40 ns (each array argument is passed as 7 words
-# and has its reference count touched), ~10% of a 2048-wide K-quant row. Their row dots are
-# inlined there only, so they always run under its fastmath flags.
+# Q4_0 and the K-quants (the types that read xp) are compiled into one kernel that dots a range of
+# rows, each addressed as a byte offset into the weight's flat bytes, x and xp as whole rows. The
+# earlier form took four row views per call (`w[r]` in a tuple, `xp[:k]` sliced per row), and
+# every view and array argument had its reference count touched (~14 NRT calls per four rows):
+# ~30 ns a row whatever its length, the better part of a 128-wide row. Same sums bit for bit. T=1,
+# interleaved A/B on the noisy 2-core machine, min (median) µs, one thread / two:
+# matmul Q6_K 2816x2048 586 (640) → 505 (560) / 325 (450) → 305 (361); Q4_K 1408x2048 267 (287)
+# → 214 (225) / 158 (234) → 149 (185); Q4_0 1408x2048 256 (272) → 221 (237) / 146 (273) → 128
+# (240); matmul_heads (MLA, 16 heads) W_UK 512x128 Q4_0 598 (885) → 265 (391) / 387 (469) → 177
+# (222), W_UV 128x512 Q6_K 271 (350) → 141 (195) / 175 (215) → 118 (140).
 
 @njit(cache=True, inline="always")
-def _row_prep(qt, row, x, xp, lut16):
+def _row_prep(qt, w, base, x, xp, lut16):
     k = x.shape[0]
     if qt == Q4_0:
-        return _dot_q4_0(row, xp[:k], lut16)
+        return _dot_q4_0(w, base, k // 32, xp, lut16)
     if qt == Q4_K:
-        return _dot_q4_k(row, x, xp[k:k + k // 16], lut16)
-    return _dot_q6_k(row, xp[k + k // 16:], lut16)
+        return _dot_q4_k(w, base, x, xp, k, lut16)
+    return _dot_q6_k(w, base, k // 256, xp, k + k // 16, lut16)
 
 
 @njit(cache=True, fastmath=FM)
-def _dots_prep(qt, n, w0, w1, w2, w3, x, xp, lut16):
-    """Rows w0..w3, the first n of them (1 ≤ n ≤ 4), · x. A loop, not four calls of `_row_prep`:
-    one inlined copy of the row dots compiles in a quarter of the time."""
-    ws = (w0, w1, w2, w3)
-    s0 = s1 = s2 = s3 = np.float32(0.0)
-    for i in range(n):
-        s = _row_prep(qt, ws[i], x, xp, lut16)
-        if i == 0:
-            s0 = s
-        elif i == 1:
-            s1 = s
-        elif i == 2:
-            s2 = s
-        else:
-            s3 = s
-    return s0, s1, s2, s3
+def _rows_prep(qt, w, rb, r0, r1, x, xp, lut16, out):
+    """out[r − r0] = row r of w · x for r0 ≤ r < r1, w the rows' flat bytes (rb per row) of type
+    qt (Q4_0, Q4_K or Q6_K) and xp x as prepared by `_prep`."""
+    for r in range(r0, r1):
+        out[r - r0] = _row_prep(qt, w, r * rb, x, xp, lut16)
 
 
 @njit(cache=True)
-def _dot(qt, row, x, xp, lut16, lutbf, n16):
-    """One row of type qt · x; xp is x as prepared by `_prep`."""
-    if _reads_prep(qt):
-        return _dots_prep(qt, 1, row, row, row, row, x, xp, lut16)[0]
+def _dot(qt, row, x, lut16, lutbf, n16):
+    """One row of type qt (Q8_0 or float) · x."""
     if qt == Q8_0:
         return _dot_q8_0(row, x, lut16, n16)
     if qt == F16:
@@ -591,14 +591,24 @@ def _dot(qt, row, x, xp, lut16, lutbf, n16):
 
 
 @njit(cache=True)
-def _dot4(qt, w0, w1, w2, w3, x, xp, lut16, lutbf, n16):
-    """Four rows of type qt · x (rows of different matrices are fine: MoE pairs gate and up)."""
-    if qt == Q8_0:
-        return _dot4_q8_0(w0, w1, w2, w3, x, lut16, n16)
+def _row_range(qt, w, rb, r0, r1, x, xp, lut16, lutbf, n16, out):
+    """out[r − r0] = row r of w · x for r0 ≤ r < r1, one token, any type; w the rows' flat bytes,
+    rb per row, xp x as prepared by `_prepared`."""
     if _reads_prep(qt):
-        return _dots_prep(qt, 4, w0, w1, w2, w3, x, xp, lut16)
-    return (_dot(qt, w0, x, xp, lut16, lutbf, n16), _dot(qt, w1, x, xp, lut16, lutbf, n16),
-            _dot(qt, w2, x, xp, lut16, lutbf, n16), _dot(qt, w3, x, xp, lut16, lutbf, n16))
+        _rows_prep(qt, w, rb, r0, r1, x, xp, lut16, out)
+        return
+    r = r0
+    while r + 4 <= r1:
+        o = r * rb
+        if qt == Q8_0:
+            out[r - r0], out[r - r0 + 1], out[r - r0 + 2], out[r - r0 + 3] = _dot4_q8_0(w, o, rb, x, lut16, n16)
+        else:
+            for i in range(4):
+                out[r - r0 + i] = _dot(qt, w[o + i * rb:o + (i + 1) * rb], x, lut16, lutbf, n16)
+        r += 4
+    while r < r1:
+        out[r - r0] = _dot(qt, w[r * rb:(r + 1) * rb], x, lut16, lutbf, n16)
+        r += 1
 
 
 @njit(cache=True)
@@ -703,10 +713,14 @@ def _dot4_f32(w, x, r0, out4):
     out4[3] = s3
 
 
-# Up to this many tokens, re-decode each weight row per token (fused, no buffer); above it,
-# decode a tile of rows once into a thread-local float buffer and reuse it for every token.
+# Up to this many tokens, re-decode each weight row per token (fused, no buffer), FUSED_ROWS rows
+# per work item; above it, decode a tile of TILE rows once into a thread-local float buffer and
+# reuse it for every token. Work items of 32 rows, against 8 (T=1, interleaved, min µs, one thread
+# / two): W_UK Q8_0 311 → 213 / 186 → 125, Q4_0 280 → 180 / 237 → 157; Q6_K 2816x2048 684 → 631 /
+# 374 → 339 (a call into the row kernel and its arguments' reference counts per item).
 SMALL_T = 2
 TILE = 8
+FUSED_ROWS = 32
 # Up to this many weight bytes × tokens a matmul runs on the calling thread alone: waking the
 # pool costs more than it saves (the MoE router, 64×2048 F32 = 512 KiB: 20 µs on one thread,
 # 32 µs on two).
@@ -718,16 +732,9 @@ def _mm_rows(x, xp, w, qt, out, r0, r1, lut16, lutbf, n16):
     """out[:, r0:r1] = x `[T, K]` · w[r0:r1]ᵀ; xp from `_prepared`."""
     t_count = x.shape[0]
     if t_count <= SMALL_T:
-        r = r0
-        while r + 4 <= r1:
-            for t in range(t_count):
-                out[t, r], out[t, r + 1], out[t, r + 2], out[t, r + 3] = _dot4(
-                    qt, w[r], w[r + 1], w[r + 2], w[r + 3], x[t], xp[t], lut16, lutbf, n16)
-            r += 4
-        while r < r1:
-            for t in range(t_count):
-                out[t, r] = _dot(qt, w[r], x[t], xp[t], lut16, lutbf, n16)
-            r += 1
+        wf = w.reshape(-1)
+        for t in range(t_count):
+            _row_range(qt, wf, w.shape[1], r0, r1, x[t], xp[t], lut16, lutbf, n16, out[t, r0:r1])
         return
     buf = np.empty((r1 - r0, x.shape[1]), np.float32)
     s4 = np.empty(4, np.float32)
@@ -753,13 +760,14 @@ def _mm_rows(x, xp, w, qt, out, r0, r1, lut16, lutbf, n16):
 def matmul(x, w, qt, out, lut16, lutbf, n16):
     """x `[T, K]` · W `[N, K]`ᵀ → out `[T, N]`; W is raw ggml rows of type `qt`."""
     n = w.shape[0]
-    nch = (n + TILE - 1) // TILE
+    step = FUSED_ROWS if x.shape[0] <= SMALL_T else TILE
+    nch = (n + step - 1) // step
     xp = _prepared(qt if x.shape[0] <= SMALL_T else F32, x)  # tiles (T > SMALL_T) use x as is
     if w.size * x.shape[0] <= SERIAL_BYTES:
         _mm_rows(x, xp, w, qt, out, 0, n, lut16, lutbf, n16)
         return
     for c in prange(nch):
-        _mm_rows(x, xp, w, qt, out, c * TILE, min(n, c * TILE + TILE), lut16, lutbf, n16)
+        _mm_rows(x, xp, w, qt, out, c * step, min(n, c * step + step), lut16, lutbf, n16)
 
 
 @njit(parallel=True, cache=True)
@@ -767,7 +775,8 @@ def matmul_heads(x, w, qt, out, lut16, lutbf, n16):
     """x `[H, T, K]` · w[h] `[N, K]`ᵀ for every head h → out `[H, T, N]`, one parallel region."""
     h_count, t_count, k = x.shape
     n = w.shape[1]
-    nch = (n + TILE - 1) // TILE
+    step = FUSED_ROWS if t_count <= SMALL_T else TILE
+    nch = (n + step - 1) // step
     xp = _prepared(qt if t_count <= SMALL_T else F32, x.reshape(h_count * t_count, k))
     xp = xp.reshape(h_count, t_count, xp.shape[1])
     if w.size * t_count <= SERIAL_BYTES:
@@ -777,7 +786,7 @@ def matmul_heads(x, w, qt, out, lut16, lutbf, n16):
     for item in prange(h_count * nch):
         h = item // nch
         c = item % nch
-        _mm_rows(x[h], xp[h], w[h], qt, out[h], c * TILE, min(n, c * TILE + TILE), lut16, lutbf, n16)
+        _mm_rows(x[h], xp[h], w[h], qt, out[h], c * step, min(n, c * step + step), lut16, lutbf, n16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -929,7 +938,10 @@ def mla_attention(q_lat, q_pe, ckv, kpe, scale, start, out):
 # toks[offs[e]:offs[e+1]] with weights wts[...]. Phase 1 (parallel over chunks of gate/up rows
 # of every expert) fills h = silu(gate·x)·up·x per (expert, token); phase 2 (parallel over chunks
 # of the D output rows) adds wt·down·h in expert order, so every output element has one writer
-# and the same order of additions whatever the thread count.
+# and the same order of additions whatever the thread count. For T ≤ 2 both phases dot whole chunks
+# of rows through `_row_range` (gate rows, then up rows), as matmul does: one token, 6 of 64
+# experts + a 2816-wide shared one, two threads, interleaved A/B, min (median) ms: Q4_K gate/up,
+# Q4_0 down, Q6_K shared 6.7 (7.6) → 5.6 (6.2); all Q4_0 5.8 (7.1) → 4.6 (6.6); C 2.9 / 2.3.
 
 MOE_CHUNK = 16
 
@@ -937,19 +949,6 @@ MOE_CHUNK = 16
 @njit(cache=True, inline="always")
 def _rows(addr, n, nbytes):
     return carray(_u8ptr(addr), (n, nbytes))
-
-
-@njit(cache=True)
-def _gate_up(qg, qu, gate, up, xr, xp, r, lut16, lutbf, n16):
-    """silu(gate[r]·x)·(up[r]·x) for rows r and r+1, the four dots in one pass over x."""
-    if qg == qu:
-        g0, u0, g1, u1 = _dot4(qg, gate[r], up[r], gate[r + 1], up[r + 1], xr, xp, lut16, lutbf, n16)
-    else:
-        g0 = _dot(qg, gate[r], xr, xp, lut16, lutbf, n16)
-        g1 = _dot(qg, gate[r + 1], xr, xp, lut16, lutbf, n16)
-        u0 = _dot(qu, up[r], xr, xp, lut16, lutbf, n16)
-        u1 = _dot(qu, up[r + 1], xr, xp, lut16, lutbf, n16)
-    return _silu(g0) * u0, _silu(g1) * u1
 
 
 @njit(parallel=True, cache=True)
@@ -983,18 +982,15 @@ def moe(x, addrs, rbytes, qts, widths, offs, toks, wts, lut16, lutbf, n16, out):
         r0 = (item - choff[e]) * MOE_CHUNK
         r1 = min(f, r0 + MOE_CHUNK)
         if m <= SMALL_T:
-            r = r0
-            while r < r1:
-                for i in range(m):
-                    tk = toks[offs[e] + i]
-                    xr, xpr = x[tk], xp[tk]
-                    hi = hoff[e] + i * f + r
-                    if r + 1 < r1:
-                        h[hi], h[hi + 1] = _gate_up(qg, qu, gate, up, xr, xpr, r, lut16, lutbf, n16)
-                    else:
-                        h[hi] = (_silu(_dot(qg, gate[r], xr, xpr, lut16, lutbf, n16))
-                                 * _dot(qu, up[r], xr, xpr, lut16, lutbf, n16))
-                r += 2
+            # this chunk's gate rows, then its up rows (each a run of rows in memory)
+            ub = np.empty(MOE_CHUNK, np.float32)
+            for i in range(m):
+                tk = toks[offs[e] + i]
+                hv = h[hoff[e] + i * f + r0:hoff[e] + i * f + r1]
+                _row_range(qg, gate.reshape(-1), rbytes[e, 0], r0, r1, x[tk], xp[tk], lut16, lutbf, n16, hv)
+                _row_range(qu, up.reshape(-1), rbytes[e, 1], r0, r1, x[tk], xp[tk], lut16, lutbf, n16, ub)
+                for j in range(r1 - r0):
+                    hv[j] = _silu(hv[j]) * ub[j]
         else:
             bg = np.empty(d, np.float32)
             bu = np.empty(d, np.float32)
@@ -1026,6 +1022,7 @@ def moe(x, addrs, rbytes, qts, widths, offs, toks, wts, lut16, lutbf, n16, out):
             for t in range(t_count):
                 out[t, r] = np.float32(0.0)
         bd = np.empty(maxf, np.float32)
+        yb = np.empty(MOE_CHUNK, np.float32)
         for e in range(ne):
             m = offs[e + 1] - offs[e]
             if m == 0:
@@ -1034,24 +1031,14 @@ def moe(x, addrs, rbytes, qts, widths, offs, toks, wts, lut16, lutbf, n16, out):
             qd = qts[e, 2]
             down = _rows(addrs[e, 2], d, rbytes[e, 2])
             if m <= SMALL_T:
-                r = r0
-                while r < r1:
-                    for i in range(m):
-                        hv = h[hoff[e] + i * f:hoff[e] + (i + 1) * f]
-                        fp = _prep_width(f)
-                        hpv = hp[hpoff[e] + i * fp:hpoff[e] + (i + 1) * fp]
-                        k = offs[e] + i
-                        if r + 4 <= r1:
-                            y0, y1, y2, y3 = _dot4(qd, down[r], down[r + 1], down[r + 2], down[r + 3], hv,
-                                                   hpv, lut16, lutbf, n16)
-                            out[toks[k], r] += y0 * wts[k]
-                            out[toks[k], r + 1] += y1 * wts[k]
-                            out[toks[k], r + 2] += y2 * wts[k]
-                            out[toks[k], r + 3] += y3 * wts[k]
-                        else:
-                            for rr in range(r, r1):
-                                out[toks[k], rr] += _dot(qd, down[rr], hv, hpv, lut16, lutbf, n16) * wts[k]
-                    r += 4
+                fp = _prep_width(f)
+                for i in range(m):
+                    hv = h[hoff[e] + i * f:hoff[e] + (i + 1) * f]
+                    hpv = hp[hpoff[e] + i * fp:hpoff[e] + (i + 1) * fp]
+                    _row_range(qd, down.reshape(-1), rbytes[e, 2], r0, r1, hv, hpv, lut16, lutbf, n16, yb)
+                    k = offs[e] + i
+                    for j in range(r1 - r0):
+                        out[toks[k], r0 + j] += yb[j] * wts[k]
             else:
                 for r in range(r0, r1):
                     _decode(qd, down[r], bd[:f], lut16, lutbf, n16)
