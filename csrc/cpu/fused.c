@@ -198,7 +198,7 @@ static void head_product(float *out, const float *x, const uint8_t *w, int64_t r
 /* One token's k_b product, attention and v_b product in one parallel region: every step of a head
  * needs only that head's results, so each thread takes whole head groups (those of
  * lite_mla_attention) through all three, where the separate calls cost seven thread
- * synchronisations (~13 µs each with sleeping workers). The same kernels on the same rows. */
+ * synchronisations (~8 µs each with sleeping workers). The same kernels on the same rows. */
 static int heads_one_token(float *o, float *o_lat, float *q_lat, const float *q_nope, const float *q_pe,
                            const uint8_t **w, const int64_t *w_bytes, const int32_t *types, const float *ckv,
                            const float *kpe, int64_t n_vis, int64_t n_head, int64_t n_nope, int64_t r_dim,

@@ -107,7 +107,7 @@ int lite_matmul(float *out, int64_t out_len, const float *x, int64_t n_tok, int6
     int nth = lite_num_threads();
     if (nth > n_rt) nth = (int)n_rt;
     /* A lone token's activations are quantized before the threads start: a work-sharing loop of
-     * one item would cost a barrier (~13 µs with sleeping workers) for ~1 µs of work. */
+     * one item would cost a barrier (~8 µs with sleeping workers) for ~1 µs of work. */
     int serial_quant = n_tok == 1;
     if (serial_quant) lite_gemm_quantize(scratch, astride, kind, x, n_tok, cols);
 #pragma omp parallel num_threads(nth) if (nth > 1)

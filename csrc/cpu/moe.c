@@ -176,7 +176,7 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
     omp_set_schedule(n_tok > 1 ? omp_sched_dynamic : omp_sched_guided, n_tok > 1 ? 1 : 0);
 #endif
     /* A lone token's gather and weighted sum run on this thread before and after the parallel
-     * region: a few µs of work each, where sharing them cost a barrier each (~13 µs with sleeping
+     * region: a few µs of work each, where sharing them cost a barrier each (~8 µs with sleeping
      * workers). The same operations in the same order either way. */
     const int serial_ends = n_tok == 1;
     if (serial_ends) gather(out, x, n_tok, dim, n_assign, off, idx, kg, ku, xg, act, act2, arow);
