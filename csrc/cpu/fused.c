@@ -154,7 +154,7 @@ static int mla_plan(mla_layout *L, const int32_t *types, int64_t n_tok, int64_t 
     if (!rc) rc = lite_matmul_heads_scratch_bytes(&need[MW_VB], types[MW_VB], n_tok, n_head, c_dim);
     if (!rc) rc = lite_matmul_scratch_bytes(&need[MW_OUT], types[MW_OUT], n_tok, n_head * v_dim);
     if (rc) return rc;
-    int64_t act = need[MW_KB] + need[MW_VB];           /* both at once in heads_one_token */
+    int64_t act = n_tok == 1 ? need[MW_KB] + need[MW_VB] : 0;   /* both at once in heads_one_token */
     for (int i = 0; i < MW_COUNT; i++) act = need[i] > act ? need[i] : act;
     L->h = 0;
     L->q_a = L->h + align64(4 * n_tok * dim);
