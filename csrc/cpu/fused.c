@@ -185,10 +185,8 @@ int lite_mla_step_scratch_bytes(int64_t *out, const int32_t *types, int64_t n_to
 static void head_product(float *out, const float *x, const uint8_t *w, int64_t rb, int64_t n_rows, int kind,
                          int64_t cols, uint8_t *act) {
     const uint8_t *a = (const uint8_t *)x;
-    if (kind <= K_Q6_K) {
-        const kernel_table *kt = lite_active_kernels();
-        quant_fn q = (kind == K_Q4_0 || kind == K_Q8_0) ? kt->quant_a8 : kt->quant_a8k;
-        q(act, lite_act_stride(kind, cols), x, 1, cols);
+    if (lite_is_quant(kind)) {
+        lite_quant_of(kind)(act, lite_act_stride(kind, cols), x, 1, cols);
         a = act;
     }
     for (int64_t r0 = 0; r0 < n_rows; r0 += MV_ROWS)
@@ -208,11 +206,11 @@ static int heads_one_token(float *o, float *o_lat, float *q_lat, const float *q_
     int64_t rbk = lite_row_bytes_of(types[MW_KB], n_nope), rbv = lite_row_bytes_of(types[MW_VB], c_dim);
     if (rbk < 0 || rbv < 0) return LITE_ERR_BLOCK;
     if (w_bytes[MW_KB] / rbk / n_head < c_dim || w_bytes[MW_VB] / rbv / n_head < v_dim) return LITE_ERR_SIZE;
-    int64_t sk = kk <= K_Q6_K ? lite_act_stride(kk, n_nope) : 0, sv = kv <= K_Q6_K ? lite_act_stride(kv, c_dim) : 0;
+    int64_t sk = lite_is_quant(kk) ? lite_act_stride(kk, n_nope) : 0;
+    int64_t sv = lite_is_quant(kv) ? lite_act_stride(kv, c_dim) : 0;
     if (act_bytes / n_head < sk + sv) return LITE_ERR_SIZE;
     int nth = lite_num_threads();
-    int64_t hg = (n_head + nth - 1) / nth;
-    if (hg > MLA_HEAD_GROUP) hg = MLA_HEAD_GROUP;
+    int64_t hg = lite_mla_head_group(n_head, 1, nth);
     int64_t n_grp = (n_head + hg - 1) / hg;
     mla_fn f = lite_active_kernels()->mla;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1 && n_grp > 1)

@@ -13,12 +13,9 @@ int64_t lite_act_stride(int kind, int64_t cols) {
     }
 }
 
-static int is_quant(int kind) { return kind <= K_Q6_K; }
-
 void lite_gemm_quantize(uint8_t *act, int64_t astride, int kind, const float *x, int64_t n_tok, int64_t cols) {
-    if (!is_quant(kind)) return;
-    const kernel_table *kt = lite_active_kernels();
-    quant_fn q = (kind == K_Q4_0 || kind == K_Q8_0) ? kt->quant_a8 : kt->quant_a8k;
+    if (!lite_is_quant(kind)) return;
+    quant_fn q = lite_quant_of(kind);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_tok; t++) q(act + t * astride, astride, x + t * cols, 1, cols);
 }
@@ -80,7 +77,7 @@ int lite_matmul_scratch_bytes(int64_t *out, int type, int64_t n_tok, int64_t col
     if (kind < 0) return LITE_ERR_TYPE;
     if (n_tok < 0 || cols <= 0) return LITE_ERR_ARG;
     if (lite_row_bytes_of(type, cols) < 0) return LITE_ERR_BLOCK;
-    *out = is_quant(kind) ? n_tok * lite_act_stride(kind, cols) : 0;
+    *out = lite_is_quant(kind) ? n_tok * lite_act_stride(kind, cols) : 0;
     return LITE_OK;
 }
 
@@ -98,11 +95,11 @@ int lite_matmul(float *out, int64_t out_len, const float *x, int64_t n_tok, int6
     if (n_tok && out_len / n_tok < n_rows) return LITE_ERR_SIZE;
     if (n_tok == 0) return LITE_OK;
     int64_t astride = lite_act_stride(kind, cols);
-    if (is_quant(kind)) {
+    if (lite_is_quant(kind)) {
         if (!scratch) return LITE_ERR_NULL;
         if (scratch_bytes / astride < n_tok || ((uintptr_t)scratch & 3)) return LITE_ERR_SIZE;
     }
-    const uint8_t *act = is_quant(kind) ? scratch : (const uint8_t *)x;
+    const uint8_t *act = lite_is_quant(kind) ? scratch : (const uint8_t *)x;
     int64_t n_rt = (n_rows + TILE_R - 1) / TILE_R;
     int nth = lite_num_threads();
     if (nth > n_rt) nth = (int)n_rt;
@@ -141,14 +138,13 @@ int lite_matmul_heads(float *out, int64_t out_len, const float *x, int64_t n_tok
     if (w_bytes / rb / n_head < n_rows) return LITE_ERR_SIZE;
     if (n_tok && out_len / n_tok / n_head < n_rows) return LITE_ERR_SIZE;
     if (n_tok == 0) return LITE_OK;
-    int quant = is_quant(kind);
+    int quant = lite_is_quant(kind);
     int64_t astride = lite_act_stride(kind, cols);
     if (quant) {
         if (!scratch) return LITE_ERR_NULL;
         if (scratch_bytes / astride / n_head < n_tok || ((uintptr_t)scratch & 3)) return LITE_ERR_SIZE;
     }
-    const kernel_table *kt = lite_active_kernels();
-    quant_fn q = (kind == K_Q4_0 || kind == K_Q8_0) ? kt->quant_a8 : kt->quant_a8k;
+    quant_fn q = quant ? lite_quant_of(kind) : NULL;
     /* Activations of head h, token t: quantized rows at scratch + (h*T + t)*astride (each head's
      * tokens contiguous), or the float input itself, rows H*cols apart. */
     int64_t tstride = quant ? astride : n_head * cols * 4;

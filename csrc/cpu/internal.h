@@ -151,6 +151,14 @@ void lite_kernels_avx512(kernel_table *t);
 /* Currently selected table (set by lite_set_isa). */
 const kernel_table *lite_active_kernels(void);
 
+/* Whether a kind's products read quantized activations (else the float input itself). */
+static inline int lite_is_quant(int kind) { return kind <= K_Q6_K; }
+/* The activation quantizer of a quantized kind: A8 for Q4_0/Q8_0, A8K for the K-quants. */
+static inline quant_fn lite_quant_of(int kind) {
+    const kernel_table *kt = lite_active_kernels();
+    return kind == K_Q4_0 || kind == K_Q8_0 ? kt->quant_a8 : kt->quant_a8k;
+}
+
 /* Scalar quantizers, shared by every ISA as the bit-exact definition. */
 void lite_quant_a8_scalar(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
 void lite_quant_a8k_scalar(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
@@ -187,5 +195,13 @@ void lite_rows_one_token(float *out, const uint8_t *w, int64_t row_bytes, int64_
 int64_t lite_act_stride(int kind, int64_t cols);
 
 int lite_num_threads(void);
+
+/* Heads per work item of MLA attention for n_tok queries on nth threads: as many as possible
+ * (up to MLA_HEAD_GROUP) while still giving every thread work. */
+static inline int64_t lite_mla_head_group(int64_t n_head, int64_t n_tok, int nth) {
+    int64_t per_tok = (nth + n_tok - 1) / n_tok;   /* groups wanted per token */
+    int64_t hg = (n_head + per_tok - 1) / per_tok;
+    return hg > MLA_HEAD_GROUP ? MLA_HEAD_GROUP : hg < 1 ? 1 : hg;
+}
 
 #endif

@@ -264,11 +264,27 @@ INLINE void r8_transpose(const __m256i *r, __m256i *d) {
     d[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
 }
 
+/* 16 bytes at src of each of 8 rows ws apart, two rows to a register (rows i and i + 4), as 4-byte
+ * groups transposed within 128-bit lanes: g[j] holds bytes 4j..4j+3 of row i in 32-bit element i
+ * (8 shuffles, against 24 for the full 8 x 8 transpose). */
+INLINE void r8_lane_transpose(__m256i *g, const uint8_t *src, int64_t ws) {
+    __m256i r[4];
+    for (int i = 0; i < 4; i++)
+        r[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(src + i * ws))),
+                                       _mm_loadu_si128((const __m128i *)(src + (i + 4) * ws)), 1);
+    __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    g[0] = _mm256_unpacklo_epi64(t0, t2);
+    g[1] = _mm256_unpackhi_epi64(t0, t2);
+    g[2] = _mm256_unpacklo_epi64(t1, t3);
+    g[3] = _mm256_unpackhi_epi64(t1, t3);
+}
+
 /* Blocks [b0, b0 + n) of rows w[0..7] → dst (8 vectors a block) and their scales → dws[8 n].
  * Q8_0: vector v holds weights 4v..4v+3 of each row (an 8 x 8 transpose of 4-byte groups).
  * Q4_0: vector 2j holds the low nibbles of quant bytes 4j..4j+3 (weights 4j..4j+3) of each row,
  * vector 2j+1 their high nibbles (weights 16+4j..16+4j+3); two rows' 16 quant bytes share a
- * register, so the transpose is of 4-byte groups within 128-bit lanes: 8 shuffles a block, not 24. */
+ * register (`r8_lane_transpose`). */
 INLINE void r8_repack(const int KIND, __m256i *dst, float *dws, const uint8_t *w, int64_t ws, int64_t b0, int n) {
     const int64_t bs = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
     const __m256i m4 = _mm256_set1_epi8(15);
@@ -281,14 +297,8 @@ INLINE void r8_repack(const int KIND, __m256i *dst, float *dws, const uint8_t *w
             r8_transpose(r, dst + 8 * k);
             continue;
         }
-        __m256i r[4];
-        for (int i = 0; i < 4; i++)
-            r[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(blk + i * ws + 2))),
-                                           _mm_loadu_si128((const __m128i *)(blk + (i + 4) * ws + 2)), 1);
-        __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-        __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-        __m256i g[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
-                        _mm256_unpackhi_epi64(t1, t3)};
+        __m256i g[4];
+        r8_lane_transpose(g, blk + 2, ws);
         for (int j = 0; j < 4; j++) {
             dst[8 * k + 2 * j] = _mm256_and_si256(g[j], m4);
             dst[8 * k + 2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(g[j], 4), m4);
@@ -383,7 +393,6 @@ INLINE void r8_rows(const int KIND, const int G, float *out, int64_t ldo, const 
     }
 }
 
-
 /* ---- Q4_K ------------------------------------------------------------------------------------ */
 
 /* K-quants with the rows in the lanes. Q4_K: sub-block j of a super-block is 32 unsigned
@@ -397,7 +406,7 @@ INLINE void r8_rows(const int KIND, const int G, float *out, int64_t ldo, const 
  * weights 4v..4v+3 of each row), and per super-block k and sub-block j the 8 rows' scales
  * sc[(8k + j) * 8 + row] and mins mn[...], d dd[8k + row] and dmin dm[8k + row]. Sub-blocks 2i
  * and 2i+1 are the low and high nibbles of the same 32 bytes; two rows' 16-byte halves share a
- * register and transpose as 4-byte groups within 128-bit lanes (as `r8_repack` does Q4_0). */
+ * register and transpose as Q4_0's do (`r8_lane_transpose`). */
 INLINE void r8_repack_q4k(__m256i *dst, int32_t *sc, int32_t *mn, float *dd, float *dm, const uint8_t *w,
                           int64_t ws, int64_t b0, int n) {
     const __m256i m4 = _mm256_set1_epi8(15);
@@ -410,15 +419,8 @@ INLINE void r8_repack_q4k(__m256i *dst, int32_t *sc, int32_t *mn, float *dd, flo
                 q4k_scale_min(blk + i * ws + 4, j, &sc[(8 * k + j) * 8 + i], &mn[(8 * k + j) * 8 + i]);
         }
         for (int q = 0; q < 8; q++) {               /* 16-byte piece q: pair q/2, half q%2 */
-            const uint8_t *src = blk + 16 + 16 * q;
-            __m256i r[4];
-            for (int i = 0; i < 4; i++)
-                r[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(src + i * ws))),
-                                               _mm_loadu_si128((const __m128i *)(src + (i + 4) * ws)), 1);
-            __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-            __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-            __m256i g[4] = {_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3),
-                            _mm256_unpackhi_epi64(t1, t3)};
+            __m256i g[4];
+            r8_lane_transpose(g, blk + 16 + 16 * q, ws);
             __m256i *lo = dst + 8 * (8 * k + 2 * (q >> 1)) + 4 * (q & 1), *hi = lo + 8;
             for (int j = 0; j < 4; j++) {
                 lo[j] = _mm256_and_si256(g[j], m4);
@@ -607,7 +609,6 @@ DEF_ROWS8(rows8_q4_0, K_Q4_0)
 DEF_ROWS8(rows8_q8_0, K_Q8_0)
 DEF_ROWS8(rows8_q4_k, K_Q4_K)
 DEF_ROWS8(rows8_q6_k, K_Q6_K)
-
 
 /* One token through K-quant rows, a super-block at a time, rows streamed start to end with the
  * Q4_0 kernels' prefetch. The tiles decode a super-block's scales one sub-block at a time in

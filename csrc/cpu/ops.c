@@ -71,11 +71,7 @@ int lite_mla_attention(float *out, const float *q_lat, const float *q_pe, const 
     if (n_pos < start + n_tok) return LITE_ERR_SIZE;
     if (n_tok == 0) return LITE_OK;
     int nth = lite_num_threads();
-    /* Head groups: as large as possible while still giving every thread work. */
-    int64_t per_tok = (nth + n_tok - 1) / n_tok;   /* groups wanted per token */
-    int64_t hg = (n_head + per_tok - 1) / per_tok;
-    if (hg > MLA_HEAD_GROUP) hg = MLA_HEAD_GROUP;
-    if (hg < 1) hg = 1;
+    int64_t hg = lite_mla_head_group(n_head, n_tok, nth);
     int64_t n_grp = (n_head + hg - 1) / hg;
     int64_t n_items = n_tok * n_grp;
     mla_fn f = lite_active_kernels()->mla;
