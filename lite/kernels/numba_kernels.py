@@ -157,6 +157,52 @@ class _V8Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _V8F)
 
 
+# IR building blocks of the intrinsics below (plain Python, run when a kernel compiles).
+
+def _vi(vals) -> ir.Constant:
+    """An <8 x i32> constant: one int in every lane, or 8 ints."""
+    return ir.Constant(_V8I, list(vals) if hasattr(vals, "__iter__") else [vals] * 8)
+
+
+def _data(context, builder, ty, arr):
+    """The data pointer of the array argument `arr` of numba type `ty`."""
+    return context.make_array(ty)(context, builder, arr).data
+
+
+def _load(builder, ptr, base, off, vty, align):
+    """A load of type `vty` at element base + off of `ptr` (base an i64 value, off an int)."""
+    p = builder.gep(ptr, [builder.add(base, base.type(off))])
+    return builder.load(builder.bitcast(p, vty.as_pointer()), align=align)
+
+
+def _bytes8(builder, ptr, base, off):
+    """8 bytes at ptr[base + off], zero-extended to <8 x i32>."""
+    return builder.zext(_load(builder, ptr, base, off, ir.VectorType(ir.IntType(8), 8), 1), _V8I)
+
+
+def _floats8(builder, ptr, base, off):
+    """8 float32 at ptr[base + off]."""
+    return _load(builder, ptr, base, off, _V8F, 4)
+
+
+def _lane(builder, v, i):
+    """Lane i of v in every lane."""
+    return builder.shuffle_vector(v, v, _vi(i))
+
+
+def _splat(builder, f):
+    """The float32 scalar f in every lane."""
+    return _lane(builder, builder.insert_element(ir.Constant(_V8F, ir.Undefined), f, _I32(0)), 0)
+
+
+def _add(builder, a, b):
+    return builder.fadd(a, b, flags=_FFLAGS)
+
+
+def _mul(builder, a, b):
+    return builder.fmul(a, b, flags=_FFLAGS)
+
+
 @intrinsic
 def _v8_zero(typingctx):
     def codegen(context, builder, signature, args):
@@ -168,7 +214,7 @@ def _v8_zero(typingctx):
 @intrinsic
 def _v8_add(typingctx, a, b):
     def codegen(context, builder, signature, args):
-        return builder.fadd(args[0], args[1], flags=_FFLAGS)
+        return _add(builder, args[0], args[1])
 
     return V8(V8, V8), codegen
 
@@ -181,9 +227,7 @@ def _v8_scaled_add(typingctx, acc, d, t):
 
     def codegen(context, builder, signature, args):
         acc, d, t = args
-        dv = builder.insert_element(ir.Constant(_V8F, ir.Undefined), d, _I32(0))
-        dv = builder.shuffle_vector(dv, dv, ir.Constant(_V8I, [0] * 8))
-        return builder.fadd(acc, builder.fmul(dv, t, flags=_FFLAGS), flags=_FFLAGS)
+        return _add(builder, acc, _mul(builder, _splat(builder, d), t))
 
     return V8(V8, types.float32, V8), codegen
 
@@ -215,27 +259,18 @@ def _q4_0_lanes(typingctx, row, o, x, xo):
     def codegen(context, builder, signature, args):
         rowty, _, xty, _ = signature.args
         row, o, x, xo = args
-        rp = context.make_array(rowty)(context, builder, row).data
-        xp = context.make_array(xty)(context, builder, x).data
-        i64 = o.type
-        q8 = ir.VectorType(ir.IntType(8), 8).as_pointer()
-        qa = builder.zext(builder.load(builder.bitcast(builder.gep(rp, [builder.add(o, i64(2))]), q8), align=1), _V8I)
-        qb = builder.zext(builder.load(builder.bitcast(builder.gep(rp, [builder.add(o, i64(10))]), q8), align=1), _V8I)
+        rp, xp = _data(context, builder, rowty, row), _data(context, builder, xty, x)
+        qa, qb = _bytes8(builder, rp, o, 2), _bytes8(builder, rp, o, 10)
 
         def weights(q, mask, off):
-            return builder.sitofp(builder.sub(builder.and_(q, ir.Constant(_V8I, [mask] * 8)),
-                                              ir.Constant(_V8I, [off] * 8)), _V8F)
+            return builder.sitofp(builder.sub(builder.and_(q, _vi(mask)), _vi(off)), _V8F)
 
-        def xs(i):
-            p = builder.gep(xp, [builder.add(xo, i64(8 * i))])
-            return builder.load(builder.bitcast(p, _V8F.as_pointer()), align=4)
+        def term(q, mask, off, i):
+            return _mul(builder, weights(q, mask, off), _floats8(builder, xp, xo, 8 * i))
 
-        ws = (weights(qa, 15, 8), weights(qb, 15, 8), weights(qa, 240, 128), weights(qb, 240, 128))
-        lo = builder.fadd(builder.fmul(ws[0], xs(0), flags=_FFLAGS), builder.fmul(ws[1], xs(1), flags=_FFLAGS),
-                          flags=_FFLAGS)
-        hi = builder.fadd(builder.fmul(ws[2], xs(2), flags=_FFLAGS), builder.fmul(ws[3], xs(3), flags=_FFLAGS),
-                          flags=_FFLAGS)
-        return builder.fadd(lo, hi, flags=_FFLAGS)
+        lo = _add(builder, term(qa, 15, 8, 0), term(qb, 15, 8, 1))
+        hi = _add(builder, term(qa, 240, 128, 2), term(qb, 240, 128, 3))
+        return _add(builder, lo, hi)
 
     return V8(row, types.int64, x, types.int64), codegen
 
@@ -380,59 +415,35 @@ def _q4k_block(typingctx, acc, row, o, x, xo, xs, so, d, dmin):
     def codegen(context, builder, signature, args):
         _, rowty, _, xty, _, xsty, _, _, _ = signature.args
         acc, row, o, x, xo, xs, so, d, dmin = args
-        rp = context.make_array(rowty)(context, builder, row).data
-        xp = context.make_array(xty)(context, builder, x).data
-        sp = context.make_array(xsty)(context, builder, xs).data
-        i64 = o.type
-        q8 = ir.VectorType(ir.IntType(8), 8).as_pointer()
+        rp, xp, sp = (_data(context, builder, t, a) for t, a in ((rowty, row), (xty, x), (xsty, xs)))
 
-        def vi(vals):
-            return ir.Constant(_V8I, list(vals))
+        def add(a, b):
+            return _add(builder, a, b)
 
-        def bytes8(off):
-            p = builder.gep(rp, [builder.add(o, i64(off))])
-            return builder.zext(builder.load(builder.bitcast(p, q8), align=1), _V8I)
-
-        def fl8(base, ptr, off):
-            p = builder.gep(ptr, [builder.add(base, i64(off))])
-            return builder.load(builder.bitcast(p, _V8F.as_pointer()), align=4)
-
-        def splat(v, i):
-            return builder.shuffle_vector(v, v, vi([i] * 8))
-
-        def fma(a, b, c):
-            return builder.fadd(builder.fmul(a, b, flags=_FFLAGS), c, flags=_FFLAGS)
+        def mul(a, b):
+            return _mul(builder, a, b)
 
         # Scales and mins: P = bytes 4..11 of the block, Q = bytes 8..15 (the 12 scale bytes).
-        pb, qb = bytes8(4), bytes8(8)
-        r = builder.shuffle_vector(pb, qb, vi([0, 1, 2, 3, 12, 13, 14, 15]))
-        sh = builder.shuffle_vector(pb, ir.Constant(_V8I, [0] * 8), vi([8, 8, 8, 8, 0, 1, 2, 3]))
-        sc = builder.or_(builder.and_(r, vi([63] * 4 + [15] * 4)),
-                         builder.lshr(builder.and_(sh, vi([192] * 8)), vi([2] * 8)))
-        mn = builder.or_(builder.and_(builder.lshr(qb, vi([0] * 4 + [4] * 4)), vi([63] * 4 + [15] * 4)),
-                         builder.lshr(builder.and_(pb, vi([0] * 4 + [192] * 4)), vi([2] * 8)))
-        dv = splat(builder.insert_element(ir.Constant(_V8F, ir.Undefined), d, _I32(0)), 0)
-        mv = splat(builder.insert_element(ir.Constant(_V8F, ir.Undefined), dmin, _I32(0)), 0)
-        scf = builder.fmul(builder.fmul(builder.sitofp(sc, _V8F), ir.Constant(_V8F, [1.0, 0.0625] * 4)),
-                           dv, flags=_FFLAGS)
+        pb, qb = _bytes8(builder, rp, o, 4), _bytes8(builder, rp, o, 8)
+        r = builder.shuffle_vector(pb, qb, _vi([0, 1, 2, 3, 12, 13, 14, 15]))
+        sh = builder.shuffle_vector(pb, _vi(0), _vi([8, 8, 8, 8, 0, 1, 2, 3]))
+        sc = builder.or_(builder.and_(r, _vi([63] * 4 + [15] * 4)), builder.lshr(builder.and_(sh, _vi(192)), _vi(2)))
+        mn = builder.or_(builder.and_(builder.lshr(qb, _vi([0] * 4 + [4] * 4)), _vi([63] * 4 + [15] * 4)),
+                         builder.lshr(builder.and_(pb, _vi([0] * 4 + [192] * 4)), _vi(2)))
+        scf = mul(builder.fmul(builder.sitofp(sc, _V8F), ir.Constant(_V8F, [1.0, 0.0625] * 4)), _splat(builder, d))
         # sums of x over each 32-weight sub-block, lane i = sub-block i
-        s0, s1 = fl8(so, sp, 0), fl8(so, sp, 8)
-        x32 = builder.fadd(builder.shuffle_vector(s0, s1, vi(range(0, 16, 2))),
-                           builder.shuffle_vector(s0, s1, vi(range(1, 16, 2))), flags=_FFLAGS)
-        mins = builder.fmul(builder.fmul(builder.sitofp(mn, _V8F), mv, flags=_FFLAGS), x32, flags=_FFLAGS)
-        out = builder.fsub(acc, mins, flags=_FFLAGS)
+        s0, s1 = _floats8(builder, sp, so, 0), _floats8(builder, sp, so, 8)
+        x32 = add(builder.shuffle_vector(s0, s1, _vi(range(0, 16, 2))),
+                  builder.shuffle_vector(s0, s1, _vi(range(1, 16, 2))))
+        out = builder.fsub(acc, mul(mul(builder.sitofp(mn, _V8F), _splat(builder, dmin)), x32), flags=_FFLAGS)
         for c in range(4):
-            qs = [bytes8(16 + 32 * c + 8 * i) for i in range(4)]
-            lo = [builder.fmul(builder.sitofp(builder.and_(q, vi([15] * 8)), _V8F), fl8(xo, xp, 64 * c + 8 * i),
-                               flags=_FFLAGS) for i, q in enumerate(qs)]
-            hi = [builder.fmul(builder.sitofp(builder.and_(q, vi([240] * 8)), _V8F),
-                               fl8(xo, xp, 64 * c + 32 + 8 * i), flags=_FFLAGS) for i, q in enumerate(qs)]
-            lo = builder.fadd(builder.fadd(lo[0], lo[1], flags=_FFLAGS), builder.fadd(lo[2], lo[3], flags=_FFLAGS),
-                              flags=_FFLAGS)
-            hi = builder.fadd(builder.fadd(hi[0], hi[1], flags=_FFLAGS), builder.fadd(hi[2], hi[3], flags=_FFLAGS),
-                              flags=_FFLAGS)
-            out = fma(splat(scf, 2 * c), lo, out)
-            out = fma(splat(scf, 2 * c + 1), hi, out)
+            qs = [_bytes8(builder, rp, o, 16 + 32 * c + 8 * i) for i in range(4)]
+            lo = [mul(builder.sitofp(builder.and_(q, _vi(15)), _V8F), _floats8(builder, xp, xo, 64 * c + 8 * i))
+                  for i, q in enumerate(qs)]
+            hi = [mul(builder.sitofp(builder.and_(q, _vi(240)), _V8F), _floats8(builder, xp, xo, 64 * c + 32 + 8 * i))
+                  for i, q in enumerate(qs)]
+            out = add(mul(_lane(builder, scf, 2 * c), add(add(lo[0], lo[1]), add(lo[2], lo[3]))), out)
+            out = add(mul(_lane(builder, scf, 2 * c + 1), add(add(hi[0], hi[1]), add(hi[2], hi[3]))), out)
         return out
 
     return V8(V8, row, types.int64, x, types.int64, xs, types.int64, types.float32, types.float32), codegen
@@ -479,40 +490,25 @@ def _q6k_block(typingctx, acc, row, o, xq, xo, d):
     def codegen(context, builder, signature, args):
         _, rowty, _, xty, _, _ = signature.args
         acc, row, o, xq, xo, d = args
-        rp = context.make_array(rowty)(context, builder, row).data
-        xp = context.make_array(xty)(context, builder, xq).data
-        i64 = o.type
+        rp, xp = _data(context, builder, rowty, row), _data(context, builder, xty, xq)
         b32 = ir.VectorType(ir.IntType(8), 32)
 
         def c8(v):
             return ir.Constant(b32, [v] * 32)
 
-        def c32(v):
-            return ir.Constant(_V8I, [v] * 8)
-
-        def vf(v):
-            return ir.Constant(_V8F, [v] * 8)
-
-        def load(ptr, base, off, ty, align):
-            p = builder.gep(ptr, [builder.add(base, i64(off))])
-            return builder.load(builder.bitcast(p, ty.as_pointer()), align=align)
-
         def add(a, b):
-            return builder.fadd(a, b, flags=_FFLAGS)
+            return _add(builder, a, b)
 
         def mul(a, b):
-            return builder.fmul(a, b, flags=_FFLAGS)
-
-        def shuffle(v, idx):
-            return builder.shuffle_vector(v, v, ir.Constant(_V8I, idx))
+            return _mul(builder, a, b)
 
         i8x8 = ir.VectorType(ir.IntType(8), 8)
-        scales = [mul(builder.sitofp(builder.sext(load(rp, o, 192 + 8 * h, i8x8, 1), _V8I), _V8F), vf(2.0 ** -24))
-                  for h in range(2)]
-        top = c32(255 << 24)
+        scales = [mul(builder.sitofp(builder.sext(_load(builder, rp, o, 192 + 8 * h, i8x8, 1), _V8I), _V8F),
+                      ir.Constant(_V8F, [2.0 ** -24] * 8)) for h in range(2)]
+        top = _vi(255 << 24)
         halves = []
         for h in range(2):
-            qa, qb, qh = (load(rp, o, off, b32, 1) for off in (64 * h, 64 * h + 32, 128 + 32 * h))
+            qa, qb, qh = (_load(builder, rp, o, off, b32, 1) for off in (64 * h, 64 * h + 32, 128 + 32 * h))
             groups = (builder.or_(builder.and_(qa, c8(15)), builder.and_(builder.shl(qh, c8(4)), c8(48))),
                       builder.or_(builder.and_(qb, c8(15)), builder.and_(builder.shl(qh, c8(2)), c8(48))),
                       builder.or_(builder.lshr(qa, c8(4)), builder.and_(qh, c8(48))),
@@ -520,15 +516,14 @@ def _q6k_block(typingctx, acc, row, o, xq, xo, d):
             parts = []
             for g, q in enumerate(groups):
                 v = builder.bitcast(builder.sub(q, c8(32)), _V8I)
-                w = (builder.shl(v, c32(24)), builder.and_(builder.shl(v, c32(16)), top),
-                     builder.and_(builder.shl(v, c32(8)), top), builder.and_(v, top))
-                px = [mul(builder.sitofp(w[k], _V8F), load(xp, xo, 128 * h + 32 * g + 8 * k, _V8F, 4))
+                w = (builder.shl(v, _vi(24)), builder.and_(builder.shl(v, _vi(16)), top),
+                     builder.and_(builder.shl(v, _vi(8)), top), builder.and_(v, top))
+                px = [mul(builder.sitofp(w[k], _V8F), _floats8(builder, xp, xo, 128 * h + 32 * g + 8 * k))
                       for k in range(4)]
-                sv = shuffle(scales[h], [2 * g] * 4 + [2 * g + 1] * 4)
+                sv = builder.shuffle_vector(scales[h], scales[h], _vi([2 * g] * 4 + [2 * g + 1] * 4))
                 parts.append(mul(sv, add(add(px[0], px[1]), add(px[2], px[3]))))
             halves.append(add(add(parts[0], parts[1]), add(parts[2], parts[3])))
-        dv = builder.insert_element(ir.Constant(_V8F, ir.Undefined), d, _I32(0))
-        return add(mul(shuffle(dv, [0] * 8), add(halves[0], halves[1])), acc)
+        return add(mul(_splat(builder, d), add(halves[0], halves[1])), acc)
 
     return V8(V8, row, types.int64, xq, types.int64, types.float32), codegen
 
