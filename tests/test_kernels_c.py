@@ -184,6 +184,32 @@ def test_matmul_large_tiles(cb, qtype, cols):
     assert rel(cb.matmul(x, w), tight) < 1e-5
 
 
+@pytest.mark.parametrize("qtype", QUANT, ids=lambda q: q.name)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_avx512_matches_avx2_bit_for_bit(qtype, threads):
+    """The AVX-512 kernels form the integer sums the AVX2 ones form and take the same float steps
+    in the same order, so every shape gives the same bits: rows through 32- and 16-row passes and a
+    last 8 left to AVX2, whole and partial chunks of blocks, token passes and their tails."""
+    if 2 not in LEVELS:
+        pytest.skip("no AVX-512 VNNI on this CPU/build")
+    k = qtype in (QType.Q4_K, QType.Q6_K)
+    shapes = [(8, 256, 2), (24, 512, 5), (40, 1536, 3), (72, 2048, 9), (200, 1280 if k else 1440, 33)]
+    old = CB.threads
+    CB.set_threads(threads)
+    try:
+        for i, (n, cols, t) in enumerate(shapes):
+            w = make_weight(qtype, n, cols, seed=40 + i)
+            x = rng(40 + i).standard_normal((t, cols)).astype(np.float32)
+            got = {}
+            for isa in (1, 2):
+                CB.set_isa(isa)
+                got[isa] = CB.matmul(x, w)
+            np.testing.assert_array_equal(got[2], got[1], err_msg=f"{qtype.name} {n}x{cols}, {t} tokens")
+    finally:
+        CB.set_isa(LEVELS[-1])
+        CB.set_threads(old)
+
+
 @pytest.mark.parametrize("qtype", (QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.F32, QType.F16), ids=lambda q: q.name)
 @pytest.mark.parametrize("t", [1, 5, 70])
 def test_matmul_heads(cb, qtype, t):

@@ -1,5 +1,146 @@
-/* AVX-512 (F/BW/VL + VNNI) kernels. Entries left unset keep the AVX2 kernels. */
+/* AVX-512 (F/BW/VL + VNNI) kernels. Entries left unset keep the AVX2 kernels.
+ * VNNI's dpbusd multiplies unsigned bytes by signed bytes and adds each four products into an
+ * int32 lane in one instruction, where AVX2 needs maddubs, an int16 add and madd; with 16 lanes
+ * one vector holds 16 rows' weights. The integer sums are the same numbers the AVX2 kernels form,
+ * and the float steps after them the same operations in the same order, so each kernel here
+ * returns what its AVX2 counterpart returns, bit for bit. */
 #include <immintrin.h>
 #include "internal.h"
+#include "kern_x86.h"
 
-void lite_kernels_avx512(kernel_table *t) { (void)t; }
+/* The AVX2 kernels of the kinds replaced here: the rows-in-lanes kernels take rows in groups of
+ * 8, those here in groups of 16, and a last group of 8 goes to the AVX2 kernel. */
+static rows8_fn avx2_rows8[K_COUNT];
+
+/* ---- Q4_0, rows in the lanes ------------------------------------------------------------------- */
+/* As the AVX2 rows-in-lanes kernel: a chunk of blocks of 16 rows is repacked so that vector v of a
+ * block holds four weights of each row (Q4_0's nibbles as unsigned bytes), each broadcast of four
+ * activation bytes feeds G dpbusd, and each weight vector NT tokens. The +8 nibble offset comes
+ * off in float through the activation sums s[b]. */
+#define R16_CHUNK 32
+#define R16_NT 4
+
+/* 16 bytes at src of each of 16 rows ws apart, rows i, i + 4, i + 8, i + 12 in the 128-bit lanes
+ * of register i, transposed within the lanes as 4-byte groups: g[j] holds bytes 4j..4j+3 of row
+ * e in 32-bit element e. */
+INLINE void r16_lane_transpose(__m512i *g, const uint8_t *src, int64_t ws) {
+    __m512i r[4];
+    for (int i = 0; i < 4; i++) {
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(src + i * ws)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(src + (i + 4) * ws)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(src + (i + 8) * ws)), 2);
+        r[i] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(src + (i + 12) * ws)), 3);
+    }
+    __m512i t0 = _mm512_unpacklo_epi32(r[0], r[1]), t1 = _mm512_unpackhi_epi32(r[0], r[1]);
+    __m512i t2 = _mm512_unpacklo_epi32(r[2], r[3]), t3 = _mm512_unpackhi_epi32(r[2], r[3]);
+    g[0] = _mm512_unpacklo_epi64(t0, t2);
+    g[1] = _mm512_unpackhi_epi64(t0, t2);
+    g[2] = _mm512_unpacklo_epi64(t1, t3);
+    g[3] = _mm512_unpackhi_epi64(t1, t3);
+}
+
+/* The fp16 words at byte 0 of 16 rows ws apart, as floats in row order (one gather). */
+INLINE __m512 r16_scales(const uint8_t *p, int64_t ws) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int32_t)ws));
+    __m512i d = _mm512_i32gather_epi32(idx, p, 1);
+    return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d));
+}
+
+/* Blocks [b0, b0 + n) of rows w[0..15] -> dst (8 vectors a block: vector 2j the low nibbles of
+ * quant bytes 4j..4j+3 of each row, 2j+1 their high nibbles) and their scales -> dws[16 n]. */
+INLINE void r16_repack_q4_0(__m512i *dst, float *dws, const uint8_t *w, int64_t ws, int64_t b0, int n) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    for (int k = 0; k < n; k++) {
+        const uint8_t *blk = w + (b0 + k) * Q4_0_BYTES;
+        _mm512_store_ps(dws + 16 * k, r16_scales(blk, ws));
+        __m512i g[4];
+        r16_lane_transpose(g, blk + 2, ws);
+        for (int j = 0; j < 4; j++) {
+            dst[8 * k + 2 * j] = _mm512_and_si512(g[j], m4);
+            dst[8 * k + 2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(g[j], 4), m4);
+        }
+    }
+}
+
+/* 16 rows of NT tokens' results: stored for a row group's first chunk of blocks, added after. */
+INLINE void r16_store(const int NT, float *out, int64_t ldo, const __m512 *acc, int first) {
+    for (int t = 0; t < NT; t++) {
+        float *o = out + t * ldo;
+        _mm512_storeu_ps(o, first ? acc[t] : _mm512_add_ps(_mm512_loadu_ps(o), acc[t]));
+    }
+}
+
+/* NT tokens over the repacked blocks [b0, b0 + n) of G groups of 16 rows (group g's vectors at
+ * rep + g * 8 * R16_CHUNK): out[t*ldo + r..r+16G], set for the first chunk and added to after. */
+INLINE void r16_tokens_q4_0(const int G, const int NT, float *out, int64_t ldo, const __m512i *rep, const float *dws,
+                            const uint8_t *a, int64_t as, int64_t nb, int64_t b0, int n, r8_prefetch *pf) {
+    __m512 acc[2][R16_NT];
+    for (int g = 0; g < G; g++)
+        for (int t = 0; t < NT; t++) acc[g][t] = _mm512_setzero_ps();
+    for (int k = 0; k < n; k++) {
+        __m512i s[2][R16_NT];
+        r8_prefetch_step(pf);
+        for (int g = 0; g < G; g++)
+            for (int t = 0; t < NT; t++) s[g][t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+        for (int v = 0; v < 8; v++) {
+            const int off = (v & 1) * 16 + 4 * (v >> 1);
+            __m512i wv[2];
+            for (int g = 0; g < G; g++) wv[g] = _mm512_load_si512(rep + g * 8 * R16_CHUNK + 8 * k + v);
+            for (int t = 0; t < NT; t++) {
+                int32_t q;
+                memcpy(&q, a + t * as + (b0 + k) * QK + off, 4);
+                __m512i y = _mm512_set1_epi32(q);
+                for (int g = 0; g < G; g++) s[g][t] = _mm512_dpbusd_epi32(s[g][t], wv[g], y);
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const float *dy = (const float *)(a + t * as + nb * QK);
+            __m512 d = _mm512_set1_ps(dy[b0 + k]), c = _mm512_set1_ps(dy[nb + b0 + k]);
+            for (int g = 0; g < G; g++) {
+                __m512 x = _mm512_fmsub_ps(_mm512_cvtepi32_ps(s[g][t]), d, c);
+                acc[g][t] = _mm512_fmadd_ps(x, _mm512_load_ps(dws + g * 16 * R16_CHUNK + 16 * k), acc[g][t]);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) r16_store(NT, out + 16 * g, ldo, acc[g], b0 == 0);
+}
+
+/* Rows [r, r + 16G), a chunk of blocks at a time, R16_NT tokens a pass. */
+INLINE void r16_rows_q4_0(const int G, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t r, int64_t nr,
+                          const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb) {
+    _Alignas(64) __m512i rep[2 * 8 * R16_CHUNK];
+    _Alignas(64) float dws[2 * 16 * R16_CHUNK];
+    for (int64_t b0 = 0; b0 < nb; b0 += R16_CHUNK) {
+        int n = (int)(nb - b0 < R16_CHUNK ? nb - b0 : R16_CHUNK);
+        for (int g = 0; g < G; g++)
+            r16_repack_q4_0(rep + g * 8 * R16_CHUNK, dws + g * 16 * R16_CHUNK, w + (r + 16 * g) * ws, ws, b0, n);
+        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 16 * G, b0, R16_CHUNK, nb, Q4_0_BYTES, n_tok, R16_NT, n);
+        int64_t t = 0;
+        for (; t + R16_NT <= n_tok; t += R16_NT)
+            r16_tokens_q4_0(G, R16_NT, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf);
+        switch (n_tok - t) {
+        case 3: r16_tokens_q4_0(G, 3, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf); break;
+        case 2: r16_tokens_q4_0(G, 2, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf); break;
+        case 1: r16_tokens_q4_0(G, 1, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf); break;
+        }
+    }
+}
+
+static void rows8_q4_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                       int64_t as, int64_t n_tok, int64_t cols) {
+    const int64_t nb = cols / QK;
+    int64_t r = 0;
+    for (; r + 32 <= nr; r += 32) r16_rows_q4_0(2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+    if (r + 16 <= nr) {
+        r16_rows_q4_0(1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+        r += 16;
+    }
+    if (r < nr) avx2_rows8[K_Q4_0](out + r, ldo, w + r * ws, ws, nr - r, a, as, n_tok, cols);
+}
+
+void lite_kernels_avx512(kernel_table *t) {
+    for (int k = 0; k < K_COUNT; k++) avx2_rows8[k] = t->rows8[k];
+    if (avx2_rows8[K_Q4_0]) t->rows8[K_Q4_0] = rows8_q4_0;
+}
