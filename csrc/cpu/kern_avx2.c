@@ -6,13 +6,6 @@
 #include "internal.h"
 #include "kern_x86.h"
 
-INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* ---- Q4_0 / Q8_0 ------------------------------------------------------------------------------- */
 /* One kernel serves a lone token (decode: many rows streamed one after another) and tiles of up to
  * 4 tokens (prefill), row by row. Per block and token the work is maddubs, madd, convert and one
@@ -21,9 +14,8 @@ INLINE float hsum8(__m256 v) {
  * activation scales, and each block's product taken by an in-lane permute (one token, Q4_0, from
  * L3 on one core: 8.7 -> 12.2 GB/s). Q4_0 nibbles go into maddubs unsigned; their +8 offset is
  * taken off per 8 blocks in float from the activation sums s[b] = 8 * d * sum(q) of the A8 layout.
- * Rows are read start to end with a software prefetch about 1 KiB ahead: a 4-row tile's short
- * interleaved streams reached only 5.1 GB/s from RAM on one core, against 9.4-10.5 streamed. */
-#define MV_PREFETCH 1024
+ * Rows are read start to end with a software prefetch MV_PREFETCH bytes ahead: a 4-row tile's
+ * short interleaved streams reached only 5.1 GB/s from RAM on one core, against 9.4-10.5 streamed. */
 
 /* Block weights as maddubs takes them. Q4_0: one broadcast load and a per-lane shift give the
  * low and high nibbles of the block. Q8_0: the raw signed bytes (see q8_dot). */
@@ -896,28 +888,6 @@ static void quant_a8k(uint8_t *a, int64_t astride, const float *x, int64_t n_row
     }
 }
 
-/* ---- MLA attention ---------------------------------------------------------------------------- */
-
-/* e^x for x <= 0 (softmax after the max is subtracted): 2^n * p(r), r = x - n ln2 in
- * [-ln2/2, ln2/2], p a degree-6 Taylor polynomial (relative error ~2e-7); below -87 it is 0. */
-INLINE __m256 exp_neg(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.0f);
-    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
 /* silu(g) * u, eight at a time: the sigmoid from e = e^-|g| (<= 1, so exp_neg serves) as 1 / (1 + e)
  * for g >= 0 and e / (1 + e) below. glibc's scalar expf took ~5.5 ns a call here, and a 256-token
  * prefill makes 2.9 million of them per MoE layer. */
@@ -934,21 +904,7 @@ static void silu_mul(float *out, const float *g, const float *u, int64_t n) {
     lite_silu_mul_scalar(out + i, g + i, u + i, n - i);
 }
 
-/* The next chunk's cache lines (latent rows, then rope keys), one line per step of the passes
- * over the current chunk. Spread over all the passes, the reads overlap the arithmetic; issued
- * within one pass, they filled the core's miss buffers and stalled it until memory answered
- * (the kernel ran at half its in-cache speed with the cache in DRAM). */
-typedef struct { const char *p, *end, *p2, *end2; } mla_prefetch;
-
-INLINE void mla_prefetch_step(mla_prefetch *pf) {
-    if (pf->p < pf->end) {
-        _mm_prefetch(pf->p, _MM_HINT_T0);
-        pf->p += 64;
-    } else if (pf->p2 < pf->end2) {
-        _mm_prefetch(pf->p2, _MM_HINT_T0);
-        pf->p2 += 64;
-    }
-}
+/* ---- MLA attention ---------------------------------------------------------------------------- */
 
 /* Scores of NH heads x NS positions: dot products over the latent and the rope parts, each pair
  * in its own accumulator, every cache row loaded once for the NH heads. 4 x 3 fills the 16
@@ -1043,26 +999,7 @@ static void mla_heads(float *out, const float *ql, const float *qp, const float 
             }
 #undef SCORES
         }
-        for (int g = 0; g < nh; g++) {
-            float mc = -INFINITY;
-            for (int64_t s = 0; s < ns; s++) mc = p[g][s] > mc ? p[g][s] : mc;
-            float mn = mc > m[g] ? mc : m[g];
-            alpha[g] = expf(m[g] - mn);
-            __m256 vm = _mm256_set1_ps(mn), vs = _mm256_setzero_ps();
-            int64_t s = 0;
-            for (; s + 8 <= ns; s += 8) {
-                __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(&p[g][s]), vm));
-                _mm256_storeu_ps(&p[g][s], e);
-                vs = _mm256_add_ps(vs, e);
-            }
-            float sum = hsum8(vs);
-            for (; s < ns; s++) {
-                p[g][s] = expf(p[g][s] - mn);
-                sum += p[g][s];
-            }
-            l[g] = l[g] * alpha[g] + sum;
-            m[g] = mn;
-        }
+        mla_softmax_chunk(&p[0][0], MLA_CHUNK, nh, ns, m, l, alpha);
         int g = 0;
         for (; g + 4 <= nh; g += 4)
             mla_accumulate(4, acc + g * MLA_MAX_C, alpha + g, &p[g][0], MLA_CHUNK, kc, ns, c_dim, &pf);
