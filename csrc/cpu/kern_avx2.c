@@ -965,6 +965,28 @@ INLINE void mla_accumulate(const int NH, float *acc, const float *alpha, const f
     for (; c < c_dim; c += 8) mla_accumulate_block(NH, 1, acc, alpha, p, pld, ckv, ns, c_dim, c, pf);
 }
 
+/* Scores of nh <= 4 heads over a chunk's ns positions, three at a time. */
+INLINE void mla_scores_group(int nh, float *p, int64_t pld, const float *ql, const float *qp, const float *kc,
+                             const float *kp, int64_t ns, int64_t c_dim, int64_t r_dim, float scale, mla_prefetch *pf) {
+    int64_t s = 0;
+#define SCORES(NH, NS) mla_scores(NH, NS, p + s, pld, ql, qp, kc + s * c_dim, kp + s * r_dim, c_dim, r_dim, scale, pf)
+    switch (nh) {
+    case 4: for (; s + 3 <= ns; s += 3) SCORES(4, 3); for (; s < ns; s++) SCORES(4, 1); break;
+    case 3: for (; s + 3 <= ns; s += 3) SCORES(3, 3); for (; s < ns; s++) SCORES(3, 1); break;
+    case 2: for (; s + 3 <= ns; s += 3) SCORES(2, 3); for (; s < ns; s++) SCORES(2, 1); break;
+    default: for (; s + 3 <= ns; s += 3) SCORES(1, 3); for (; s < ns; s++) SCORES(1, 1); break;
+    }
+#undef SCORES
+}
+
+/* The weighted sums of nh <= 4 heads (4 together, or 1). */
+INLINE void mla_accumulate_group(int nh, float *acc, const float *alpha, const float *p, int64_t pld,
+                                 const float *kc, int64_t ns, int64_t c_dim, mla_prefetch *pf) {
+    if (nh == 4) mla_accumulate(4, acc, alpha, p, pld, kc, ns, c_dim, pf);
+    else
+        for (int g = 0; g < nh; g++) mla_accumulate(1, acc + g * MLA_MAX_C, alpha + g, p + g * pld, pld, kc, ns, c_dim, pf);
+}
+
 /* The same result as lite_mla_heads_scalar (to float rounding), vectorised; latent and rope
  * sizes must be multiples of 16 and 8, else the scalar kernel runs. */
 static void mla_heads(float *out, const float *ql, const float *qp, const float *ckv, const float *kpe,
@@ -973,44 +995,7 @@ static void mla_heads(float *out, const float *ql, const float *qp, const float 
         lite_mla_heads_scalar(out, ql, qp, ckv, kpe, n_vis, nh, c_dim, r_dim, scale);
         return;
     }
-    _Alignas(32) float acc[MLA_HEAD_GROUP * MLA_MAX_C];
-    _Alignas(32) float p[MLA_HEAD_GROUP][MLA_CHUNK];
-    float m[MLA_HEAD_GROUP], l[MLA_HEAD_GROUP], alpha[MLA_HEAD_GROUP];
-    for (int g = 0; g < nh; g++) {
-        m[g] = -INFINITY;
-        l[g] = 0.0f;
-        memset(acc + g * MLA_MAX_C, 0, sizeof(float) * c_dim);
-    }
-    for (int64_t s0 = 0; s0 < n_vis; s0 += MLA_CHUNK) {
-        int64_t ns = n_vis - s0 < MLA_CHUNK ? n_vis - s0 : MLA_CHUNK;
-        const float *kc = ckv + s0 * c_dim, *kp = r_dim ? kpe + s0 * r_dim : NULL;
-        int64_t nn = n_vis - s0 - ns < MLA_CHUNK ? n_vis - s0 - ns : MLA_CHUNK;   /* next chunk */
-        mla_prefetch pf = {(const char *)(kc + ns * c_dim), (const char *)(kc + (ns + nn) * c_dim),
-                           kp ? (const char *)(kp + ns * r_dim) : NULL, kp ? (const char *)(kp + (ns + nn) * r_dim) : NULL};
-        for (int g = 0; g < nh; g += 4) {
-            const float *qg = ql + g * c_dim, *pg = qp + g * r_dim;
-            int64_t s = 0;
-#define SCORES(NH, NS) mla_scores(NH, NS, &p[g][s], MLA_CHUNK, qg, pg, kc + s * c_dim, kp + s * r_dim, c_dim, r_dim, scale, &pf)
-            switch (nh - g < 4 ? nh - g : 4) {
-            case 4: for (; s + 3 <= ns; s += 3) SCORES(4, 3); for (; s < ns; s++) SCORES(4, 1); break;
-            case 3: for (; s + 3 <= ns; s += 3) SCORES(3, 3); for (; s < ns; s++) SCORES(3, 1); break;
-            case 2: for (; s + 3 <= ns; s += 3) SCORES(2, 3); for (; s < ns; s++) SCORES(2, 1); break;
-            default: for (; s + 3 <= ns; s += 3) SCORES(1, 3); for (; s < ns; s++) SCORES(1, 1); break;
-            }
-#undef SCORES
-        }
-        mla_softmax_chunk(&p[0][0], MLA_CHUNK, nh, ns, m, l, alpha);
-        int g = 0;
-        for (; g + 4 <= nh; g += 4)
-            mla_accumulate(4, acc + g * MLA_MAX_C, alpha + g, &p[g][0], MLA_CHUNK, kc, ns, c_dim, &pf);
-        for (; g < nh; g++)
-            mla_accumulate(1, acc + g * MLA_MAX_C, alpha + g, &p[g][0], MLA_CHUNK, kc, ns, c_dim, &pf);
-    }
-    for (int g = 0; g < nh; g++) {
-        __m256 inv = _mm256_set1_ps(1.0f / l[g]);
-        for (int64_t c = 0; c < c_dim; c += 8)
-            _mm256_storeu_ps(out + g * c_dim + c, _mm256_mul_ps(_mm256_loadu_ps(acc + g * MLA_MAX_C + c), inv));
-    }
+    mla_heads_by(mla_scores_group, mla_accumulate_group, out, ql, qp, ckv, kpe, n_vis, nh, c_dim, r_dim, scale);
 }
 
 void lite_kernels_avx2(kernel_table *t) {

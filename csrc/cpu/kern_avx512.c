@@ -218,8 +218,101 @@ static void mv_q4_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const 
     }
 }
 
+/* ---- MLA attention --------------------------------------------------------------------------- */
+/* The AVX2 kernel's steps with 16-float vectors and twice the registers: score tiles of 4 heads x
+ * 4 positions (16 sums, 4 cache rows, a query: 8 loads per 16 FMAs) and weighted-sum blocks of 4
+ * heads x 64 dims (16 sums, 4 cache loads, 4 broadcasts). */
+static mla_fn avx2_mla;
+
+INLINE void mla16_scores(const int NH, const int NS, float *p, int64_t pld, const float *ql, const float *qp,
+                         const float *ckv, const float *kpe, int64_t c_dim, int64_t r_dim, float scale, mla_prefetch *pf) {
+    __m512 acc[4][4];
+    for (int h = 0; h < NH; h++)
+        for (int s = 0; s < NS; s++) acc[h][s] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < c_dim; c += 16) {
+        __m512 k[4];
+        if (c % 32 == 0) mla_prefetch_step(pf);
+        for (int s = 0; s < NS; s++) k[s] = _mm512_loadu_ps(ckv + s * c_dim + c);
+        for (int h = 0; h < NH; h++) {
+            __m512 q = _mm512_loadu_ps(ql + h * c_dim + c);
+            for (int s = 0; s < NS; s++) acc[h][s] = _mm512_fmadd_ps(q, k[s], acc[h][s]);
+        }
+    }
+    for (int64_t c = 0; c < r_dim; c += 16) {
+        __m512 k[4];
+        for (int s = 0; s < NS; s++) k[s] = _mm512_loadu_ps(kpe + s * r_dim + c);
+        for (int h = 0; h < NH; h++) {
+            __m512 q = _mm512_loadu_ps(qp + h * r_dim + c);
+            for (int s = 0; s < NS; s++) acc[h][s] = _mm512_fmadd_ps(q, k[s], acc[h][s]);
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int s = 0; s < NS; s++) p[h * pld + s] = _mm512_reduce_add_ps(acc[h][s]) * scale;
+}
+
+INLINE void mla16_scores_group(int nh, float *p, int64_t pld, const float *ql, const float *qp, const float *kc,
+                               const float *kp, int64_t ns, int64_t c_dim, int64_t r_dim, float scale, mla_prefetch *pf) {
+    int64_t s = 0;
+#define SCORES(NH, NS) mla16_scores(NH, NS, p + s, pld, ql, qp, kc + s * c_dim, kp + s * r_dim, c_dim, r_dim, scale, pf)
+    switch (nh) {
+    case 4: for (; s + 4 <= ns; s += 4) SCORES(4, 4); for (; s < ns; s++) SCORES(4, 1); break;
+    case 3: for (; s + 4 <= ns; s += 4) SCORES(3, 4); for (; s < ns; s++) SCORES(3, 1); break;
+    case 2: for (; s + 4 <= ns; s += 4) SCORES(2, 4); for (; s < ns; s++) SCORES(2, 1); break;
+    default: for (; s + 4 <= ns; s += 4) SCORES(1, 4); for (; s < ns; s++) SCORES(1, 1); break;
+    }
+#undef SCORES
+}
+
+/* acc[h][c, c + 16 NV) = acc[h] * alpha[h] + sum_s p[h][s] * ckv[s] for NH heads. */
+INLINE void mla16_accumulate_block(const int NH, const int NV, float *acc, const float *alpha, const float *p,
+                                   int64_t pld, const float *ckv, int64_t ns, int64_t c_dim, int64_t c, mla_prefetch *pf) {
+    __m512 a[4][4];
+    for (int h = 0; h < NH; h++) {
+        __m512 al = _mm512_set1_ps(alpha[h]);
+        for (int v = 0; v < NV; v++) a[h][v] = _mm512_mul_ps(_mm512_loadu_ps(acc + h * MLA_MAX_C + c + 16 * v), al);
+    }
+    for (int64_t s = 0; s < ns; s++) {
+        __m512 k[4];
+        if (s % 2 == 0) mla_prefetch_step(pf);
+        for (int v = 0; v < NV; v++) k[v] = _mm512_loadu_ps(ckv + s * c_dim + c + 16 * v);
+        for (int h = 0; h < NH; h++) {
+            __m512 ps = _mm512_set1_ps(p[h * pld + s]);
+            for (int v = 0; v < NV; v++) a[h][v] = _mm512_fmadd_ps(ps, k[v], a[h][v]);
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(acc + h * MLA_MAX_C + c + 16 * v, a[h][v]);
+}
+
+INLINE void mla16_accumulate_group(int nh, float *acc, const float *alpha, const float *p, int64_t pld,
+                                   const float *kc, int64_t ns, int64_t c_dim, mla_prefetch *pf) {
+    for (int g = 0; g < nh;) {
+        const int four = nh - g >= 4;
+        int64_t c = 0;
+        for (; c + 64 <= c_dim; c += 64)
+            if (four) mla16_accumulate_block(4, 4, acc + g * MLA_MAX_C, alpha + g, p + g * pld, pld, kc, ns, c_dim, c, pf);
+            else mla16_accumulate_block(1, 4, acc + g * MLA_MAX_C, alpha + g, p + g * pld, pld, kc, ns, c_dim, c, pf);
+        for (; c < c_dim; c += 16)
+            if (four) mla16_accumulate_block(4, 1, acc + g * MLA_MAX_C, alpha + g, p + g * pld, pld, kc, ns, c_dim, c, pf);
+            else mla16_accumulate_block(1, 1, acc + g * MLA_MAX_C, alpha + g, p + g * pld, pld, kc, ns, c_dim, c, pf);
+        g += four ? 4 : 1;
+    }
+}
+
+/* Latent and rope sizes must be multiples of 16, else the AVX2 kernel runs. */
+static void mla_heads(float *out, const float *ql, const float *qp, const float *ckv, const float *kpe,
+                      int64_t n_vis, int nh, int64_t c_dim, int64_t r_dim, float scale) {
+    if (c_dim % 16 || r_dim % 16) {
+        avx2_mla(out, ql, qp, ckv, kpe, n_vis, nh, c_dim, r_dim, scale);
+        return;
+    }
+    mla_heads_by(mla16_scores_group, mla16_accumulate_group, out, ql, qp, ckv, kpe, n_vis, nh, c_dim, r_dim, scale);
+}
+
 void lite_kernels_avx512(kernel_table *t) {
     for (int k = 0; k < K_COUNT; k++) avx2_rows8[k] = t->rows8[k];
     if (avx2_rows8[K_Q4_0]) t->rows8[K_Q4_0] = rows8_q4_0;
     t->mv[K_Q4_0] = mv_q4_0;
+    avx2_mla = t->mla;
+    t->mla = mla_heads;
 }
