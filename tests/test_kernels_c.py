@@ -258,11 +258,13 @@ def test_matmul_heads_bad_input():
     assert call(w3.data.nbytes, out.size - 1) == lib.LITE_ERR_SIZE
 
 
-def test_read_bytes():
+def test_read_bytes(cb):
+    """The bandwidth probe's read, every ISA's: chunks of 32 KiB and a short last one, vector
+    loops and their word tails."""
     from lite.kernels.c import read_bytes
-    b = rng(1).integers(0, 2**63, 100003, dtype=np.uint64)
-    for th in (1, 2):
-        assert read_bytes(b, th) == int(np.bitwise_xor.reduce(b))
+    for n in (100003, 4096 + 5, 1):
+        b = rng(n).integers(0, 2**63, n, dtype=np.uint64)
+        assert read_bytes(b, cb.threads) == int(np.bitwise_xor.reduce(b))
     with pytest.raises(BackendError):
         read_bytes(np.ones(3, np.uint8))
 
@@ -304,6 +306,7 @@ def test_softmax_silu(cb):
     (1, 2, 32, 0, 5, 4),            # no rope dims
     (2, 9, 64, 8, 101, 99),         # a head group of 8 and one of 1; chunks with 4- and 5-position tails
     (1, 7, 40, 4, 70, 69),          # sizes the vector kernel does not take: the scalar one runs
+    (1, 8, 80, 16, 61, 60),         # AVX-512: a group of 8 heads over 32-dim blocks and a 16-dim tail
 ])
 def test_mla_attention(cb, t, h, c, r, s, start):
     g = rng(t * 100 + s)

@@ -178,24 +178,13 @@ int lite_matmul_heads(float *out, int64_t out_len, const float *x, int64_t n_tok
 int lite_read_bytes(uint64_t *out, const uint8_t *buf, int64_t n_bytes) {
     if (!out || !buf) return LITE_ERR_NULL;
     if (n_bytes < 0 || n_bytes % 8) return LITE_ERR_ARG;
-    const uint64_t *p = (const uint64_t *)buf;
-    int64_t n = n_bytes / 8;
+    const int64_t chunk = 32768;
+    read_fn f = lite_active_kernels()->read_xor;
     uint64_t acc = 0;
     int nth = lite_num_threads();
 #pragma omp parallel for schedule(static) reduction(^ : acc) num_threads(nth) if (nth > 1)
-    for (int64_t c = 0; c < (n + 4095) / 4096; c++) {
-        int64_t i0 = c * 4096, i1 = i0 + 4096 < n ? i0 + 4096 : n;
-        uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-        int64_t i = i0;
-        for (; i + 4 <= i1; i += 4) {
-            a0 ^= p[i];
-            a1 ^= p[i + 1];
-            a2 ^= p[i + 2];
-            a3 ^= p[i + 3];
-        }
-        for (; i < i1; i++) a0 ^= p[i];
-        acc ^= a0 ^ a1 ^ a2 ^ a3;
-    }
+    for (int64_t c = 0; c < (n_bytes + chunk - 1) / chunk; c++)
+        acc ^= f(buf + c * chunk, n_bytes - c * chunk < chunk ? n_bytes - c * chunk : chunk);
     *out = acc;
     return LITE_OK;
 }

@@ -129,6 +129,9 @@ typedef void (*mla_fn)(float *out, const float *ql, const float *qp, const float
 #define MLA_CHUNK 48       /* positions per online-softmax step: 16 triples of rows for the 4x3 score tiles */
 /* out[i] = silu(g[i]) * u[i] for i < n (out may be g). */
 typedef void (*silu_fn)(float *out, const float *g, const float *u, int64_t n);
+/* XOR of the n (a multiple of 8) bytes at p as 64-bit words: the bandwidth probe's read, with the
+ * widest loads an ISA has (scalar 64-bit loads read 12-15% slower from DRAM on an AVX-512 Xeon). */
+typedef uint64_t (*read_fn)(const uint8_t *p, int64_t n);
 /* Quantize n_rows float rows of length cols into an activation layout (A8 or A8K). */
 typedef void (*quant_fn)(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols);
 
@@ -142,6 +145,7 @@ typedef struct {
     silu_fn silu_mul;
     quant_fn quant_a8;
     quant_fn quant_a8k;
+    read_fn read_xor;
 } kernel_table;
 
 void lite_kernels_scalar(kernel_table *t);

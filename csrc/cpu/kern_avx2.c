@@ -995,7 +995,24 @@ static void mla_heads(float *out, const float *ql, const float *qp, const float 
         lite_mla_heads_scalar(out, ql, qp, ckv, kpe, n_vis, nh, c_dim, r_dim, scale);
         return;
     }
-    mla_heads_by(mla_scores_group, mla_accumulate_group, out, ql, qp, ckv, kpe, n_vis, nh, c_dim, r_dim, scale);
+    mla_heads_by(4, mla_scores_group, mla_accumulate_group, out, ql, qp, ckv, kpe, n_vis, nh, c_dim, r_dim, scale);
+}
+
+static uint64_t read_xor(const uint8_t *p, int64_t n) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i *)(p + i)));
+        a1 = _mm256_xor_si256(a1, _mm256_loadu_si256((const __m256i *)(p + i + 32)));
+    }
+    uint64_t w[4], acc;
+    _mm256_storeu_si256((__m256i *)w, _mm256_xor_si256(a0, a1));
+    acc = w[0] ^ w[1] ^ w[2] ^ w[3];
+    for (; i < n; i += 8) {
+        memcpy(w, p + i, 8);
+        acc ^= w[0];
+    }
+    return acc;
 }
 
 void lite_kernels_avx2(kernel_table *t) {
@@ -1018,4 +1035,5 @@ void lite_kernels_avx2(kernel_table *t) {
     t->rows8[K_Q6_K] = rows8_q6_k;
     t->quant_a8 = quant_a8;
     t->quant_a8k = quant_a8k;
+    t->read_xor = read_xor;
 }

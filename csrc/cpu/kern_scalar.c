@@ -202,6 +202,23 @@ void lite_silu_mul_scalar(float *out, const float *g, const float *u, int64_t n)
     for (int64_t i = 0; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+static uint64_t read_xor(const uint8_t *p, int64_t n) {
+    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0, w[4];
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        memcpy(w, p + i, 32);
+        a0 ^= w[0];
+        a1 ^= w[1];
+        a2 ^= w[2];
+        a3 ^= w[3];
+    }
+    for (; i < n; i += 8) {
+        memcpy(w, p + i, 8);
+        a0 ^= w[0];
+    }
+    return a0 ^ a1 ^ a2 ^ a3;
+}
+
 void lite_kernels_scalar(kernel_table *t) {
     t->tile[K_Q4_0] = tile_q4_0;
     t->tile[K_Q8_0] = tile_q8_0;
@@ -214,4 +231,5 @@ void lite_kernels_scalar(kernel_table *t) {
     t->silu_mul = lite_silu_mul_scalar;
     t->quant_a8 = lite_quant_a8_scalar;
     t->quant_a8k = lite_quant_a8k_scalar;
+    t->read_xor = read_xor;
 }

@@ -128,18 +128,19 @@ INLINE void mla_softmax_chunk(float *p, int64_t pld, int nh, int64_t ns, float *
     }
 }
 
-/* An ISA's two MLA steps over one chunk: scores of nh <= 4 heads (p[g * pld + s], already times
+/* An ISA's two MLA steps over one chunk: scores of nh <= GH heads (p[g * pld + s], already times
  * the softmax scale), and the weighted sums acc[g * MLA_MAX_C + c] = acc * alpha[g] + sum_s
- * p[g * pld + s] * kc[s * c_dim + c] of nh <= 4 heads. */
+ * p[g * pld + s] * kc[s * c_dim + c] of nh <= GH heads. */
 typedef void (*mla_scores_fn)(int nh, float *p, int64_t pld, const float *ql, const float *qp, const float *kc,
                               const float *kp, int64_t ns, int64_t c_dim, int64_t r_dim, float scale, mla_prefetch *pf);
 typedef void (*mla_accumulate_fn)(int nh, float *acc, const float *alpha, const float *p, int64_t pld,
                                   const float *kc, int64_t ns, int64_t c_dim, mla_prefetch *pf);
 
-/* The chunk loop of an mla_fn around an ISA's two steps (inlined, so the steps are direct calls):
- * per chunk of MLA_CHUNK positions, the scores of all heads, the online softmax, the weighted
- * sums, with the next chunk prefetched a line per step of the passes over this one. */
-INLINE void mla_heads_by(mla_scores_fn scores, mla_accumulate_fn accumulate, float *out, const float *ql,
+/* The chunk loop of an mla_fn around an ISA's two steps (inlined, so the steps are direct calls),
+ * which take GH heads at a time: per chunk of MLA_CHUNK positions, the scores of all heads, the
+ * online softmax, the weighted sums, with the next chunk prefetched a line per step of the passes
+ * over this one. */
+INLINE void mla_heads_by(const int GH, mla_scores_fn scores, mla_accumulate_fn accumulate, float *out, const float *ql,
                          const float *qp, const float *ckv, const float *kpe, int64_t n_vis, int nh, int64_t c_dim,
                          int64_t r_dim, float scale) {
     _Alignas(64) float acc[MLA_HEAD_GROUP * MLA_MAX_C];
@@ -156,12 +157,12 @@ INLINE void mla_heads_by(mla_scores_fn scores, mla_accumulate_fn accumulate, flo
         int64_t nn = n_vis - s0 - ns < MLA_CHUNK ? n_vis - s0 - ns : MLA_CHUNK;   /* next chunk */
         mla_prefetch pf = {(const char *)(kc + ns * c_dim), (const char *)(kc + (ns + nn) * c_dim),
                            kp ? (const char *)(kp + ns * r_dim) : NULL, kp ? (const char *)(kp + (ns + nn) * r_dim) : NULL};
-        for (int g = 0; g < nh; g += 4)
-            scores(nh - g < 4 ? nh - g : 4, &p[g][0], MLA_CHUNK, ql + g * c_dim, qp + g * r_dim, kc, kp, ns, c_dim,
+        for (int g = 0; g < nh; g += GH)
+            scores(nh - g < GH ? nh - g : GH, &p[g][0], MLA_CHUNK, ql + g * c_dim, qp + g * r_dim, kc, kp, ns, c_dim,
                    r_dim, scale, &pf);
         mla_softmax_chunk(&p[0][0], MLA_CHUNK, nh, ns, m, l, alpha);
-        for (int g = 0; g < nh; g += 4)
-            accumulate(nh - g < 4 ? nh - g : 4, acc + g * MLA_MAX_C, alpha + g, &p[g][0], MLA_CHUNK, kc, ns, c_dim, &pf);
+        for (int g = 0; g < nh; g += GH)
+            accumulate(nh - g < GH ? nh - g : GH, acc + g * MLA_MAX_C, alpha + g, &p[g][0], MLA_CHUNK, kc, ns, c_dim, &pf);
     }
     for (int g = 0; g < nh; g++) {
         __m256 inv = _mm256_set1_ps(1.0f / l[g]);
