@@ -12,11 +12,15 @@
  * 8, those here in groups of 16, and a last group of 8 goes to the AVX2 kernel. */
 static rows8_fn avx2_rows8[K_COUNT];
 
-/* ---- Q4_0, rows in the lanes ------------------------------------------------------------------- */
+/* ---- Q4_0 / Q8_0, rows in the lanes ----------------------------------------------------------- */
 /* As the AVX2 rows-in-lanes kernel: a chunk of blocks of 16 rows is repacked so that vector v of a
- * block holds four weights of each row (Q4_0's nibbles as unsigned bytes), each broadcast of four
- * activation bytes feeds G dpbusd, and each weight vector NT tokens. The +8 nibble offset comes
- * off in float through the activation sums s[b]. */
+ * block holds four weights of each row as unsigned bytes, each broadcast of four activation bytes
+ * feeds G dpbusd, and each weight vector NT tokens. Q4_0's nibbles go in as they are and their +8
+ * offset comes off in float through the activation sums s[b] = 8 d sum(q), as in AVX2, so the
+ * results are AVX2's bit for bit. Q8_0's signed weights go in plus 128 (dpbusd has no signed x
+ * signed form, and AVX-512 no byte sign op for AVX2's |w| x sign(y, w)); the 128 sum(q) comes off
+ * as 16 s[b], exact, but the product with d now rounds a larger sum, so Q8_0 differs from AVX2 in
+ * the last bits. (Sums reach 32 * 255 * 127 < 2^24: exact in float.) */
 #define R16_CHUNK 32
 #define R16_NT 4
 
@@ -47,15 +51,22 @@ INLINE __m512 r16_scales(const uint8_t *p, int64_t ws) {
     return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d));
 }
 
-/* Blocks [b0, b0 + n) of rows w[0..15] -> dst (8 vectors a block: vector 2j the low nibbles of
- * quant bytes 4j..4j+3 of each row, 2j+1 their high nibbles) and their scales -> dws[16 n]. */
-INLINE void r16_repack_q4_0(__m512i *dst, float *dws, const uint8_t *w, int64_t ws, int64_t b0, int n) {
-    const __m512i m4 = _mm512_set1_epi8(15);
+/* Blocks [b0, b0 + n) of rows w[0..15] -> dst (8 vectors a block) and their scales -> dws[16 n].
+ * Q4_0: vector 2j the low nibbles of quant bytes 4j..4j+3 of each row, 2j+1 their high nibbles.
+ * Q8_0: vector v weights 4v..4v+3 of each row, plus 128. */
+INLINE void r16_repack(const int KIND, __m512i *dst, float *dws, const uint8_t *w, int64_t ws, int64_t b0, int n) {
+    const int64_t bs = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
+    const __m512i m4 = _mm512_set1_epi8(15), bias = _mm512_set1_epi8(-128);
     for (int k = 0; k < n; k++) {
-        const uint8_t *blk = w + (b0 + k) * Q4_0_BYTES;
+        const uint8_t *blk = w + (b0 + k) * bs;
         _mm512_store_ps(dws + 16 * k, r16_scales(blk, ws));
-        __m512i g[4];
+        __m512i g[8];
         r16_lane_transpose(g, blk + 2, ws);
+        if (KIND == K_Q8_0) {
+            r16_lane_transpose(g + 4, blk + 18, ws);
+            for (int v = 0; v < 8; v++) dst[8 * k + v] = _mm512_xor_si512(g[v], bias);
+            continue;
+        }
         for (int j = 0; j < 4; j++) {
             dst[8 * k + 2 * j] = _mm512_and_si512(g[j], m4);
             dst[8 * k + 2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(g[j], 4), m4);
@@ -73,7 +84,7 @@ INLINE void r16_store(const int NT, float *out, int64_t ldo, const __m512 *acc, 
 
 /* NT tokens over the repacked blocks [b0, b0 + n) of G groups of 16 rows (group g's vectors at
  * rep + g * 8 * R16_CHUNK): out[t*ldo + r..r+16G], set for the first chunk and added to after. */
-INLINE void r16_tokens_q4_0(const int G, const int NT, float *out, int64_t ldo, const __m512i *rep, const float *dws,
+INLINE void r16_tokens(const int KIND, const int G, const int NT, float *out, int64_t ldo, const __m512i *rep, const float *dws,
                             const uint8_t *a, int64_t as, int64_t nb, int64_t b0, int n, r8_prefetch *pf) {
     __m512 acc[2][R16_NT];
     for (int g = 0; g < G; g++)
@@ -85,7 +96,7 @@ INLINE void r16_tokens_q4_0(const int G, const int NT, float *out, int64_t ldo, 
             for (int t = 0; t < NT; t++) s[g][t] = _mm512_setzero_si512();
 #pragma GCC unroll 8
         for (int v = 0; v < 8; v++) {
-            const int off = (v & 1) * 16 + 4 * (v >> 1);
+            const int off = KIND == K_Q4_0 ? (v & 1) * 16 + 4 * (v >> 1) : 4 * v;
             __m512i wv[2];
             for (int g = 0; g < G; g++) wv[g] = _mm512_load_si512(rep + g * 8 * R16_CHUNK + 8 * k + v);
             for (int t = 0; t < NT; t++) {
@@ -97,7 +108,7 @@ INLINE void r16_tokens_q4_0(const int G, const int NT, float *out, int64_t ldo, 
         }
         for (int t = 0; t < NT; t++) {
             const float *dy = (const float *)(a + t * as + nb * QK);
-            __m512 d = _mm512_set1_ps(dy[b0 + k]), c = _mm512_set1_ps(dy[nb + b0 + k]);
+            __m512 d = _mm512_set1_ps(dy[b0 + k]), c = _mm512_set1_ps(dy[nb + b0 + k] * (KIND == K_Q4_0 ? 1.0f : 16.0f));
             for (int g = 0; g < G; g++) {
                 __m512 x = _mm512_fmsub_ps(_mm512_cvtepi32_ps(s[g][t]), d, c);
                 acc[g][t] = _mm512_fmadd_ps(x, _mm512_load_ps(dws + g * 16 * R16_CHUNK + 16 * k), acc[g][t]);
@@ -108,36 +119,47 @@ INLINE void r16_tokens_q4_0(const int G, const int NT, float *out, int64_t ldo, 
 }
 
 /* Rows [r, r + 16G), a chunk of blocks at a time, R16_NT tokens a pass. */
-INLINE void r16_rows_q4_0(const int G, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t r, int64_t nr,
+INLINE void r16_rows(const int KIND, const int G, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t r, int64_t nr,
                           const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb) {
     _Alignas(64) __m512i rep[2 * 8 * R16_CHUNK];
     _Alignas(64) float dws[2 * 16 * R16_CHUNK];
     for (int64_t b0 = 0; b0 < nb; b0 += R16_CHUNK) {
         int n = (int)(nb - b0 < R16_CHUNK ? nb - b0 : R16_CHUNK);
         for (int g = 0; g < G; g++)
-            r16_repack_q4_0(rep + g * 8 * R16_CHUNK, dws + g * 16 * R16_CHUNK, w + (r + 16 * g) * ws, ws, b0, n);
-        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 16 * G, b0, R16_CHUNK, nb, Q4_0_BYTES, n_tok, R16_NT, n);
+            r16_repack(KIND, rep + g * 8 * R16_CHUNK, dws + g * 16 * R16_CHUNK, w + (r + 16 * g) * ws, ws, b0, n);
+        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 16 * G, b0, R16_CHUNK, nb, KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES,
+                                       n_tok, R16_NT, n);
         int64_t t = 0;
         for (; t + R16_NT <= n_tok; t += R16_NT)
-            r16_tokens_q4_0(G, R16_NT, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf);
+            r16_tokens(KIND, G, R16_NT, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf);
         switch (n_tok - t) {
-        case 3: r16_tokens_q4_0(G, 3, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf); break;
-        case 2: r16_tokens_q4_0(G, 2, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf); break;
-        case 1: r16_tokens_q4_0(G, 1, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf); break;
+        case 3: r16_tokens(KIND, G, 3, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf); break;
+        case 2: r16_tokens(KIND, G, 2, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf); break;
+        case 1: r16_tokens(KIND, G, 1, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf); break;
         }
     }
 }
 
-static void rows8_q4_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                       int64_t as, int64_t n_tok, int64_t cols) {
+INLINE void rows16(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                   int64_t as, int64_t n_tok, int64_t cols) {
     const int64_t nb = cols / QK;
     int64_t r = 0;
-    for (; r + 32 <= nr; r += 32) r16_rows_q4_0(2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+    for (; r + 32 <= nr; r += 32) r16_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
     if (r + 16 <= nr) {
-        r16_rows_q4_0(1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+        r16_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
         r += 16;
     }
-    if (r < nr) avx2_rows8[K_Q4_0](out + r, ldo, w + r * ws, ws, nr - r, a, as, n_tok, cols);
+    if (r < nr) avx2_rows8[KIND](out + r, ldo, w + r * ws, ws, nr - r, a, as, n_tok, cols);
+}
+
+static void rows8_q4_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                       int64_t as, int64_t n_tok, int64_t cols) {
+    rows16(K_Q4_0, out, ldo, w, ws, nr, a, as, n_tok, cols);
+}
+
+static void rows8_q8_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                       int64_t as, int64_t n_tok, int64_t cols) {
+    rows16(K_Q8_0, out, ldo, w, ws, nr, a, as, n_tok, cols);
 }
 
 /* ---- Q4_0, one token ------------------------------------------------------------------------- */
@@ -343,6 +365,7 @@ static uint64_t read_xor(const uint8_t *p, int64_t n) {
 void lite_kernels_avx512(kernel_table *t) {
     for (int k = 0; k < K_COUNT; k++) avx2_rows8[k] = t->rows8[k];
     if (avx2_rows8[K_Q4_0]) t->rows8[K_Q4_0] = rows8_q4_0;
+    if (avx2_rows8[K_Q8_0]) t->rows8[K_Q8_0] = rows8_q8_0;
     t->mv[K_Q4_0] = mv_q4_0;
     avx2_mla = t->mla;
     t->mla = mla_heads;
