@@ -189,42 +189,6 @@ DEF_Q8_KERNELS(tile_q8_0, mv_q8_0, K_Q8_0)
  * then two row groups and four tokens a pass (`r8_tokens`): 1.35-1.5x that, Q8_0 1.2-1.25x. */
 #define R8_CHUNK 32
 
-/* 8 x 8 transpose of 32-bit groups: d[v] = group v of every row r[0..7]. */
-INLINE void r8_transpose(const __m256i *r, __m256i *d) {
-    __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-    __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-    __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
-    __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
-    __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
-    __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
-    __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
-    __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
-    d[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
-    d[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
-    d[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
-    d[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
-    d[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
-    d[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
-    d[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
-    d[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
-}
-
-/* 16 bytes at src of each of 8 rows ws apart, two rows to a register (rows i and i + 4), as 4-byte
- * groups transposed within 128-bit lanes: g[j] holds bytes 4j..4j+3 of row i in 32-bit element i
- * (8 shuffles, against 24 for the full 8 x 8 transpose). */
-INLINE void r8_lane_transpose(__m256i *g, const uint8_t *src, int64_t ws) {
-    __m256i r[4];
-    for (int i = 0; i < 4; i++)
-        r[i] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(src + i * ws))),
-                                       _mm_loadu_si128((const __m128i *)(src + (i + 4) * ws)), 1);
-    __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-    __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-    g[0] = _mm256_unpacklo_epi64(t0, t2);
-    g[1] = _mm256_unpackhi_epi64(t0, t2);
-    g[2] = _mm256_unpacklo_epi64(t1, t3);
-    g[3] = _mm256_unpackhi_epi64(t1, t3);
-}
-
 /* Blocks [b0, b0 + n) of rows w[0..7] → dst (8 vectors a block) and their scales → dws[8 n].
  * Q8_0: vector v holds weights 4v..4v+3 of each row (an 8 x 8 transpose of 4-byte groups).
  * Q4_0: vector 2j holds the low nibbles of quant bytes 4j..4j+3 (weights 4j..4j+3) of each row,
@@ -346,62 +310,6 @@ INLINE void r8_rows(const int KIND, const int G, float *out, int64_t ldo, const 
  * the Q8_K activation's 16-weight sums, both exact as in the tiles; then one convert and FMA per
  * super-block and token. R8K_CHUNK super-blocks are repacked at a time (8 KB a group of 8 rows). */
 #define R8K_CHUNK 4
-
-/* Super-blocks [b0, b0 + n) of rows w[0..7]: dst (8 vectors per sub-block, vector v holding
- * weights 4v..4v+3 of each row), and per super-block k and sub-block j the 8 rows' scales
- * sc[(8k + j) * 8 + row] and mins mn[...], d dd[8k + row] and dmin dm[8k + row]. Sub-blocks 2i
- * and 2i+1 are the low and high nibbles of the same 32 bytes; two rows' 16-byte halves share a
- * register and transpose as Q4_0's do (`r8_lane_transpose`). */
-INLINE void r8_repack_q4k(__m256i *dst, int32_t *sc, int32_t *mn, float *dd, float *dm, const uint8_t *w,
-                          int64_t ws, int64_t b0, int n) {
-    const __m256i m4 = _mm256_set1_epi8(15);
-    for (int k = 0; k < n; k++) {
-        const uint8_t *blk = w + (b0 + k) * Q4_K_BYTES;
-        for (int i = 0; i < 8; i++) {
-            dd[8 * k + i] = fp16(blk + i * ws);
-            dm[8 * k + i] = fp16(blk + i * ws + 2);
-            for (int j = 0; j < 8; j++)
-                q4k_scale_min(blk + i * ws + 4, j, &sc[(8 * k + j) * 8 + i], &mn[(8 * k + j) * 8 + i]);
-        }
-        for (int q = 0; q < 8; q++) {               /* 16-byte piece q: pair q/2, half q%2 */
-            __m256i g[4];
-            r8_lane_transpose(g, blk + 16 + 16 * q, ws);
-            __m256i *lo = dst + 8 * (8 * k + 2 * (q >> 1)) + 4 * (q & 1), *hi = lo + 8;
-            for (int j = 0; j < 4; j++) {
-                lo[j] = _mm256_and_si256(g[j], m4);
-                hi[j] = _mm256_and_si256(_mm256_srli_epi16(g[j], 4), m4);
-            }
-        }
-    }
-}
-
-/* Q6_K the same way: sub-block j's 32 six-bit quants (low nibbles from ql, two high bits from qh)
- * repack as one block; its two halves have their own int8 scales, so the dot keeps them apart
- * and, the quants reaching 63, widens every two groups. The -32 offset comes off through the
- * activation's 16-weight sums, exact as in the tiles. */
-INLINE void r8_repack_q6k(__m256i *dst, int32_t *sc, float *dd, const uint8_t *w, int64_t ws, int64_t b0, int n) {
-    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
-    for (int k = 0; k < n; k++) {
-        const uint8_t *blk[8];
-        for (int i = 0; i < 8; i++) {
-            blk[i] = w + i * ws + (b0 + k) * Q6_K_BYTES;
-            dd[8 * k + i] = fp16(blk[i] + 208);
-            for (int h = 0; h < 16; h++) sc[(16 * k + h) * 8 + i] = (int8_t)blk[i][192 + h];
-        }
-        for (int j = 0; j < 8; j++) {
-            const int h = j >> 2, cc = j & 3;
-            __m256i r[8];
-            for (int i = 0; i < 8; i++) {
-                __m256i l = _mm256_loadu_si256((const __m256i *)(blk[i] + h * 64 + (cc & 1) * 32));
-                __m256i hb = _mm256_loadu_si256((const __m256i *)(blk[i] + 128 + h * 32));
-                __m256i lo = _mm256_and_si256(cc >> 1 ? _mm256_srli_epi16(l, 4) : l, m4);
-                __m256i hi = _mm256_and_si256(_mm256_srl_epi16(hb, _mm_cvtsi32_si128(2 * cc)), m3);
-                r[i] = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
-            }
-            r8_transpose(r, dst + 8 * (8 * k + j));
-        }
-    }
-}
 
 /* NT tokens over the repacked super-blocks [b0, b0 + n) of G groups of 8 rows (group g's arrays
  * at g * the chunk's size: vectors rep + g * RK_REP, scales sc + g * RK_SC, mins mn + g * RK_MN,

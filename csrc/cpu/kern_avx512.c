@@ -140,13 +140,150 @@ INLINE void r16_rows(const int KIND, const int G, float *out, int64_t ldo, const
     }
 }
 
+/* ---- Q4_K / Q6_K, rows in the lanes ---------------------------------------------------------- */
+/* The AVX2 K-quant kernels' scheme (kern_avx2.c) with 16 rows a vector: the two 8-row repacks of
+ * the AVX2 kernel are joined, a sub-block's (Q4_K) or half sub-block's (Q6_K) integer dot is one
+ * dpbusd per four weights (the AVX2 kernel's maddubs sums, exact in int16 there, are the same
+ * integers), then the same int32 scaling, corrections and float steps: AVX2's results bit for bit. */
+#define K16_CHUNK 4
+#define K16_REP (8 * 8 * K16_CHUNK)     /* vectors of a group's chunk */
+#define K16_SC (16 * 16 * K16_CHUNK)    /* scales: (super-block, sub-block or half) x 16 rows */
+#define K16_MN (8 * 16 * K16_CHUNK)
+#define K16_D (16 * K16_CHUNK)
+
+/* Super-blocks [b0, b0 + n) of rows w[0..15], as `r8_repack_q4k` / `r8_repack_q6k` lay out 8 rows,
+ * with rows 8..15 in the upper halves of the vectors and the scale arrays' second 8 of each 16. */
+INLINE void k16_repack(const int KIND, __m512i *dst, int32_t *sc, int32_t *mn, float *dd, float *dm, const uint8_t *w,
+                       int64_t ws, int64_t b0, int n) {
+    _Alignas(32) __m256i half[2][K16_REP];
+    _Alignas(32) int32_t hs[2][K16_SC / 2], hm[2][K16_MN / 2];
+    _Alignas(32) float hd[2][K16_D / 2], hdm[2][K16_D / 2];
+    for (int i = 0; i < 2; i++) {
+        if (KIND == K_Q4_K) r8_repack_q4k(half[i], hs[i], hm[i], hd[i], hdm[i], w + 8 * i * ws, ws, b0, n);
+        else r8_repack_q6k(half[i], hs[i], hd[i], w + 8 * i * ws, ws, b0, n);
+    }
+    for (int v = 0; v < 64 * n; v++) dst[v] = _mm512_inserti64x4(_mm512_castsi256_si512(half[0][v]), half[1][v], 1);
+    const int nsc = (KIND == K_Q4_K ? 8 : 16) * n;
+    for (int e = 0; e < nsc; e++)
+        for (int i = 0; i < 2; i++) memcpy(sc + 16 * e + 8 * i, hs[i] + 8 * e, 32);
+    for (int k = 0; k < n; k++)
+        for (int i = 0; i < 2; i++) {
+            memcpy(dd + 16 * k + 8 * i, hd[i] + 8 * k, 32);
+            if (KIND == K_Q4_K) {
+                memcpy(dm + 16 * k + 8 * i, hdm[i] + 8 * k, 32);
+                for (int j = 0; j < 8; j++) memcpy(mn + 16 * (8 * k + j) + 8 * i, hm[i] + 8 * (8 * k + j), 32);
+            }
+        }
+}
+
+INLINE void k16_tokens(const int KIND, const int G, const int NT, float *out, int64_t ldo, const __m512i *rep,
+                       const int32_t *sc, const int32_t *mn, const float *dd, const float *dm, const uint8_t *a,
+                       int64_t as, int64_t nb, int64_t b0, int n, r8_prefetch *pf) {
+    __m512 acc[2][R16_NT];
+    for (int g = 0; g < G; g++)
+        for (int t = 0; t < NT; t++) acc[g][t] = _mm512_setzero_ps();
+    for (int k = 0; k < n; k++) {
+        const int64_t b = b0 + k;
+        __m512i isum[2][R16_NT], corr[2][R16_NT];
+        r8_prefetch_step(pf);
+        for (int g = 0; g < G; g++)
+            for (int t = 0; t < NT; t++) isum[g][t] = corr[g][t] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++) {
+            const __m512i *wj = rep + 8 * (8 * k + j);
+            const uint8_t *yj = a + b * QKK + 32 * j;
+            const int16_t *bs = (const int16_t *)(a + nb * QKK) + b * 16 + 2 * j;
+            /* Q4_K: one segment of 8 vectors; Q6_K: two of 4 (the halves) */
+            const int NSEG = KIND == K_Q4_K ? 1 : 2, VS = 8 / NSEG;
+            for (int h = 0; h < NSEG; h++) {
+                __m512i s32[2][R16_NT];
+                for (int g = 0; g < G; g++)
+                    for (int t = 0; t < NT; t++) s32[g][t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+                for (int u = 0; u < VS; u++) {
+                    const int v = h * VS + u;
+                    __m512i wv[2];
+                    for (int g = 0; g < G; g++) wv[g] = _mm512_load_si512(wj + g * K16_REP + v);
+                    for (int t = 0; t < NT; t++) {
+                        int32_t q;
+                        memcpy(&q, yj + t * as + 4 * v, 4);
+                        __m512i y = _mm512_set1_epi32(q);
+                        for (int g = 0; g < G; g++) s32[g][t] = _mm512_dpbusd_epi32(s32[g][t], wv[g], y);
+                    }
+                }
+                for (int t = 0; t < NT; t++)
+                    for (int g = 0; g < G; g++) {
+                        const int32_t *sg = sc + g * K16_SC;
+                        if (KIND == K_Q4_K) {
+                            const __m512i pair = _mm512_set1_epi32(bs[t * as / 2] + bs[t * as / 2 + 1]);
+                            const __m512i s = _mm512_load_si512(sg + (8 * k + j) * 16);
+                            const __m512i m = _mm512_load_si512(mn + g * K16_MN + (8 * k + j) * 16);
+                            isum[g][t] = _mm512_add_epi32(isum[g][t], _mm512_mullo_epi32(s32[g][t], s));
+                            corr[g][t] = _mm512_add_epi32(corr[g][t], _mm512_mullo_epi32(m, pair));
+                        } else {
+                            const __m512i sh = _mm512_load_si512(sg + (16 * k + 2 * j + h) * 16);
+                            isum[g][t] = _mm512_add_epi32(isum[g][t], _mm512_mullo_epi32(s32[g][t], sh));
+                            const __m512i bh = _mm512_set1_epi32(bs[t * as / 2 + h]);
+                            corr[g][t] = _mm512_add_epi32(corr[g][t], _mm512_mullo_epi32(sh, bh));
+                        }
+                    }
+            }
+        }
+        for (int t = 0; t < NT; t++) {
+            const __m512 dx = _mm512_set1_ps(((const float *)(a + t * as + nb * (QKK + 32)))[b]);
+            for (int g = 0; g < G; g++) {
+                const __m512 d = _mm512_load_ps(dd + g * K16_D + 16 * k);
+                if (KIND == K_Q4_K) {
+                    acc[g][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[g][t]), _mm512_mul_ps(d, dx), acc[g][t]);
+                    acc[g][t] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(corr[g][t]),
+                                                 _mm512_mul_ps(_mm512_load_ps(dm + g * K16_D + 16 * k), dx), acc[g][t]);
+                } else {
+                    __m512i q = _mm512_sub_epi32(isum[g][t], _mm512_slli_epi32(corr[g][t], 5));
+                    acc[g][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_mul_ps(d, dx), acc[g][t]);
+                }
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) r16_store(NT, out + 16 * g, ldo, acc[g], b0 == 0);
+}
+
+/* Rows [r, r + 16G), K16_CHUNK super-blocks repacked at a time, R16_NT tokens a pass. */
+INLINE void k16_rows(const int KIND, const int G, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t r,
+                     int64_t nr, const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb) {
+    const int64_t bs = KIND == K_Q4_K ? Q4_K_BYTES : Q6_K_BYTES;
+    _Alignas(64) __m512i rep[2 * K16_REP];
+    _Alignas(64) int32_t sc[2 * K16_SC], mn[2 * K16_MN];
+    _Alignas(64) float dd[2 * K16_D], dm[2 * K16_D];
+    for (int64_t b0 = 0; b0 < nb; b0 += K16_CHUNK) {
+        int n = (int)(nb - b0 < K16_CHUNK ? nb - b0 : K16_CHUNK);
+        for (int g = 0; g < G; g++)
+            k16_repack(KIND, rep + g * K16_REP, sc + g * K16_SC, mn + g * K16_MN, dd + g * K16_D, dm + g * K16_D,
+                       w + (r + 16 * g) * ws, ws, b0, n);
+        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 16 * G, b0, K16_CHUNK, nb, bs, n_tok, R16_NT, n);
+        int64_t t = 0;
+        for (; t + R16_NT <= n_tok; t += R16_NT)
+            k16_tokens(KIND, G, R16_NT, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n, &pf);
+        switch (n_tok - t) {
+        case 3: k16_tokens(KIND, G, 3, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n, &pf); break;
+        case 2: k16_tokens(KIND, G, 2, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n, &pf); break;
+        case 1: k16_tokens(KIND, G, 1, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n, &pf); break;
+        }
+    }
+}
+
+/* ---- rows-in-lanes entry points ----------------------------------------------------------- */
+/* 32-row passes, a 16-row one, and a last 8 rows to the AVX2 kernel. */
 INLINE void rows16(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
                    int64_t as, int64_t n_tok, int64_t cols) {
-    const int64_t nb = cols / QK;
+    const int q8 = KIND == K_Q4_0 || KIND == K_Q8_0;
+    const int64_t nb = cols / (q8 ? QK : QKK);
     int64_t r = 0;
-    for (; r + 32 <= nr; r += 32) r16_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+    for (; r + 32 <= nr; r += 32) {
+        if (q8) r16_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+        else k16_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+    }
     if (r + 16 <= nr) {
-        r16_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+        if (q8) r16_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+        else k16_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
         r += 16;
     }
     if (r < nr) avx2_rows8[KIND](out + r, ldo, w + r * ws, ws, nr - r, a, as, n_tok, cols);
@@ -160,6 +297,16 @@ static void rows8_q4_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, in
 static void rows8_q8_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
                        int64_t as, int64_t n_tok, int64_t cols) {
     rows16(K_Q8_0, out, ldo, w, ws, nr, a, as, n_tok, cols);
+}
+
+static void rows8_q4_k(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                       int64_t as, int64_t n_tok, int64_t cols) {
+    rows16(K_Q4_K, out, ldo, w, ws, nr, a, as, n_tok, cols);
+}
+
+static void rows8_q6_k(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                       int64_t as, int64_t n_tok, int64_t cols) {
+    rows16(K_Q6_K, out, ldo, w, ws, nr, a, as, n_tok, cols);
 }
 
 /* ---- Q4_0, one token ------------------------------------------------------------------------- */
@@ -366,6 +513,8 @@ void lite_kernels_avx512(kernel_table *t) {
     for (int k = 0; k < K_COUNT; k++) avx2_rows8[k] = t->rows8[k];
     if (avx2_rows8[K_Q4_0]) t->rows8[K_Q4_0] = rows8_q4_0;
     if (avx2_rows8[K_Q8_0]) t->rows8[K_Q8_0] = rows8_q8_0;
+    if (avx2_rows8[K_Q4_K]) t->rows8[K_Q4_K] = rows8_q4_k;
+    if (avx2_rows8[K_Q6_K]) t->rows8[K_Q6_K] = rows8_q6_k;
     t->mv[K_Q4_0] = mv_q4_0;
     avx2_mla = t->mla;
     t->mla = mla_heads;
