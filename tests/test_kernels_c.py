@@ -108,6 +108,24 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---- library basics --------------------------------------------------------------------------
 
+def test_isa_from_environment(monkeypatch):
+    """LITE_ISA picks the kernels' instruction set; a name it does not know, or a level this CPU
+    lacks, is refused by name."""
+    try:
+        for level in LEVELS:
+            monkeypatch.setenv("LITE_ISA", ("scalar", "avx2", "avx512")[level])
+            assert CBackend().isa == ("scalar", "avx2", "avx512")[level]
+        monkeypatch.setenv("LITE_ISA", "sse9")
+        with pytest.raises(BackendError, match="LITE_ISA='sse9': expected one of scalar, avx2, avx512"):
+            CBackend()
+        if LEVELS[-1] < 2:
+            monkeypatch.setenv("LITE_ISA", "avx512")
+            with pytest.raises(BackendError, match="goes up to"):
+                CBackend()
+    finally:
+        CB.set_isa(LEVELS[-1])
+
+
 def test_abi_and_controls():
     import re
     from lite.kernels import c as cmod

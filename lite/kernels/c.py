@@ -69,6 +69,8 @@ class CBackend:
         self.ffi, self.lib = _ffi, _lib
         n = threads or int(os.environ.get("LITE_THREADS") or 0) or os.cpu_count() or 1
         self.set_threads(n)
+        if os.environ.get("LITE_ISA"):
+            self._cap_isa(os.environ["LITE_ISA"])
         self._local = threading.local()
         # Validated weights, keyed by id(QTensor) (a weak reference tells a reused id from a hit):
         # (ref, what `_weight` returns).
@@ -91,6 +93,16 @@ class CBackend:
 
     def set_isa(self, level: int) -> None:
         self._check(self.lib.lite_set_isa(int(level)), "set_isa", f"level={level}")
+
+    def _cap_isa(self, name: str) -> None:
+        """`LITE_ISA=scalar|avx2|avx512`: run that instruction set's kernels (comparisons, or a
+        machine whose wide vectors slow its clock) instead of the best this CPU has."""
+        levels = {v: k for k, v in ISA_NAMES.items()}
+        if name not in levels:
+            raise BackendError(f"LITE_ISA={name!r}: expected one of {', '.join(levels)}")
+        if levels[name] not in self.isa_levels():
+            raise BackendError(f"LITE_ISA={name}: this CPU or build goes up to {ISA_NAMES[self.isa_levels()[-1]]}")
+        self.set_isa(levels[name])
 
     @property
     def isa(self) -> str:
