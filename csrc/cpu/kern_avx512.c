@@ -1,9 +1,10 @@
 /* AVX-512 (F/BW/VL + VNNI) kernels. Entries left unset keep the AVX2 kernels.
  * VNNI's dpbusd multiplies unsigned bytes by signed bytes and adds each four products into an
  * int32 lane in one instruction, where AVX2 needs maddubs, an int16 add and madd; with 16 lanes
- * one vector holds 16 rows' weights. The integer sums are the same numbers the AVX2 kernels form,
- * and the float steps after them the same operations in the same order, so each kernel here
- * returns what its AVX2 counterpart returns, bit for bit. */
+ * one vector holds 16 rows' weights. The Q4_0, Q4_K and Q6_K prefill kernels form the integer
+ * sums the AVX2 kernels form and take the same float steps in the same order, so they return
+ * the AVX2 results bit for bit; Q8_0's prefill, the one-token Q4_0 kernel and MLA attention sum
+ * in another order and agree to float rounding. */
 #include <immintrin.h>
 #include "internal.h"
 #include "kern_x86.h"
@@ -276,12 +277,14 @@ INLINE void rows16(const int KIND, float *out, int64_t ldo, const uint8_t *w, in
                    int64_t as, int64_t n_tok, int64_t cols) {
     const int q8 = KIND == K_Q4_0 || KIND == K_Q8_0;
     const int64_t nb = cols / (q8 ? QK : QKK);
+    /* rows for 16-lane passes: none where the scale gather's int32 offsets (15 rows) would overflow */
+    const int64_t n16 = ws <= INT32_MAX / 16 ? nr : 0;
     int64_t r = 0;
-    for (; r + 32 <= nr; r += 32) {
+    for (; r + 32 <= n16; r += 32) {
         if (q8) r16_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
         else k16_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
     }
-    if (r + 16 <= nr) {
+    if (r + 16 <= n16) {
         if (q8) r16_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
         else k16_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
         r += 16;
