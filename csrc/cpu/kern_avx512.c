@@ -292,25 +292,15 @@ INLINE void rows16(const int KIND, float *out, int64_t ldo, const uint8_t *w, in
     if (r < nr) avx2_rows8[KIND](out + r, ldo, w + r * ws, ws, nr - r, a, as, n_tok, cols);
 }
 
-static void rows8_q4_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                       int64_t as, int64_t n_tok, int64_t cols) {
-    rows16(K_Q4_0, out, ldo, w, ws, nr, a, as, n_tok, cols);
-}
-
-static void rows8_q8_0(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                       int64_t as, int64_t n_tok, int64_t cols) {
-    rows16(K_Q8_0, out, ldo, w, ws, nr, a, as, n_tok, cols);
-}
-
-static void rows8_q4_k(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                       int64_t as, int64_t n_tok, int64_t cols) {
-    rows16(K_Q4_K, out, ldo, w, ws, nr, a, as, n_tok, cols);
-}
-
-static void rows8_q6_k(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                       int64_t as, int64_t n_tok, int64_t cols) {
-    rows16(K_Q6_K, out, ldo, w, ws, nr, a, as, n_tok, cols);
-}
+#define DEF_ROWS16(NAME, KIND)                                                                     \
+    static void NAME(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, \
+                     int64_t as, int64_t n_tok, int64_t cols) {                                  \
+        rows16(KIND, out, ldo, w, ws, nr, a, as, n_tok, cols);                                    \
+    }
+DEF_ROWS16(rows8_q4_0, K_Q4_0)
+DEF_ROWS16(rows8_q8_0, K_Q8_0)
+DEF_ROWS16(rows8_q4_k, K_Q4_K)
+DEF_ROWS16(rows8_q6_k, K_Q6_K)
 
 /* ---- Q4_0, one token ------------------------------------------------------------------------- */
 /* Decode streams each row once; per 4 blocks (72 bytes) one two-source word permute lays their
