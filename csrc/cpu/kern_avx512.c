@@ -85,8 +85,8 @@ INLINE void r16_store(const int NT, float *out, int64_t ldo, const __m512 *acc, 
 
 /* NT tokens over the repacked blocks [b0, b0 + n) of G groups of 16 rows (group g's vectors at
  * rep + g * 8 * R16_CHUNK): out[t*ldo + r..r+16G], set for the first chunk and added to after. */
-INLINE void r16_tokens(const int KIND, const int G, const int NT, float *out, int64_t ldo, const __m512i *rep, const float *dws,
-                            const uint8_t *a, int64_t as, int64_t nb, int64_t b0, int n, r8_prefetch *pf) {
+INLINE void r16_tokens(const int KIND, const int G, const int NT, float *out, int64_t ldo, const __m512i *rep,
+                       const float *dws, const uint8_t *a, int64_t as, int64_t nb, int64_t b0, int n, r8_prefetch *pf) {
     __m512 acc[2][R16_NT];
     for (int g = 0; g < G; g++)
         for (int t = 0; t < NT; t++) acc[g][t] = _mm512_setzero_ps();
@@ -109,7 +109,8 @@ INLINE void r16_tokens(const int KIND, const int G, const int NT, float *out, in
         }
         for (int t = 0; t < NT; t++) {
             const float *dy = (const float *)(a + t * as + nb * QK);
-            __m512 d = _mm512_set1_ps(dy[b0 + k]), c = _mm512_set1_ps(dy[nb + b0 + k] * (KIND == K_Q4_0 ? 1.0f : 16.0f));
+            const float off = KIND == K_Q4_0 ? 1.0f : 16.0f;   /* Q8_0: 128 sum(q) = 16 s */
+            __m512 d = _mm512_set1_ps(dy[b0 + k]), c = _mm512_set1_ps(dy[nb + b0 + k] * off);
             for (int g = 0; g < G; g++) {
                 __m512 x = _mm512_fmsub_ps(_mm512_cvtepi32_ps(s[g][t]), d, c);
                 acc[g][t] = _mm512_fmadd_ps(x, _mm512_load_ps(dws + g * 16 * R16_CHUNK + 16 * k), acc[g][t]);
@@ -120,8 +121,8 @@ INLINE void r16_tokens(const int KIND, const int G, const int NT, float *out, in
 }
 
 /* Rows [r, r + 16G), a chunk of blocks at a time, R16_NT tokens a pass. */
-INLINE void r16_rows(const int KIND, const int G, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t r, int64_t nr,
-                          const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb) {
+INLINE void r16_rows(const int KIND, const int G, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t r,
+                     int64_t nr, const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb) {
     _Alignas(64) __m512i rep[2 * 8 * R16_CHUNK];
     _Alignas(64) float dws[2 * 16 * R16_CHUNK];
     for (int64_t b0 = 0; b0 < nb; b0 += R16_CHUNK) {
@@ -273,8 +274,8 @@ INLINE void k16_rows(const int KIND, const int G, float *out, int64_t ldo, const
 
 /* ---- rows-in-lanes entry points ----------------------------------------------------------- */
 /* 32-row passes, a 16-row one, and a last 8 rows to the AVX2 kernel. */
-INLINE void rows16(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                   int64_t as, int64_t n_tok, int64_t cols) {
+INLINE void rows16(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr,
+                   const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols) {
     const int q8 = KIND == K_Q4_0 || KIND == K_Q8_0;
     const int64_t nb = cols / (q8 ? QK : QKK);
     /* rows for 16-lane passes: none where the scale gather's int32 offsets (15 rows) would overflow */
