@@ -50,7 +50,6 @@ static int act_class(int kind) { return (kind == K_Q4_0 || kind == K_Q8_0) ? 0 :
 static void gather(float *out, const float *x, int64_t n_tok, int64_t dim, int64_t n_assign, const int64_t *off,
                    const int32_t *idx, const int *kg, const int *ku, float *xg, uint8_t *act, uint8_t *act2,
                    int64_t arow) {
-    const kernel_table *kt = lite_active_kernels();
 #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < n_tok * dim; i++) out[i] = 0.0f;
 #pragma omp for schedule(static)
@@ -60,8 +59,8 @@ static void gather(float *out, const float *x, int64_t n_tok, int64_t dim, int64
         float *xa = xg + a * dim;
         memcpy(xa, x + (int64_t)idx[a] * dim, sizeof(float) * dim);
         int cg = act_class(kg[e]), cu = act_class(ku[e]);
-        if (cg < 2) (cg == 0 ? kt->quant_a8 : kt->quant_a8k)(act + a * arow, arow, xa, 1, dim);
-        if (cu < 2 && cu != cg) (cu == 0 ? kt->quant_a8 : kt->quant_a8k)(act2 + a * arow, arow, xa, 1, dim);
+        if (cg < 2) lite_quant_of(kg[e])(act + a * arow, arow, xa, 1, dim);
+        if (cu < 2 && cu != cg) lite_quant_of(ku[e])(act2 + a * arow, arow, xa, 1, dim);
     }
 }
 
@@ -215,8 +214,7 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
             float *ga = g + a * max_ffn;
             const float *ua = u + a * max_ffn;
             kt->silu_mul(ga, ga, ua, f);
-            int cd = act_class(kd[e]);
-            if (cd < 2) (cd == 0 ? kt->quant_a8 : kt->quant_a8k)(act + a * arow, arow, ga, 1, f);
+            if (lite_is_quant(kd[e])) lite_quant_of(kd[e])(act + a * arow, arow, ga, 1, f);
         }
         /* 4: down panels of every entry -> y (the gathered inputs' space). */
 #pragma omp for schedule(runtime)
