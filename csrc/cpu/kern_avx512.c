@@ -25,23 +25,13 @@ static rows8_fn avx2_rows8[K_COUNT];
 #define R16_CHUNK 32
 #define R16_NT 4
 
-/* 16 bytes at src of each of 16 rows ws apart, rows i, i + 4, i + 8, i + 12 in the 128-bit lanes
- * of register i, transposed within the lanes as 4-byte groups: g[j] holds bytes 4j..4j+3 of row
- * e in 32-bit element e. */
+/* 16 bytes at src of each of 16 rows ws apart as 4-byte groups, g[j] holding bytes 4j..4j+3 of row
+ * e in 32-bit element e: the AVX2 8-row transposes of rows 0..7 and 8..15, joined. */
 INLINE void r16_lane_transpose(__m512i *g, const uint8_t *src, int64_t ws) {
-    __m512i r[4];
-    for (int i = 0; i < 4; i++) {
-        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(src + i * ws)));
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(src + (i + 4) * ws)), 1);
-        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(src + (i + 8) * ws)), 2);
-        r[i] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(src + (i + 12) * ws)), 3);
-    }
-    __m512i t0 = _mm512_unpacklo_epi32(r[0], r[1]), t1 = _mm512_unpackhi_epi32(r[0], r[1]);
-    __m512i t2 = _mm512_unpacklo_epi32(r[2], r[3]), t3 = _mm512_unpackhi_epi32(r[2], r[3]);
-    g[0] = _mm512_unpacklo_epi64(t0, t2);
-    g[1] = _mm512_unpackhi_epi64(t0, t2);
-    g[2] = _mm512_unpacklo_epi64(t1, t3);
-    g[3] = _mm512_unpackhi_epi64(t1, t3);
+    __m256i lo[4], hi[4];
+    r8_lane_transpose(lo, src, ws);
+    r8_lane_transpose(hi, src + 8 * ws, ws);
+    for (int j = 0; j < 4; j++) g[j] = _mm512_inserti64x4(_mm512_castsi256_si512(lo[j]), hi[j], 1);
 }
 
 /* The fp16 words at byte 0 of 16 rows ws apart, as floats in row order (one gather). */
