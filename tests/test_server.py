@@ -188,8 +188,17 @@ def test_concurrent_streams_do_not_mix(client):
     assert got == alone
 
 
-def test_disconnect_cancels_generation(server, client, http):
+def test_disconnect_cancels_generation(server, client, http, model, monkeypatch):
     app, _ = server
+    # Every step is held to >= 20 ms, so 200 tokens take seconds on any machine: on a fast one the
+    # tiny model finished them within the client's 0.3 s, and nothing was left to cancel.
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
     body = {"model": MODEL_ID, "prompt": "import os", "max_tokens": 200, "temperature": 0.9, "seed": 0,
             "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as r:
@@ -198,7 +207,7 @@ def test_disconnect_cancels_generation(server, client, http):
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["object"] == "text_completion"
         assert httpx.get(server[1] + "/health", timeout=5).json() == {"status": "ok"}   # loop not blocked
-    # The abandoned generation would run ~2 s more; the next request must not wait for it.
+    # The abandoned generation would run ~4 s more; the next request must not wait for it.
     t0 = time.monotonic()
     r = client.completions.create(model=MODEL_ID, prompt="import os", max_tokens=4, temperature=0)
     assert r.usage.completion_tokens == 4
