@@ -106,3 +106,21 @@ def text_model_path(tmp_path_factory, fixture_dir):
     out = tmp_path_factory.mktemp("text-model") / "lite-tiny-text.gguf"
     convert_checkpoint(src, out, "f32", progress=False)
     return out
+
+
+@pytest.fixture
+def slow_steps(monkeypatch):
+    """slow_steps(model, seconds) holds each forward step of `model` to at least `seconds`, so that
+    a test acting while an answer streams does not race a fast machine (the tiny model makes
+    ~1000 tokens/s there; CI finished a 200-token answer inside a 0.3 s client timeout)."""
+    import time
+
+    def slow(model, seconds: float) -> None:
+        forward = model.forward
+
+        def slow_forward(*args, **kwargs):
+            time.sleep(seconds)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(model, "forward", slow_forward)
+    return slow

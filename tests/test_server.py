@@ -188,17 +188,9 @@ def test_concurrent_streams_do_not_mix(client):
     assert got == alone
 
 
-def test_disconnect_cancels_generation(server, client, http, model, monkeypatch):
+def test_disconnect_cancels_generation(server, client, http, model, slow_steps):
     app, _ = server
-    # Every step is held to >= 20 ms, so 200 tokens take seconds on any machine: on a fast one the
-    # tiny model finished them within the client's 0.3 s, and nothing was left to cancel.
-    forward = model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(0.02)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", slow_forward)
+    slow_steps(model, 0.02)    # 200 tokens take seconds on any machine
     body = {"model": MODEL_ID, "prompt": "import os", "max_tokens": 200, "temperature": 0.9, "seed": 0,
             "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as r:

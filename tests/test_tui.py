@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -64,18 +63,6 @@ async def key(pilot, name: str, char: str | None = None) -> None:
     """Post a key event as the terminal driver does, without waiting for the app to go idle."""
     pilot.app.post_message(events.Key(name, char))
     await pilot.pause(0)
-
-
-def slow_steps(monkeypatch, model, seconds: float = 0.005) -> None:
-    """Hold each forward step of `model` to at least `seconds`, so that a test that acts while an
-    answer streams does not race a fast machine (the tiny model makes ~1000 tokens/s there)."""
-    forward = model.forward
-
-    def slow_forward(*args, **kwargs):
-        time.sleep(seconds)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", slow_forward)
 
 
 def notes(app) -> str:
@@ -143,12 +130,12 @@ def test_enter_sends_shift_enter_and_ctrl_j_insert_newline(text_model_path, tmp_
     run(go())
 
 
-def test_escape_cancels_mid_stream_and_keeps_text(text_model_path, tmp_path, monkeypatch):
+def test_escape_cancels_mid_stream_and_keeps_text(text_model_path, tmp_path, slow_steps):
     async def go():
         app = make_app(text_model_path, tmp_path, n_ctx=2048, max_tokens=1500)
         async with app.run_test(size=(100, 30)) as pilot:
             await ready(pilot)
-            slow_steps(monkeypatch, app.model)
+            slow_steps(app.model, 0.005)
             app.prompt.text = "hello"
             await key(pilot, "enter")
             await wait_until(pilot, lambda: app._n_pieces >= 3, what="the first pieces")
@@ -171,7 +158,7 @@ def test_escape_cancels_mid_stream_and_keeps_text(text_model_path, tmp_path, mon
     run(go())
 
 
-def test_typing_lands_while_answer_streams(text_model_path, tmp_path, monkeypatch):
+def test_typing_lands_while_answer_streams(text_model_path, tmp_path, slow_steps):
     """Keystrokes reach the prompt before the answer ends: model code is off the UI thread.
     Keys are posted the way the terminal driver posts them (pilot.press would also wait for the
     process to go idle, which it does not while the model computes)."""
@@ -179,7 +166,7 @@ def test_typing_lands_while_answer_streams(text_model_path, tmp_path, monkeypatc
         app = make_app(text_model_path, tmp_path, n_ctx=2048, max_tokens=1500)
         async with app.run_test(size=(100, 30)) as pilot:
             await ready(pilot)
-            slow_steps(monkeypatch, app.model)
+            slow_steps(app.model, 0.005)
             app.prompt.text = "hello"
             await key(pilot, "enter")
             await wait_until(pilot, lambda: app._n_pieces >= 1, what="the first piece")
