@@ -7,21 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import VOCAB, require
 
 from lite.errors import LiteError
 from lite.tokenizer import BOS_TEXT, EOS_TEXT, FIM_BEGIN, FIM_END, FIM_HOLE, Tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-VOCAB_DIRS = [REPO / "shared" / "vocab", REPO.parent / "shared" / "vocab"]
 SEP = "\n__ggml_vocab_test__\n"
 
 
 def vocab_path(name: str) -> Path:
-    for d in VOCAB_DIRS:
-        p = d / f"ggml-vocab-{name}.gguf"
-        if p.is_file():
-            return p
-    pytest.skip(f"reference vocabulary ggml-vocab-{name}.gguf not found")
+    return require(VOCAB / f"ggml-vocab-{name}.gguf")
 
 
 _meta_cache: dict[str, dict] = {}
