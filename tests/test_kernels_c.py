@@ -203,6 +203,25 @@ def test_matmul_large_tiles(cb, qtype, cols):
 
 
 @pytest.mark.parametrize("qtype", QUANT, ids=lambda q: q.name)
+@pytest.mark.parametrize("odd", [False, True], ids=["even", "odd"])
+def test_matmul_one_token_streams(cb, qtype, odd):
+    """One token over 150 rows: where the ISA has a four-stream kernel for the kind, two work items
+    of four 16-row runs, one at each quarter of rows 0-127, then 22 rows in runs of their own. Every
+    row's result is the bits it gets alone, and the products are right (odd: a last partial group
+    of blocks)."""
+    k = qtype in (QType.Q4_K, QType.Q6_K)
+    cols = (1280 if odd else 1536) if k else (1440 if odd else 1408)
+    n = 150
+    w = make_weight(qtype, n, cols, seed=60 + odd)
+    x = rng(61).standard_normal((1, cols)).astype(np.float32)
+    y = cb.matmul(x, w)
+    alone = np.concatenate([cb.matmul(x, QTensor("row", qtype, (1, cols), w.data[i:i + 1])) for i in range(n)], axis=1)
+    np.testing.assert_array_equal(y, alone)
+    tight = quant_act(x, qtype).astype(np.float64) @ dequantize(w.data, qtype).astype(np.float64).T
+    assert rel(y, tight) < 1e-5
+
+
+@pytest.mark.parametrize("qtype", QUANT, ids=lambda q: q.name)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_avx512_matches_avx2(qtype, threads):
     """Where the AVX-512 kernels form the integer sums the AVX2 ones form and take the same float
@@ -283,8 +302,8 @@ def test_matmul_heads_bad_input():
 
 
 def test_read_bytes(cb):
-    """The bandwidth probe's read, every ISA's: chunks of 32 KiB and a short last one, vector
-    loops and their word tails."""
+    """The bandwidth probe's read, every ISA's: each thread's 8 interleaved streams of 512-byte
+    pieces and the rest after them (every byte once), vector loops and their word tails."""
     from lite.kernels.c import read_bytes
     for n in (100003, 4096 + 5, 1):
         b = rng(n).integers(0, 2**63, n, dtype=np.uint64)

@@ -181,7 +181,7 @@ int lite_mla_step_scratch_bytes(int64_t *out, const int32_t *types, int64_t n_to
 }
 
 /* Head h's product for one token as lite_matmul_heads computes it: its activation row quantized
- * into act (float weights read x itself), then its rows in runs of MV_ROWS. */
+ * into act (float weights read x itself), then its product items. */
 static void head_product(float *out, const float *x, const uint8_t *w, int64_t rb, int64_t n_rows, int kind,
                          int64_t cols, uint8_t *act) {
     const uint8_t *a = (const uint8_t *)x;
@@ -189,8 +189,8 @@ static void head_product(float *out, const float *x, const uint8_t *w, int64_t r
         lite_quant_of(kind)(act, lite_act_stride(kind, cols), x, 1, cols);
         a = act;
     }
-    for (int64_t r0 = 0; r0 < n_rows; r0 += MV_ROWS)
-        lite_rows_one_token(out + r0, w + r0 * rb, rb, n_rows - r0 < MV_ROWS ? n_rows - r0 : MV_ROWS, kind, a, cols);
+    int64_t n_items = lite_product_items(kind, n_rows, 1, cols);
+    for (int64_t it = 0; it < n_items; it++) lite_product_item(out, 0, w, rb, n_rows, kind, a, 0, 1, cols, it);
 }
 
 /* One token's k_b product, attention and v_b product in one parallel region: every step of a head

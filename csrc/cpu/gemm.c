@@ -1,5 +1,6 @@
-/* Matmul driver: quantize the activations once, then threads share panels of rows (runs of 16
- * rows for one token); within a panel each 4-token tile of activations passes over its rows. */
+/* Matmul driver: quantize the activations once, then threads share panels of rows (for one
+ * token, runs of 16 rows, four at a time from the matrix's quarters where a four-stream kernel
+ * exists); within a panel each 4-token tile of activations passes over its rows. */
 #include "internal.h"
 #ifdef _OPENMP
 #include <omp.h>
@@ -20,8 +21,10 @@ void lite_gemm_quantize(uint8_t *act, int64_t astride, int kind, const float *x,
     for (int64_t t = 0; t < n_tok; t++) q(act + t * astride, astride, x + t * cols, 1, cols);
 }
 
-void lite_rows_one_token(float *out, const uint8_t *w, int64_t row_bytes, int64_t nr, int kind,
-                         const uint8_t *act, int64_t cols) {
+/* Rows [0, nr) of w times one activation row: the ISA's streaming kernel when it has one for
+ * this kind and size, else 4-row tiles. */
+static void rows_one_token(float *out, const uint8_t *w, int64_t row_bytes, int64_t nr, int kind,
+                           const uint8_t *act, int64_t cols) {
     const kernel_table *kt = lite_active_kernels();
     if (kt->mv[kind] && cols <= MV_MAX_COLS) {
         kt->mv[kind](out, w, row_bytes, nr, act, cols);
@@ -32,16 +35,13 @@ void lite_rows_one_token(float *out, const uint8_t *w, int64_t row_bytes, int64_
                        act, 0, 1, cols);
 }
 
-/* Whole groups of 8 rows go to the ISA's rows-in-lanes kernel where it has one for the kind;
- * the rest in tiles, token tiles outer and row tiles inner: one tile's activations stay in L1
- * while the panel's rows come from L2, however many tokens there are (the 256- and 1024-token
- * prefills measured the same as the former row-tile-outer order in 64-token chunks). */
-void lite_gemm_panel(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t nr, int kind,
-                     const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols) {
-    if (n_tok == 1) {
-        lite_rows_one_token(out, w, row_bytes, nr, kind, act, cols);
-        return;
-    }
+/* Rows [0, nr) of a weight panel (nr <= PANEL_R) times n_tok > 1 activation rows. Whole groups
+ * of 8 rows go to the ISA's rows-in-lanes kernel where it has one for the kind; the rest in
+ * tiles, token tiles outer and row tiles inner: one tile's activations stay in L1 while the
+ * panel's rows come from L2, however many tokens there are (the 256- and 1024-token prefills
+ * measured the same as the former row-tile-outer order in 64-token chunks). */
+static void gemm_panel(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t nr, int kind,
+                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols) {
     const kernel_table *kt = lite_active_kernels();
     int64_t r8 = kt->rows8[kind] ? nr & ~(int64_t)7 : 0;
     if (r8) {
@@ -57,13 +57,43 @@ void lite_gemm_panel(float *out, int64_t ldo, const uint8_t *w, int64_t row_byte
     }
 }
 
+/* Rows per quarter of a one-token product taken four at a time (0: none); the rows past 4 such
+ * quarters are left to single runs. */
+static int64_t mv_quarter(int kind, int64_t n_rows, int64_t cols) {
+    return lite_active_kernels()->mv4[kind] && cols <= MV_MAX_COLS ? n_rows / (4 * MV_ROWS) * MV_ROWS : 0;
+}
+
+int64_t lite_product_items(int kind, int64_t n_rows, int64_t n_tok, int64_t cols) {
+    if (n_tok != 1) return (n_rows + PANEL_R - 1) / PANEL_R;
+    int64_t q = mv_quarter(kind, n_rows, cols);
+    return q / MV_ROWS + (n_rows - 4 * q + MV_ROWS - 1) / MV_ROWS;
+}
+
+void lite_product_item(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t n_rows, int kind,
+                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols, int64_t item) {
+    if (n_tok != 1) {
+        int64_t r0 = item * PANEL_R;
+        gemm_panel(out + r0, ldo, w + r0 * row_bytes, row_bytes, n_rows - r0 < PANEL_R ? n_rows - r0 : PANEL_R, kind,
+                   act, astride, n_tok, cols);
+        return;
+    }
+    int64_t q = mv_quarter(kind, n_rows, cols), n4 = q / MV_ROWS;
+    if (item < n4) {
+        int64_t r0 = item * MV_ROWS;
+        lite_active_kernels()->mv4[kind](out + r0, w + r0 * row_bytes, row_bytes, MV_ROWS, act, cols, q);
+        return;
+    }
+    int64_t r0 = 4 * q + (item - n4) * MV_ROWS;
+    rows_one_token(out + r0, w + r0 * row_bytes, row_bytes, n_rows - r0 < MV_ROWS ? n_rows - r0 : MV_ROWS, kind,
+                   act, cols);
+}
+
 void lite_gemm_compute_ld(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t n_rows,
                           int kind, const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols) {
-    int64_t rows = n_tok == 1 ? MV_ROWS : PANEL_R;
+    int64_t n_items = lite_product_items(kind, n_rows, n_tok, cols);
 #pragma omp for schedule(static)
-    for (int64_t r0 = 0; r0 < n_rows; r0 += rows)
-        lite_gemm_panel(out + r0, ldo, w + r0 * row_bytes, row_bytes, n_rows - r0 < rows ? n_rows - r0 : rows,
-                        kind, act, astride, n_tok, cols);
+    for (int64_t it = 0; it < n_items; it++)
+        lite_product_item(out, ldo, w, row_bytes, n_rows, kind, act, astride, n_tok, cols, it);
 }
 
 void lite_gemm_compute(float *out, const uint8_t *w, int64_t row_bytes, int64_t n_rows, int kind,
@@ -148,8 +178,8 @@ int lite_matmul_heads(float *out, int64_t out_len, const float *x, int64_t n_tok
     /* Activations of head h, token t: quantized rows at scratch + (h*T + t)*astride (each head's
      * tokens contiguous), or the float input itself, rows H*cols apart. */
     int64_t tstride = quant ? astride : n_head * cols * 4;
-    /* Work items: (head, run of rows): streaming runs for a lone token, else panels. */
-    int64_t ldo = n_head * n_rows, rows = n_tok == 1 ? MV_ROWS : PANEL_R, n_runs = (n_rows + rows - 1) / rows;
+    /* Work items: (head, one of that head's product items). */
+    int64_t ldo = n_head * n_rows, n_runs = lite_product_items(kind, n_rows, n_tok, cols);
     int nth = lite_num_threads();
     if (nth > n_head * n_runs) nth = (int)(n_head * n_runs);
 #pragma omp parallel num_threads(nth) if (nth > 1)
@@ -163,11 +193,10 @@ int lite_matmul_heads(float *out, int64_t out_len, const float *x, int64_t n_tok
         }
 #pragma omp for schedule(static)
         for (int64_t it = 0; it < n_head * n_runs; it++) {
-            int64_t h = it / n_runs, r0 = (it % n_runs) * rows;
-            lite_gemm_panel(out + h * n_rows + r0, ldo, w + (h * n_rows + r0) * rb, rb,
-                            n_rows - r0 < rows ? n_rows - r0 : rows, kind,
-                            quant ? scratch + h * n_tok * astride : (const uint8_t *)(x + h * cols), tstride,
-                            n_tok, cols);
+            int64_t h = it / n_runs;
+            lite_product_item(out + h * n_rows, ldo, w + h * n_rows * rb, rb, n_rows, kind,
+                              quant ? scratch + h * n_tok * astride : (const uint8_t *)(x + h * cols), tstride,
+                              n_tok, cols, it % n_runs);
         }
     }
     return LITE_OK;
@@ -175,16 +204,28 @@ int lite_matmul_heads(float *out, int64_t out_len, const float *x, int64_t n_tok
 
 /* ---- bandwidth probe -------------------------------------------------------------------------- */
 
+/* Each thread reads its share as PROBE_STREAMS runs taken PROBE_PIECE bytes at a time from each
+ * in turn: with one run a thread, as the probe read before, two threads read 20-33 GB/s on an
+ * AVX-512 Xeon where 8 runs a thread read 1.2-1.5x that in the same sitting, which is the rate the
+ * four-stream decode kernels get within reach of. */
+#define PROBE_STREAMS 8
+#define PROBE_PIECE 512
+
 int lite_read_bytes(uint64_t *out, const uint8_t *buf, int64_t n_bytes) {
     if (!out || !buf) return LITE_ERR_NULL;
     if (n_bytes < 0 || n_bytes % 8) return LITE_ERR_ARG;
-    const int64_t chunk = 32768;
     read_fn f = lite_active_kernels()->read_xor;
-    uint64_t acc = 0;
     int nth = lite_num_threads();
-#pragma omp parallel for schedule(static) reduction(^ : acc) num_threads(nth) if (nth > 1)
-    for (int64_t c = 0; c < (n_bytes + chunk - 1) / chunk; c++)
-        acc ^= f(buf + c * chunk, n_bytes - c * chunk < chunk ? n_bytes - c * chunk : chunk);
+    const int64_t n_runs = (int64_t)nth * PROBE_STREAMS, run = n_bytes / PROBE_PIECE / n_runs;  /* pieces a run */
+    uint64_t acc = 0;
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1) reduction(^ : acc)
+    for (int t = 0; t < nth; t++) {
+        const uint8_t *share = buf + (int64_t)t * PROBE_STREAMS * run * PROBE_PIECE;
+        for (int64_t i = 0; i < run; i++)
+            for (int s = 0; s < PROBE_STREAMS; s++) acc ^= f(share + (s * run + i) * PROBE_PIECE, PROBE_PIECE);
+    }
+    int64_t done = n_runs * run * PROBE_PIECE;   /* the rest, under a piece a run */
+    if (done < n_bytes) acc ^= f(buf + done, n_bytes - done);
     *out = acc;
     return LITE_OK;
 }

@@ -323,7 +323,10 @@ static void q4_0_token_prep(q4_0_token *p, const uint8_t *a, int64_t nb) {
     memcpy(p->s + 4 * b, s + b, (size_t)(nb - b) * 4);
 }
 
-static void mv_q4_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+/* Rows r + s*gap (s < S) for r < nr, S in lockstep sharing each step's activation loads; one
+ * stream (S = 1) is mv_q4_0, four are mv4_q4_0, and a row's steps are the same either way. */
+INLINE void mv_q4_0_streams(const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                            int64_t cols, int64_t gap) {
     const int64_t nb = cols / QK, nq = nb & ~(int64_t)3;
     _Alignas(64) uint8_t pq[MV_MAX_COLS];
     _Alignas(64) float pd[MV_MAX_COLS / QK * 4], ps[MV_MAX_COLS / QK * 4];
@@ -337,38 +340,52 @@ static void mv_q4_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const 
                                              0x001b001b, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i m4 = _mm512_set1_epi8(15);
     for (int64_t r = 0; r < nr; r++) {
-        const uint8_t *row = w + r * ws;
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), off = _mm512_setzero_ps();
-        int64_t b = 0;
-        for (; b < nq; b += 4) {
-            const uint8_t *g = row + b * Q4_0_BYTES;
-            _mm_prefetch((const char *)g + MV_PREFETCH, _MM_HINT_T0);
-            _mm_prefetch((const char *)g + MV_PREFETCH + 64, _MM_HINT_T0);
-            __m512i lo = _mm512_loadu_si512(g), hi = _mm512_maskz_loadu_epi8(0xff, g + 64);
-            __m512i q = _mm512_permutex2var_epi16(lo, quants, hi);
-            __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(scales, lo)));
-            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(q, m4),
-                                              _mm512_load_si512(pq + b * QK));
-            dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(q, 4), m4), _mm512_load_si512(pq + b * QK + 64));
-            __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), dw);
-            if (b & 4) acc1 = _mm512_fmadd_ps(p, _mm512_load_ps(pd + 4 * b), acc1);
-            else acc0 = _mm512_fmadd_ps(p, _mm512_load_ps(pd + 4 * b), acc0);
-            off = _mm512_fmadd_ps(dw, _mm512_load_ps(ps + 4 * b), off);
+        __m512 acc0[4], acc1[4], off[4];
+        for (int s = 0; s < S; s++) acc0[s] = acc1[s] = off[s] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nq; b += 4) {
+            const __m512i x0 = _mm512_load_si512(pq + b * QK), x1 = _mm512_load_si512(pq + b * QK + 64);
+            const __m512 xd = _mm512_load_ps(pd + 4 * b), xs = _mm512_load_ps(ps + 4 * b);
+            for (int s = 0; s < S; s++) {
+                const uint8_t *g = w + (r + s * gap) * ws + b * Q4_0_BYTES;
+                _mm_prefetch((const char *)g + MV_PREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char *)g + MV_PREFETCH + 64, _MM_HINT_T0);
+                __m512i lo = _mm512_loadu_si512(g), hi = _mm512_maskz_loadu_epi8(0xff, g + 64);
+                __m512i q = _mm512_permutex2var_epi16(lo, quants, hi);
+                __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(scales, lo)));
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(q, m4), x0);
+                dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(q, 4), m4), x1);
+                __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), dw);
+                if (b & 4) acc1[s] = _mm512_fmadd_ps(p, xd, acc1[s]);
+                else acc0[s] = _mm512_fmadd_ps(p, xd, acc0[s]);
+                off[s] = _mm512_fmadd_ps(dw, xs, off[s]);
+            }
         }
-        float tail = 0.0f;
-        for (; b < nb; b++) {
-            const uint8_t *blk = row + b * Q4_0_BYTES;
-            __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
-            __m128i dot = _mm_dpbusd_epi32(_mm_setzero_si128(), _mm_and_si128(q, _mm512_castsi512_si128(m4)),
-                                           _mm_loadu_si128((const __m128i *)(pq + b * QK)));
-            dot = _mm_dpbusd_epi32(dot, _mm_and_si128(_mm_srli_epi16(q, 4), _mm512_castsi512_si128(m4)),
-                                   _mm_loadu_si128((const __m128i *)(pq + b * QK + 16)));
-            const int32_t *v = (const int32_t *)&dot;
-            float dw = fp16(blk);
-            tail += dw * (pd[4 * nq + (b - nq)] * (float)(v[0] + v[1] + v[2] + v[3]) - ps[4 * nq + (b - nq)]);
+        for (int s = 0; s < S; s++) {
+            const uint8_t *row = w + (r + s * gap) * ws;
+            float tail = 0.0f;
+            for (int64_t b = nq; b < nb; b++) {
+                const uint8_t *blk = row + b * Q4_0_BYTES;
+                __m128i q = _mm_loadu_si128((const __m128i *)(blk + 2));
+                __m128i dot = _mm_dpbusd_epi32(_mm_setzero_si128(), _mm_and_si128(q, _mm512_castsi512_si128(m4)),
+                                               _mm_loadu_si128((const __m128i *)(pq + b * QK)));
+                dot = _mm_dpbusd_epi32(dot, _mm_and_si128(_mm_srli_epi16(q, 4), _mm512_castsi512_si128(m4)),
+                                       _mm_loadu_si128((const __m128i *)(pq + b * QK + 16)));
+                const int32_t *v = (const int32_t *)&dot;
+                float dw = fp16(blk);
+                tail += dw * (pd[4 * nq + (b - nq)] * (float)(v[0] + v[1] + v[2] + v[3]) - ps[4 * nq + (b - nq)]);
+            }
+            out[r + s * gap] = _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(acc0[s], acc1[s]), off[s])) + tail;
         }
-        out[r] = _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(acc0, acc1), off)) + tail;
     }
+}
+
+static void mv_q4_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+    mv_q4_0_streams(1, out, w, ws, nr, a, cols, 0);
+}
+
+static void mv4_q4_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols,
+                     int64_t gap) {
+    mv_q4_0_streams(4, out, w, ws, nr, a, cols, gap);
 }
 
 /* ---- MLA attention --------------------------------------------------------------------------- */
@@ -500,6 +517,7 @@ void lite_kernels_avx512(kernel_table *t) {
     if (avx2_rows8[K_Q4_K]) t->rows8[K_Q4_K] = rows8_q4_k;
     if (avx2_rows8[K_Q6_K]) t->rows8[K_Q6_K] = rows8_q6_k;
     t->mv[K_Q4_0] = mv_q4_0;
+    t->mv4[K_Q4_0] = mv4_q4_0;
     avx2_mla = t->mla;
     t->mla = mla_heads;
     t->read_xor = read_xor;

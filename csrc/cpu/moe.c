@@ -145,23 +145,21 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
     }
     const int64_t n_assign = off[n_exp];
 
-    /* Work items of the two matmul phases: every entry's row panels (gate and up panels together,
-     * then down panels), numbered consecutively so one work-sharing loop covers all experts with
-     * a single barrier. iu[e] / id[e]: first item of entry e. */
-    int64_t iu[MOE_MAX_ENTRIES + 1], idn[MOE_MAX_ENTRIES + 1];
+    /* Work items of the two matmul phases: every entry's product items (gate and up together,
+     * then down), numbered consecutively so one work-sharing loop covers all experts with a
+     * single barrier. iu[e] / idn[e]: first item of entry e; ng[e]: how many of its gate/up
+     * items are gate's. */
+    int64_t iu[MOE_MAX_ENTRIES + 1], idn[MOE_MAX_ENTRIES + 1], ng[MOE_MAX_ENTRIES];
     int kg[MOE_MAX_ENTRIES], ku[MOE_MAX_ENTRIES], kd[MOE_MAX_ENTRIES];
     iu[0] = idn[0] = 0;
-    int64_t rpi[MOE_MAX_ENTRIES];   /* rows per work item: streaming runs for a lone token, else panels */
     for (int64_t e = 0; e < n_exp; e++) {
         int64_t n = off[e + 1] - off[e];
-        rpi[e] = n == 1 ? MV_ROWS : PANEL_R;
-        int64_t rt_f = (ffn[e] + rpi[e] - 1) / rpi[e], rt_d = (dim + rpi[e] - 1) / rpi[e];
-        int has = n > 0;
-        iu[e + 1] = iu[e] + (has ? 2 * rt_f : 0);
-        idn[e + 1] = idn[e] + (has ? rt_d : 0);
         kg[e] = lite_kind_of(types[3 * e]);
         ku[e] = lite_kind_of(types[3 * e + 1]);
         kd[e] = lite_kind_of(types[3 * e + 2]);
+        ng[e] = n ? lite_product_items(kg[e], ffn[e], n, dim) : 0;
+        iu[e + 1] = iu[e] + (n ? ng[e] + lite_product_items(ku[e], ffn[e], n, dim) : 0);
+        idn[e + 1] = idn[e] + (n ? lite_product_items(kd[e], dim, n, ffn[e]) : 0);
     }
     const kernel_table *kt = lite_active_kernels();
 
@@ -190,20 +188,17 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
                 int64_t mid = (lo + hi) / 2;
                 if (iu[mid] <= it) lo = mid; else hi = mid;
             }
-            int64_t e = lo, f = ffn[e], rt_f = (f + rpi[e] - 1) / rpi[e], j = it - iu[e];
-            int is_up = j >= rt_f;
-            int64_t r0 = (is_up ? j - rt_f : j) * rpi[e];
-            int64_t nr = f - r0 < rpi[e] ? f - r0 : rpi[e];
+            int64_t e = lo, j = it - iu[e];
+            int is_up = j >= ng[e];
             int kind = is_up ? ku[e] : kg[e];
             int cls = act_class(kind);
             int64_t rb = lite_row_bytes_of(types[3 * e + is_up], dim);
-            const uint8_t *w = (is_up ? up[e] : gate[e]) + r0 * rb;
             const uint8_t *a0;
             int64_t as;
             if (cls == 2) { a0 = (const uint8_t *)(xg + off[e] * dim); as = dim * 4; }
             else { a0 = (is_up && cls != act_class(kg[e]) ? act2 : act) + off[e] * arow; as = arow; }
-            float *o = (is_up ? u : g) + off[e] * max_ffn + r0;
-            lite_gemm_panel(o, max_ffn, w, rb, nr, kind, a0, as, off[e + 1] - off[e], dim);
+            lite_product_item((is_up ? u : g) + off[e] * max_ffn, max_ffn, is_up ? up[e] : gate[e], rb, ffn[e], kind,
+                              a0, as, off[e + 1] - off[e], dim, is_up ? j - ng[e] : j);
         }
         /* 3: hidden = silu(gate) * up, quantized for down. */
 #pragma omp for schedule(static)
@@ -224,15 +219,13 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
                 int64_t mid = (lo + hi) / 2;
                 if (idn[mid] <= it) lo = mid; else hi = mid;
             }
-            int64_t e = lo, f = ffn[e], r0 = (it - idn[e]) * rpi[e];
-            int64_t nr = dim - r0 < rpi[e] ? dim - r0 : rpi[e];
+            int64_t e = lo, f = ffn[e];
             int kind = kd[e];
             int64_t rb = lite_row_bytes_of(types[3 * e + 2], f);
-            const uint8_t *w = down[e] + r0 * rb;
             const uint8_t *a0 = act_class(kind) == 2 ? (const uint8_t *)(g + off[e] * max_ffn) : act + off[e] * arow;
             int64_t as = act_class(kind) == 2 ? max_ffn * 4 : arow;
-            float *o = y + off[e] * dim + r0;
-            lite_gemm_panel(o, dim, w, rb, nr, kind, a0, as, off[e + 1] - off[e], f);
+            lite_product_item(y + off[e] * dim, dim, down[e], rb, dim, kind, a0, as, off[e + 1] - off[e], f,
+                              it - idn[e]);
         }
         if (!serial_ends) scatter(out, dim, n_assign, idx, wt, y);
     }

@@ -73,8 +73,9 @@ int lite_matmul_heads(float *out, int64_t out_len, const float *x, int64_t n_tok
                       int64_t cols, const uint8_t *w, int64_t w_bytes, int type, int64_t n_rows,
                       uint8_t *scratch, int64_t scratch_bytes);
 
-/* Memory-bandwidth probe: read n_bytes of buf (threads across chunks) and store the XOR of its
- * 64-bit words in *out (so the reads cannot be skipped). n_bytes must be a multiple of 8. */
+/* Memory-bandwidth probe: read n_bytes of buf (each thread a share, as 8 interleaved streams) and
+ * store the XOR of its 64-bit words in *out (so the reads cannot be skipped). n_bytes must be a
+ * multiple of 8. */
 int lite_read_bytes(uint64_t *out, const uint8_t *buf, int64_t n_bytes);
 
 /* out [T, D] = w * x / sqrt(mean(x^2) + eps) per row. */
