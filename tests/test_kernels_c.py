@@ -139,6 +139,20 @@ def test_abi_and_controls():
         CB.set_threads(0)
 
 
+def test_exit_with_spinning_workers():
+    """With OMP_WAIT_POLICY=active the OpenMP workers spin between calls; the process still exits
+    cleanly (the library used to be closed under them at interpreter exit: a segfault)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import numpy as np; from lite.kernels.c import CBackend, read_bytes; CBackend().set_threads(2); "
+            "print(read_bytes(np.ones(1 << 16, np.uint64), 2))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_WAIT_POLICY="active"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "0"
+
+
 # ---- activation quantization (bit-exact) -----------------------------------------------------
 
 @pytest.mark.parametrize("cols", [32, 256, 1408, 2048 + 256])

@@ -63,7 +63,10 @@ def open_library(prefix: str, env_var: str, filename: str, missing_hint: str, he
     ffi = FFI()
     ffi.cdef(cdef_source(text))
     try:
-        lib = ffi.dlopen(path)
+        # Never unloaded: cffi closes the library when its object dies at interpreter exit, and
+        # with OMP_WAIT_POLICY=active the OpenMP workers were still spinning in the runtime the
+        # close took with it (a segfault after the program's last line).
+        lib = ffi.dlopen(path, ffi.RTLD_NOW | ffi.RTLD_NODELETE)
     except OSError as e:
         raise ImportError(f"cannot open {path}: {str(e).splitlines()[0]}") from None
     for name in re.findall(rf"\b({prefix}_\w+)\s*\(", text):
