@@ -530,45 +530,60 @@ static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const 
     }
 }
 
-static void mv_q6_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+/* One Q6_K block of a row times the A8K activations y (its bs16 sums, scale dxb) into acc. */
+INLINE __m256 q6_k_block(__m256 acc, const uint8_t *blk, const uint8_t *y, const int16_t *bs16, float dxb) {
+    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
+    prefetch_block(blk, Q6_K_BYTES);
+    /* the 16 int8 scales widened; halves [0..7] and [8..15] each in both 128-bit lanes */
+    const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+    const __m256i sa = _mm256_permute2x128_si256(sc16, sc16, 0x00);
+    const __m256i sb = _mm256_permute2x128_si256(sc16, sc16, 0x11);
+    /* the -32 offset: 32 * sum_i sc_i * bsum_i */
+    const __m256i bsv = _mm256_loadu_si256((const __m256i *)bs16);
+    __m256i isum = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsv), 5));
+    for (int h = 0; h < 2; h++) {
+        const __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + h * 64));
+        const __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + h * 64 + 32));
+        const __m256i hb = _mm256_loadu_si256((const __m256i *)(blk + 128 + h * 32));
+        const __m256i lo[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
+                               _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                               _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
+        for (int g = 0; g < 4; g++) {
+            const int j = 4 * h + g;   /* sub-block: scales 2j (weights 0-15) and 2j + 1 */
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * g), m3);
+            const __m256i q = _mm256_or_si256(lo[g], _mm256_slli_epi16(hi, 4));
+            const __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(y + 32 * j)));
+            const __m256i sv = _mm256_shuffle_epi8(h ? sb : sa, pick16(2 * g, 2 * g + 1));
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, sv));
+        }
+    }
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(fp16(blk + 208) * dxb), acc);
+}
+
+/* Rows r + s*gap (s < S) for r < nr, the S streams in lockstep block by block (see mv4_fn); each
+ * row's steps are the same for any S. */
+INLINE void mv_q6_k_streams(const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                            int64_t cols, int64_t gap) {
     const int64_t nb = cols / QKK;
     const int16_t *bs = (const int16_t *)(a + nb * QKK);
     const float *dx = (const float *)(a + nb * (QKK + 32));
-    const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
     for (int64_t r = 0; r < nr; r++) {
-        const uint8_t *row = w + r * ws;
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = row + b * Q6_K_BYTES;
-            const uint8_t *y = a + b * QKK;
-            prefetch_block(blk, Q6_K_BYTES);
-            /* the 16 int8 scales widened; halves [0..7] and [8..15] each in both 128-bit lanes */
-            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
-            const __m256i sa = _mm256_permute2x128_si256(sc16, sc16, 0x00);
-            const __m256i sb = _mm256_permute2x128_si256(sc16, sc16, 0x11);
-            /* the -32 offset: 32 * sum_i sc_i * bsum_i */
-            const __m256i bsv = _mm256_loadu_si256((const __m256i *)(bs + 16 * b));
-            __m256i isum = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsv), 5));
-            for (int h = 0; h < 2; h++) {
-                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + h * 64));
-                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + h * 64 + 32));
-                const __m256i hb = _mm256_loadu_si256((const __m256i *)(blk + 128 + h * 32));
-                const __m256i lo[4] = {_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4),
-                                       _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                                       _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
-                for (int g = 0; g < 4; g++) {
-                    const int j = 4 * h + g;   /* sub-block: scales 2j (weights 0-15) and 2j + 1 */
-                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(hb, 2 * g), m3);
-                    const __m256i q = _mm256_or_si256(lo[g], _mm256_slli_epi16(hi, 4));
-                    const __m256i p = _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(y + 32 * j)));
-                    const __m256i s = _mm256_shuffle_epi8(h ? sb : sa, pick16(2 * g, 2 * g + 1));
-                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, s));
-                }
-            }
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(fp16(blk + 208) * dx[b]), acc);
-        }
-        out[r] = hsum8(acc);
+        __m256 acc[4];
+        for (int s = 0; s < S; s++) acc[s] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++)
+            for (int s = 0; s < S; s++)
+                acc[s] = q6_k_block(acc[s], w + (r + s * gap) * ws + b * Q6_K_BYTES, a + b * QKK, bs + 16 * b, dx[b]);
+        for (int s = 0; s < S; s++) out[r + s * gap] = hsum8(acc[s]);
     }
+}
+
+static void mv_q6_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+    mv_q6_k_streams(1, out, w, ws, nr, a, cols, 0);
+}
+
+static void mv4_q6_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols,
+                     int64_t gap) {
+    mv_q6_k_streams(4, out, w, ws, nr, a, cols, gap);
 }
 
 INLINE void q4k_fixed(const int NR, const int NT, float *out, int64_t ldo, const uint8_t *w,
@@ -937,6 +952,7 @@ void lite_kernels_avx2(kernel_table *t) {
     t->mv[K_Q8_0] = mv_q8_0;
     t->mv[K_Q4_K] = mv_q4_k;
     t->mv[K_Q6_K] = mv_q6_k;
+    t->mv4[K_Q6_K] = mv4_q6_k;
     t->rows8[K_Q4_0] = rows8_q4_0;
     t->rows8[K_Q8_0] = rows8_q8_0;
     t->rows8[K_Q4_K] = rows8_q4_k;
