@@ -251,20 +251,24 @@ int lite_mla_step(float *out, int64_t out_len, float *x, const float *delta, con
     float *q_lat = (float *)(base + L.q_lat), *o_lat = (float *)(base + L.o_lat), *o = (float *)(base + L.o);
     uint8_t *act = base + L.act;
     const int64_t an = L.total - 64 - L.act, hq = n_head * (n_nope + r_dim);
-    /* The calls the unfused path makes, in its order, with the same arguments. */
+    /* The calls the unfused path makes, in its order, with the same arguments (q or q_a and kv_a
+     * as one call of the same products). */
     rc = lite_add_rmsnorm_f32(h, x, delta, norm, n_tok, dim, norm_eps);
     if (rc) return rc;
-    if (q_rank) {
-        rc = lite_matmul(q_a, n_tok * q_rank, h, n_tok, dim, w[MW_Q], w_bytes[MW_Q], types[MW_Q], q_rank, act, an);
-        if (!rc) rc = lite_rmsnorm_f32(q_an, q_a, q_a_norm, n_tok, q_rank, eps);
+    {   /* q (or q_a) and kv_a both read h */
+        float *const o2[2] = {q_rank ? q_a : q, kv};
+        const int64_t len2[2] = {n_tok * (q_rank ? q_rank : hq), n_tok * (c_dim + r_dim)};
+        const int64_t rows2[2] = {q_rank ? q_rank : hq, c_dim + r_dim};
+        const uint8_t *const w2[2] = {w[MW_Q], w[MW_KVA]};
+        const int64_t b2[2] = {w_bytes[MW_Q], w_bytes[MW_KVA]};
+        const int32_t t2[2] = {types[MW_Q], types[MW_KVA]};
+        rc = lite_matmul_many(2, o2, len2, h, n_tok, dim, w2, b2, t2, rows2, act, an);
+    }
+    if (!rc && q_rank) {
+        rc = lite_rmsnorm_f32(q_an, q_a, q_a_norm, n_tok, q_rank, eps);
         if (!rc)
             rc = lite_matmul(q, n_tok * hq, q_an, n_tok, q_rank, w[MW_QB], w_bytes[MW_QB], types[MW_QB], hq, act, an);
-    } else {
-        rc = lite_matmul(q, n_tok * hq, h, n_tok, dim, w[MW_Q], w_bytes[MW_Q], types[MW_Q], hq, act, an);
     }
-    if (!rc)
-        rc = lite_matmul(kv, n_tok * (c_dim + r_dim), h, n_tok, dim, w[MW_KVA], w_bytes[MW_KVA], types[MW_KVA],
-                         c_dim + r_dim, act, an);
     if (!rc)
         rc = lite_mla_prep(q_nope, q_pe, ckv, kpe, cache_rows, q, kv, kv_norm, cos_t, sin_t, n_tok, n_head, n_nope,
                            c_dim, r_dim, start, eps);

@@ -14,7 +14,7 @@ int64_t lite_act_stride(int kind, int64_t cols) {
     }
 }
 
-void lite_gemm_quantize(uint8_t *act, int64_t astride, int kind, const float *x, int64_t n_tok, int64_t cols) {
+static void gemm_quantize(uint8_t *act, int64_t astride, int kind, const float *x, int64_t n_tok, int64_t cols) {
     if (!lite_is_quant(kind)) return;
     quant_fn q = lite_quant_of(kind);
 #pragma omp for schedule(static)
@@ -88,19 +88,6 @@ void lite_product_item(float *out, int64_t ldo, const uint8_t *w, int64_t row_by
                    act, cols);
 }
 
-void lite_gemm_compute_ld(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t n_rows,
-                          int kind, const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols) {
-    int64_t n_items = lite_product_items(kind, n_rows, n_tok, cols);
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < n_items; it++)
-        lite_product_item(out, ldo, w, row_bytes, n_rows, kind, act, astride, n_tok, cols, it);
-}
-
-void lite_gemm_compute(float *out, const uint8_t *w, int64_t row_bytes, int64_t n_rows, int kind,
-                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols) {
-    lite_gemm_compute_ld(out, n_rows, w, row_bytes, n_rows, kind, act, astride, n_tok, cols);
-}
-
 int lite_matmul_scratch_bytes(int64_t *out, int type, int64_t n_tok, int64_t cols) {
     if (!out) return LITE_ERR_NULL;
     int kind = lite_kind_of(type);
@@ -111,38 +98,75 @@ int lite_matmul_scratch_bytes(int64_t *out, int type, int64_t n_tok, int64_t col
     return LITE_OK;
 }
 
-int lite_matmul(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t cols,
-                const uint8_t *w, int64_t w_bytes, int type, int64_t n_rows,
-                uint8_t *scratch, int64_t scratch_bytes) {
-    if (!out || !x || !w) return LITE_ERR_NULL;
-    int kind = lite_kind_of(type);
-    if (kind < 0) return LITE_ERR_TYPE;
-    if (n_tok < 0 || cols <= 0 || n_rows <= 0 || out_len < 0 || w_bytes < 0 || scratch_bytes < 0)
-        return LITE_ERR_ARG;
-    int64_t rb = lite_row_bytes_of(type, cols);
-    if (rb < 0) return LITE_ERR_BLOCK;
-    if (w_bytes / rb < n_rows) return LITE_ERR_SIZE;
+/* Checks one product of lite_matmul_many and gives its kind and row bytes. */
+static int product_args(float *out, int64_t out_len, const uint8_t *w, int64_t w_bytes, int type, int64_t n_rows,
+                        int64_t n_tok, int64_t cols, int *kind, int64_t *rb) {
+    if (!out || !w) return LITE_ERR_NULL;
+    *kind = lite_kind_of(type);
+    if (*kind < 0) return LITE_ERR_TYPE;
+    if (n_rows <= 0 || out_len < 0 || w_bytes < 0) return LITE_ERR_ARG;
+    *rb = lite_row_bytes_of(type, cols);
+    if (*rb < 0) return LITE_ERR_BLOCK;
+    if (w_bytes / *rb < n_rows) return LITE_ERR_SIZE;
     if (n_tok && out_len / n_tok < n_rows) return LITE_ERR_SIZE;
+    return LITE_OK;
+}
+
+int lite_matmul_many(int n, float *const *out, const int64_t *out_len, const float *x, int64_t n_tok, int64_t cols,
+                     const uint8_t *const *w, const int64_t *w_bytes, const int32_t *type, const int64_t *n_rows,
+                     uint8_t *scratch, int64_t scratch_bytes) {
+    if (!out || !out_len || !x || !w || !w_bytes || !type || !n_rows) return LITE_ERR_NULL;
+    if (n < 1 || n > LITE_MATMUL_MANY_MAX || n_tok < 0 || cols <= 0 || scratch_bytes < 0) return LITE_ERR_ARG;
+    int kind[LITE_MATMUL_MANY_MAX];
+    int64_t rb[LITE_MATMUL_MANY_MAX], first[LITE_MATMUL_MANY_MAX + 1];
+    for (int i = 0; i < n; i++) {
+        int rc = product_args(out[i], out_len[i], w[i], w_bytes[i], type[i], n_rows[i], n_tok, cols, &kind[i], &rb[i]);
+        if (rc) return rc;
+    }
     if (n_tok == 0) return LITE_OK;
-    int64_t astride = lite_act_stride(kind, cols);
-    if (lite_is_quant(kind)) {
+    for (int i = 1; i < n; i++)
+        if (lite_act_class(kind[i]) != lite_act_class(kind[0])) {  /* activations differ: one call each */
+            for (int j = 0; j < n; j++) {
+                int rc = lite_matmul_many(1, out + j, out_len + j, x, n_tok, cols, w + j, w_bytes + j, type + j,
+                                          n_rows + j, scratch, scratch_bytes);
+                if (rc) return rc;
+            }
+            return LITE_OK;
+        }
+    const int quant = lite_is_quant(kind[0]);
+    int64_t astride = lite_act_stride(kind[0], cols);
+    if (quant) {
         if (!scratch) return LITE_ERR_NULL;
         if (scratch_bytes / astride < n_tok || ((uintptr_t)scratch & 3)) return LITE_ERR_SIZE;
     }
-    const uint8_t *act = lite_is_quant(kind) ? scratch : (const uint8_t *)x;
-    int64_t n_rt = (n_rows + TILE_R - 1) / TILE_R;
+    const uint8_t *act = quant ? scratch : (const uint8_t *)x;
+    first[0] = 0;
+    for (int i = 0; i < n; i++) first[i + 1] = first[i] + lite_product_items(kind[i], n_rows[i], n_tok, cols);
     int nth = lite_num_threads();
-    if (nth > n_rt) nth = (int)n_rt;
+    if (nth > first[n]) nth = (int)first[n];
     /* A lone token's activations are quantized before the threads start: a work-sharing loop of
      * one item would cost a barrier (~8 µs with sleeping workers) for ~1 µs of work. */
     int serial_quant = n_tok == 1;
-    if (serial_quant) lite_gemm_quantize(scratch, astride, kind, x, n_tok, cols);
+    if (serial_quant) gemm_quantize(scratch, astride, kind[0], x, n_tok, cols);
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
-        if (!serial_quant) lite_gemm_quantize(scratch, astride, kind, x, n_tok, cols);
-        lite_gemm_compute(out, w, rb, n_rows, kind, act, astride, n_tok, cols);
+        if (!serial_quant) gemm_quantize(scratch, astride, kind[0], x, n_tok, cols);
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < first[n]; it++) {
+            int i = 0;
+            while (first[i + 1] <= it) i++;
+            lite_product_item(out[i], n_rows[i], w[i], rb[i], n_rows[i], kind[i], act, astride, n_tok, cols,
+                              it - first[i]);
+        }
     }
     return LITE_OK;
+}
+
+int lite_matmul(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t cols,
+                const uint8_t *w, int64_t w_bytes, int type, int64_t n_rows,
+                uint8_t *scratch, int64_t scratch_bytes) {
+    int32_t t = type;
+    return lite_matmul_many(1, &out, &out_len, x, n_tok, cols, &w, &w_bytes, &t, &n_rows, scratch, scratch_bytes);
 }
 
 /* ---- all heads in one call ------------------------------------------------------------------- */

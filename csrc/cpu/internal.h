@@ -183,14 +183,18 @@ int lite_kind_of(int type);
 /* Bytes per row for a type code and row length, or -1 when cols is not a multiple of the block. */
 int64_t lite_row_bytes_of(int type, int64_t cols);
 
-/* Matmul for use inside or outside an OpenMP parallel region (orphaned work-sharing).
- * act: scratch holding the quantized activations (must be shared among threads). */
-void lite_gemm_quantize(uint8_t *act, int64_t astride, int kind, const float *x, int64_t n_tok, int64_t cols);
-void lite_gemm_compute(float *out, const uint8_t *w, int64_t row_bytes, int64_t n_rows, int kind,
-                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols);
-/* The same with an explicit output row stride (ldo floats between tokens). */
-void lite_gemm_compute_ld(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t n_rows,
-                          int kind, const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols);
+/* Activation layout a kind's products read: 0 A8 (Q4_0, Q8_0), 1 A8K (K-quants), 2 the float
+ * input itself. */
+static inline int lite_act_class(int kind) { return (kind == K_Q4_0 || kind == K_Q8_0) ? 0 : (kind <= K_Q6_K ? 1 : 2); }
+/* lite_matmul of one input with n <= LITE_MATMUL_MANY_MAX weights (out[i]: [n_tok, n_rows[i]]), in
+ * one parallel region with the input quantized once where their activation layouts agree (else
+ * one call each): an MLA step's q (or q_a) and kv_a read the same normed input, and a lone
+ * token's second call cost another region start (~10-15 µs with sleeping workers). Results are
+ * lite_matmul's, bit for bit. */
+#define LITE_MATMUL_MANY_MAX 4
+int lite_matmul_many(int n, float *const *out, const int64_t *out_len, const float *x, int64_t n_tok, int64_t cols,
+                     const uint8_t *const *w, const int64_t *w_bytes, const int32_t *type, const int64_t *n_rows,
+                     uint8_t *scratch, int64_t scratch_bytes);
 /* Rows per panel, the unit of work of a multi-token product: 64 rows of a 2048-wide Q4_0 or
  * Q8_0 matrix (72-136 KiB) stay in L2 while each 4-token tile of activations passes over them. */
 #define PANEL_R 64

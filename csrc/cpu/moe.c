@@ -42,8 +42,6 @@ int lite_moe_scratch_bytes(int64_t *out, int64_t n_tok, int64_t dim, int64_t k, 
     return LITE_OK;
 }
 
-static int act_class(int kind) { return (kind == K_Q4_0 || kind == K_Q8_0) ? 0 : (kind <= K_Q6_K ? 1 : 2); }
-
 /* Phase 1 of lite_moe: zero the output; gather each assignment's input row and quantize it for
  * gate (and for up when up needs another activation class). Work-shared inside a parallel
  * region, whole on the calling thread outside one. */
@@ -58,7 +56,7 @@ static void gather(float *out, const float *x, int64_t n_tok, int64_t dim, int64
         while (off[e + 1] <= a) e++;
         float *xa = xg + a * dim;
         memcpy(xa, x + (int64_t)idx[a] * dim, sizeof(float) * dim);
-        int cg = act_class(kg[e]), cu = act_class(ku[e]);
+        int cg = lite_act_class(kg[e]), cu = lite_act_class(ku[e]);
         if (cg < 2) lite_quant_of(kg[e])(act + a * arow, arow, xa, 1, dim);
         if (cu < 2 && cu != cg) lite_quant_of(ku[e])(act2 + a * arow, arow, xa, 1, dim);
     }
@@ -191,12 +189,12 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
             int64_t e = lo, j = it - iu[e];
             int is_up = j >= ng[e];
             int kind = is_up ? ku[e] : kg[e];
-            int cls = act_class(kind);
+            int cls = lite_act_class(kind);
             int64_t rb = lite_row_bytes_of(types[3 * e + is_up], dim);
             const uint8_t *a0;
             int64_t as;
             if (cls == 2) { a0 = (const uint8_t *)(xg + off[e] * dim); as = dim * 4; }
-            else { a0 = (is_up && cls != act_class(kg[e]) ? act2 : act) + off[e] * arow; as = arow; }
+            else { a0 = (is_up && cls != lite_act_class(kg[e]) ? act2 : act) + off[e] * arow; as = arow; }
             lite_product_item((is_up ? u : g) + off[e] * max_ffn, max_ffn, is_up ? up[e] : gate[e], rb, ffn[e], kind,
                               a0, as, off[e + 1] - off[e], dim, is_up ? j - ng[e] : j);
         }
@@ -222,8 +220,8 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
             int64_t e = lo, f = ffn[e];
             int kind = kd[e];
             int64_t rb = lite_row_bytes_of(types[3 * e + 2], f);
-            const uint8_t *a0 = act_class(kind) == 2 ? (const uint8_t *)(g + off[e] * max_ffn) : act + off[e] * arow;
-            int64_t as = act_class(kind) == 2 ? max_ffn * 4 : arow;
+            const uint8_t *a0 = lite_act_class(kind) == 2 ? (const uint8_t *)(g + off[e] * max_ffn) : act + off[e] * arow;
+            int64_t as = lite_act_class(kind) == 2 ? max_ffn * 4 : arow;
             lite_product_item(y + off[e] * dim, dim, down[e], rb, dim, kind, a0, as, off[e + 1] - off[e], f,
                               it - idn[e]);
         }
