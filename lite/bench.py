@@ -165,7 +165,8 @@ def run_bench(model_path: str | os.PathLike[str], prompt: int = 256, gen: int = 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, prompt)
 
-    prefill_s, ttft_s, decode_s = [], [], []
+    prefill_s, ttft_s, decode_s, bw_runs = [], [], [], []
+    bw_threads = threads or getattr(be, "threads", None)
     for r in range(repeats):
         cache = m.new_cache()
         cache.reserve(prompt + gen)
@@ -177,8 +178,13 @@ def run_bench(model_path: str | os.PathLike[str], prompt: int = 256, gen: int = 
         ttft_s.append(time.perf_counter() - t0)
         prefill_s.append(t1 - t0)
         decode_s.append(_decode(m, cache, first, gen))
+        # The probe right after each decode: on a shared machine the bandwidth moves by 40% within
+        # minutes, and a decode is only comparable with a bandwidth read in the same minute.
+        if bandwidth:
+            bw_runs.append(measure_bandwidth_isolated(bw_threads, bandwidth_bytes))
         _log(f"run {r + 1}/{repeats}: prefill {prompt / prefill_s[-1]:.2f} tok/s, "
-             f"decode {gen / decode_s[-1]:.2f} tok/s")
+             f"decode {gen / decode_s[-1]:.2f} tok/s"
+             + (f", bandwidth {bw_runs[-1][0]:.1f} GB/s" if bandwidth else ""))
     depth_rows = []
     for d in depths:
         times = []
@@ -203,14 +209,15 @@ def run_bench(model_path: str | os.PathLike[str], prompt: int = 256, gen: int = 
         "depths": depth_rows,
     }
     if bandwidth:
-        _log(f"measuring memory read bandwidth ({bandwidth_bytes / 2**30:.2g} GiB)")
-        bw, how = measure_bandwidth_isolated(threads or getattr(be, "threads", None), bandwidth_bytes)
-        res.update(bandwidth_gbs=bw, bandwidth_method=how, roofline_decode_tok_s=bw * 1e9 / active)
+        bw, how = statistics.median(b for b, _ in bw_runs), bw_runs[0][1]
+        fraction = statistics.median(gen / t / (b * 1e9 / active) for t, (b, _) in zip(decode_s, bw_runs))
+        res.update(bandwidth_gbs=bw, bandwidth_method=how, roofline_decode_tok_s=bw * 1e9 / active,
+                   bandwidth_gbs_runs=[b for b, _ in bw_runs], decode_roofline_fraction=fraction)
         kv_per_pos = cfg.n_layer * (cfg.kv_lora_rank + cfg.qk_rope) * 4
         for row in depth_rows:
             row["roofline_decode_tok_s"] = bw * 1e9 / (active + row["depth"] * kv_per_pos)
     else:
-        res.update(bandwidth_gbs=None, bandwidth_method=None, roofline_decode_tok_s=None)
+        res.update(bandwidth_gbs=None, bandwidth_method=None, roofline_decode_tok_s=None, decode_roofline_fraction=None)
     res["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     st = m.stats
     res["experts"] = {k: v for k, v in st.items() if k.startswith(("expert_", "bytes_read", "io_stall",
@@ -238,7 +245,8 @@ def format_table(r: dict[str, Any]) -> str:
         f"load         {r['load_s']:.2f} s",
         f"prefill      {r['prefill_tok_s']:.2f} tok/s ({r['prompt_tokens']} tokens; time to first token {r['ttft_s']:.2f} s)",
         f"decode       {r['decode_tok_s']:.2f} tok/s ({r['gen_tokens']} tokens, greedy)"
-        + (f"  = {r['decode_tok_s'] / roof:.0%} of roofline" if roof else ""),
+        + (f"  = {r['decode_roofline_fraction']:.0%} of roofline (median of each run against its own probe)"
+           if r.get("decode_roofline_fraction") else ""),
     ]
     for row in r["depths"]:
         lines.append(f"  at depth {row['depth']:<6} {row['decode_tok_s']:.2f} tok/s"

@@ -163,6 +163,11 @@ def test_bench_json(tiny_model):
     assert j["ttft_s"] >= 12 / j["prefill_tok_s"] * 0.999
     assert len(j["depths"]) == 1 and j["depths"][0]["depth"] == 20 and j["depths"][0]["decode_tok_s"] > 0
     assert j["roofline_decode_tok_s"] == pytest.approx(j["bandwidth_gbs"] * 1e9 / j["active_bytes_per_token"])
+    # one probe after each run's decode; the roofline share is the median of each run's own
+    runs = j["bandwidth_gbs_runs"]
+    assert len(runs) == 2 and j["bandwidth_gbs"] == pytest.approx(sum(runs) / 2)
+    shares = sorted(4 / t / (b * 1e9 / j["active_bytes_per_token"]) for t, b in zip(j["decode_s_runs"], runs))
+    assert j["decode_roofline_fraction"] == pytest.approx(sum(shares) / 2)
 
     import lite
     m = lite.load(tiny_model)
