@@ -123,9 +123,11 @@ INLINE void q8_group(const int KIND, const int NT, const int G, const uint8_t *g
 #undef LOAD_G
 }
 
-/* out[t * ldo + r] = dot(weight row r, activation row t) for r < nr, t < NT. */
-INLINE void q8_rows(const int KIND, const int NT, float *out, int64_t ldo, const uint8_t *w, int64_t ws,
-                    int64_t nr, const uint8_t *a, int64_t as, const uint8_t *pq, int64_t cols) {
+/* out[t * ldo + r + k * gap] = dot(weight row r + k * gap, activation row t) for r < nr, t < NT,
+ * k < S: S streams in lockstep group by group (see mv4_fn; S > 1 only for a lone token). A row's
+ * steps are the same for any S. */
+INLINE void q8_rows(const int KIND, const int NT, const int S, float *out, int64_t ldo, const uint8_t *w, int64_t ws,
+                    int64_t nr, const uint8_t *a, int64_t as, const uint8_t *pq, int64_t cols, int64_t gap) {
     const int64_t nb = cols / QK, s = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
     const float *dy[4], *sy[4];
     for (int t = 0; t < NT; t++) {
@@ -133,52 +135,69 @@ INLINE void q8_rows(const int KIND, const int NT, float *out, int64_t ldo, const
         sy[t] = dy[t] + nb;
     }
     for (int64_t r = 0; r < nr; r++) {
-        const uint8_t *row = w + r * ws;
-        __m256 acc[4], acc1 = _mm256_setzero_ps();
-        for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+        __m256 acc[4][4], acc1[4];
+        for (int k = 0; k < S; k++) {
+            acc1[k] = _mm256_setzero_ps();
+            for (int t = 0; t < NT; t++) acc[k][t] = _mm256_setzero_ps();
+        }
         int64_t b = 0;
-        for (; b + 8 <= nb; b += 8) q8_group(KIND, NT, 8, row + b * s, b, a, as, pq, dy, sy, acc, &acc1);
+        for (; b + 8 <= nb; b += 8)
+            for (int k = 0; k < S; k++)
+                q8_group(KIND, NT, 8, w + (r + k * gap) * ws + b * s, b, a, as, pq, dy, sy, acc[k], &acc1[k]);
         if (b + 4 <= nb) {
-            q8_group(KIND, NT, 4, row + b * s, b, a, as, pq, dy, sy, acc, &acc1);
+            for (int k = 0; k < S; k++)
+                q8_group(KIND, NT, 4, w + (r + k * gap) * ws + b * s, b, a, as, pq, dy, sy, acc[k], &acc1[k]);
             b += 4;
         }
-        float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (; b < nb; b++) {
-            const uint8_t *blk = row + b * s;
-            __m256i wv = q8_unpack(KIND, blk);
-            float dw = fp16(blk);
-            for (int t = 0; t < NT; t++) {
-                __m256 p = _mm256_cvtepi32_ps(q8_dot(KIND, wv, a + t * as + b * QK));
-                acc[t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * dy[t][b]), acc[t]);
-                if (KIND == K_Q4_0) tail[t] += dw * sy[t][b];
+        for (int k = 0; k < S; k++) {
+            const uint8_t *row = w + (r + k * gap) * ws;
+            float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int64_t bt = b; bt < nb; bt++) {
+                const uint8_t *blk = row + bt * s;
+                __m256i wv = q8_unpack(KIND, blk);
+                float dw = fp16(blk);
+                for (int t = 0; t < NT; t++) {
+                    __m256 p = _mm256_cvtepi32_ps(q8_dot(KIND, wv, a + t * as + bt * QK));
+                    acc[k][t] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * dy[t][bt]), acc[k][t]);
+                    if (KIND == K_Q4_0) tail[t] += dw * sy[t][bt];
+                }
             }
+            acc[k][0] = _mm256_add_ps(acc[k][0], acc1[k]);
+            for (int t = 0; t < NT; t++) out[t * ldo + r + k * gap] = hsum8(acc[k][t]) - tail[t];
         }
-        acc[0] = _mm256_add_ps(acc[0], acc1);
-        for (int t = 0; t < NT; t++) out[t * ldo + r] = hsum8(acc[t]) - tail[t];
     }
 }
 
-#define DEF_Q8_KERNELS(TILE, MV, KIND)                                                              \
+/* The tile kernel (1-4 tokens) and the one- and four-stream one-token kernels of a kind. */
+#define DEF_Q8_KERNELS(TILE, MV, MV4, KIND)                                                         \
     static void TILE(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int nr, const uint8_t *a, \
                      int64_t as, int nt, int64_t cols) {                                            \
         switch (nt) {                                                                               \
-        case 4: q8_rows(KIND, 4, out, ldo, w, ws, nr, a, as, NULL, cols); break;                   \
-        case 3: q8_rows(KIND, 3, out, ldo, w, ws, nr, a, as, NULL, cols); break;                   \
-        case 2: q8_rows(KIND, 2, out, ldo, w, ws, nr, a, as, NULL, cols); break;                   \
-        default: q8_rows(KIND, 1, out, ldo, w, ws, nr, a, as, NULL, cols); break;                  \
+        case 4: q8_rows(KIND, 4, 1, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;             \
+        case 3: q8_rows(KIND, 3, 1, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;             \
+        case 2: q8_rows(KIND, 2, 1, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;             \
+        default: q8_rows(KIND, 1, 1, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;            \
         }                                                                                           \
     }                                                                                               \
-    static void MV(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) { \
+    INLINE void MV##_streams(const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, \
+                             int64_t cols, int64_t gap) {                                           \
         if (KIND == K_Q4_0) {                                                                       \
             _Alignas(32) uint8_t pq[MV_MAX_COLS];                                                   \
             pair_activations(pq, a, cols / QK);                                                     \
-            q8_rows(KIND, 1, out, 0, w, ws, nr, a, 0, pq, cols);                                    \
+            q8_rows(KIND, 1, S, out, 0, w, ws, nr, a, 0, pq, cols, gap);                            \
         } else                                                                                      \
-            q8_rows(KIND, 1, out, 0, w, ws, nr, a, 0, NULL, cols);                                  \
+            q8_rows(KIND, 1, S, out, 0, w, ws, nr, a, 0, NULL, cols, gap);                          \
+    }                                                                                               \
+    static void MV(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) { \
+        MV##_streams(1, out, w, ws, nr, a, cols, 0);                                                \
+    }                                                                                               \
+    static void MV4(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols, \
+                    int64_t gap) {                                                                  \
+        MV##_streams(4, out, w, ws, nr, a, cols, gap);                                              \
     }
 
-DEF_Q8_KERNELS(tile_q4_0, mv_q4_0, K_Q4_0)
-DEF_Q8_KERNELS(tile_q8_0, mv_q8_0, K_Q8_0)
+DEF_Q8_KERNELS(tile_q4_0, mv_q4_0, mv4_q4_0, K_Q4_0)
+DEF_Q8_KERNELS(tile_q8_0, mv_q8_0, mv4_q8_0, K_Q8_0)
 
 /* Q4_0 / Q8_0 for many tokens, rows in the lanes: 8 rows' blocks are repacked (a chunk of blocks
  * at a time, into L1) so that each vector of a block holds four weights of each row as bytes.
@@ -950,6 +969,8 @@ void lite_kernels_avx2(kernel_table *t) {
     t->silu_mul = silu_mul;
     t->mv[K_Q4_0] = mv_q4_0;
     t->mv[K_Q8_0] = mv_q8_0;
+    t->mv4[K_Q4_0] = mv4_q4_0;
+    t->mv4[K_Q8_0] = mv4_q8_0;
     t->mv[K_Q4_K] = mv_q4_k;
     t->mv[K_Q6_K] = mv_q6_k;
     t->mv4[K_Q6_K] = mv4_q6_k;
