@@ -514,17 +514,8 @@ static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const 
             const uint8_t *blk = row + b * Q4_K_BYTES;
             const uint8_t *y = a + b * QKK;
             prefetch_block(blk, Q4_K_BYTES);
-            /* 12 bytes of 6-bit scales and mins as three words: sub-blocks 0-3 in the low six bits
-             * of words 0 (scales) and 1 (mins); 4-7 in word 2's nibbles plus the top two bits of
-             * words 0 and 1. */
-            uint32_t w0, w1, w2;
-            memcpy(&w0, blk + 4, 4);
-            memcpy(&w1, blk + 8, 4);
-            memcpy(&w2, blk + 12, 4);
-            const uint32_t sc_hi = (w2 & 0x0f0f0f0fu) | (((w0 >> 6) & 0x03030303u) << 4);
-            const uint32_t mn_hi = ((w2 >> 4) & 0x0f0f0f0fu) | (((w1 >> 6) & 0x03030303u) << 4);
-            const __m128i sc = _mm_cvtepu8_epi16(_mm_setr_epi32((int)(w0 & 0x3f3f3f3fu), (int)sc_hi, 0, 0));
-            const __m128i mn = _mm_cvtepu8_epi16(_mm_setr_epi32((int)(w1 & 0x3f3f3f3fu), (int)mn_hi, 0, 0));
+            __m128i sc, mn;
+            q4_k_scales_mins(blk, &sc, &mn);
             const __m256i scv = _mm256_broadcastsi128_si256(sc);
             __m256i isum = _mm256_setzero_si256();
             for (int c = 0; c < 4; c++) {
@@ -539,13 +530,9 @@ static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const 
                 isum = _mm256_add_epi32(isum, _mm256_madd_epi16(phi, shi));
             }
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(fp16(blk) * dx[b]), acc);
-            const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)(bs + 16 * b)),
-                                                 _mm_loadu_si128((const __m128i *)(bs + 16 * b + 8)));
-            macc = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(mn, pairs)), _mm_set1_ps(fp16(blk + 2) * dx[b]), macc);
+            macc = _mm_fmadd_ps(q4_k_mins(mn, bs + 16 * b), _mm_set1_ps(fp16(blk + 2) * dx[b]), macc);
         }
-        macc = _mm_add_ps(macc, _mm_movehl_ps(macc, macc));
-        macc = _mm_add_ss(macc, _mm_movehdup_ps(macc));
-        out[r] = hsum8(acc) - _mm_cvtss_f32(macc);
+        out[r] = hsum8(acc) - hsum4(macc);
     }
 }
 

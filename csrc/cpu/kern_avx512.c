@@ -388,6 +388,85 @@ static void mv4_q4_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const
     mv_q4_0_streams(4, out, w, ws, nr, a, cols, gap);
 }
 
+/* ---- Q4_K, one token -------------------------------------------------------------------------- */
+/* The AVX2 kernel's integer steps at twice the width: one 64-byte load holds two 32-byte chunks
+ * of a block, so one AND (low nibbles: sub-blocks 4h and 4h + 2) and one shift and AND (high:
+ * 4h + 1 and 4h + 3) feed maddubs against the activations laid out to match once per call, and
+ * vpdpwssd applies each sub-block's scale (spread over its 16 lanes by one word permute) and adds. Two such
+ * halves make a block's 16 int32 sums; the mins term is the AVX2 kernel's. Per block about half
+ * the AVX2 kernel's instructions, whose Q4_K one-token rows were bound by arithmetic (four streams
+ * gained them nothing). Sums as the AVX2 kernel's; the float lanes differ, so results agree to
+ * float rounding. */
+
+/* A lone token's A8K quants as mv_q4_k_512 reads them: per 128 weights, the activations of the
+ * low-nibble sub-blocks (bytes 0-31 and 64-95) as 64 bytes, then of the high ones. */
+static void q4_k_token_prep(uint8_t *yp, const uint8_t *a, int64_t nb) {
+    const __m512i lo = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11), hi = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
+    for (int64_t i = 0; i < nb * QKK; i += 128) {
+        __m512i x0 = _mm512_loadu_si512(a + i), x1 = _mm512_loadu_si512(a + i + 64);
+        _mm512_store_si512(yp + i, _mm512_permutex2var_epi64(x0, lo, x1));
+        _mm512_store_si512(yp + i + 64, _mm512_permutex2var_epi64(x0, hi, x1));
+    }
+}
+
+/* Rows r + s*gap (s < S) for r < nr, the S streams in lockstep block by block (see mv4_fn). */
+INLINE void mv_q4_k_streams(const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                            int64_t cols, int64_t gap) {
+    const int64_t nb = cols / QKK;
+    const int16_t *bs = (const int16_t *)(a + nb * QKK);
+    const float *dx = (const float *)(a + nb * (QKK + 32));
+    _Alignas(64) uint8_t yp[MV_MAX_COLS];
+    q4_k_token_prep(yp, a, nb);
+    const __m512i m4 = _mm512_set1_epi8(15);
+    /* word lanes 0-15 take scale j, 16-31 scale j + 2, for j = 0, 1, 4, 5 */
+    const __m512i s0 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0x00020002, 0x00020002, 0x00020002, 0x00020002,
+                                         0x00020002, 0x00020002, 0x00020002, 0x00020002);
+    const __m512i one = _mm512_set1_epi16(1), four = _mm512_set1_epi16(4);
+    const __m512i sidx[4] = {s0, _mm512_add_epi16(s0, one), _mm512_add_epi16(s0, four),
+                             _mm512_add_epi16(s0, _mm512_add_epi16(four, one))};
+    for (int64_t r = 0; r < nr; r++) {
+        __m512 acc[4];
+        __m128 macc[4];
+        for (int s = 0; s < S; s++) {
+            acc[s] = _mm512_setzero_ps();
+            macc[s] = _mm_setzero_ps();
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *y = yp + b * QKK;
+            for (int s = 0; s < S; s++) {
+                const uint8_t *blk = w + (r + s * gap) * ws + b * Q4_K_BYTES;
+                _mm_prefetch((const char *)blk + MV_PREFETCH, _MM_HINT_T0);
+                _mm_prefetch((const char *)blk + MV_PREFETCH + 64, _MM_HINT_T0);
+                _mm_prefetch((const char *)blk + MV_PREFETCH + 128, _MM_HINT_T0);
+                __m128i sc, mn;
+                q4_k_scales_mins(blk, &sc, &mn);
+                const __m512i scv = _mm512_broadcast_i32x4(sc);
+                __m512i isum = _mm512_setzero_si512();
+                for (int h = 0; h < 2; h++) {
+                    const __m512i v = _mm512_loadu_si512(blk + 16 + 64 * h);
+                    const __m512i plo = _mm512_maddubs_epi16(_mm512_and_si512(v, m4), _mm512_load_si512(y + 128 * h));
+                    const __m512i phi = _mm512_maddubs_epi16(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4),
+                                                             _mm512_load_si512(y + 128 * h + 64));
+                    isum = _mm512_dpwssd_epi32(isum, plo, _mm512_permutexvar_epi16(sidx[2 * h], scv));
+                    isum = _mm512_dpwssd_epi32(isum, phi, _mm512_permutexvar_epi16(sidx[2 * h + 1], scv));
+                }
+                acc[s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(fp16(blk) * dx[b]), acc[s]);
+                macc[s] = _mm_fmadd_ps(q4_k_mins(mn, bs + 16 * b), _mm_set1_ps(fp16(blk + 2) * dx[b]), macc[s]);
+            }
+        }
+        for (int s = 0; s < S; s++) out[r + s * gap] = _mm512_reduce_add_ps(acc[s]) - hsum4(macc[s]);
+    }
+}
+
+static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+    mv_q4_k_streams(1, out, w, ws, nr, a, cols, 0);
+}
+
+static void mv4_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols,
+                     int64_t gap) {
+    mv_q4_k_streams(4, out, w, ws, nr, a, cols, gap);
+}
+
 /* ---- MLA attention --------------------------------------------------------------------------- */
 /* The AVX2 kernel's steps with 16-float vectors and twice the registers, 8 heads at a time: score
  * tiles of 8 heads x 2 positions (16 sums, 2 cache rows, a query) and weighted-sum blocks of 8 heads
@@ -518,6 +597,8 @@ void lite_kernels_avx512(kernel_table *t) {
     if (avx2_rows8[K_Q6_K]) t->rows8[K_Q6_K] = rows8_q6_k;
     t->mv[K_Q4_0] = mv_q4_0;
     t->mv4[K_Q4_0] = mv4_q4_0;
+    t->mv[K_Q4_K] = mv_q4_k;
+    t->mv4[K_Q4_K] = mv4_q4_k;
     avx2_mla = t->mla;
     t->mla = mla_heads;
     t->read_xor = read_xor;

@@ -59,6 +59,33 @@ INLINE void r8_prefetch_step(r8_prefetch *p) {
     }
 }
 
+/* A Q4_K block's 6-bit sub-block scales and mins as 8 16-bit lanes each. The 12 bytes at blk + 4
+ * are three words: sub-blocks 0-3 in the low six bits of words 0 (scales) and 1 (mins); 4-7 in
+ * word 2's nibbles plus the top two bits of words 0 and 1. */
+INLINE void q4_k_scales_mins(const uint8_t *blk, __m128i *sc, __m128i *mn) {
+    uint32_t w0, w1, w2;
+    memcpy(&w0, blk + 4, 4);
+    memcpy(&w1, blk + 8, 4);
+    memcpy(&w2, blk + 12, 4);
+    const uint32_t sc_hi = (w2 & 0x0f0f0f0fu) | (((w0 >> 6) & 0x03030303u) << 4);
+    const uint32_t mn_hi = ((w2 >> 4) & 0x0f0f0f0fu) | (((w1 >> 6) & 0x03030303u) << 4);
+    *sc = _mm_cvtepu8_epi16(_mm_setr_epi32((int)(w0 & 0x3f3f3f3fu), (int)sc_hi, 0, 0));
+    *mn = _mm_cvtepu8_epi16(_mm_setr_epi32((int)(w1 & 0x3f3f3f3fu), (int)mn_hi, 0, 0));
+}
+
+/* A Q4_K block's mins term (before dmin and the activations' scale): mins times the activation
+ * sums over each sub-block (from the A8K sums of 16, bs16), in 4 lanes. */
+INLINE __m128 q4_k_mins(__m128i mn, const int16_t *bs16) {
+    const __m128i pairs = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bs16), _mm_loadu_si128((const __m128i *)(bs16 + 8)));
+    return _mm_cvtepi32_ps(_mm_madd_epi16(mn, pairs));
+}
+
+INLINE float hsum4(__m128 s) {
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
 INLINE float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
