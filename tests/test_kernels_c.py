@@ -240,10 +240,10 @@ def test_matmul_one_token_streams(cb, qtype, odd):
 def test_avx512_matches_avx2(qtype, threads):
     """Where the AVX-512 kernels form the integer sums the AVX2 ones form and take the same float
     steps in the same order, every shape gives the same bits: rows through 32- and 16-row passes
-    and a last 8 left to AVX2, whole and partial chunks of blocks, token passes and their tails,
-    one token. Q8_0's prefill kernel takes its weights' +128 offset off in float (see
-    kern_avx512.c), and the one-token Q4_0 and Q4_K kernels add their sums in other float lanes,
-    so there the two agree to float rounding."""
+    and a last 8 left to AVX2, whole and partial chunks of blocks, token passes and their tails.
+    Q8_0's prefill kernel takes its weights' +128 offset off in float (see kern_avx512.c), and
+    the one-token kernels add their sums in other float lanes, so there the two agree to float
+    rounding."""
     if 2 not in LEVELS:
         pytest.skip("no AVX-512 VNNI on this CPU/build")
     k = qtype in (QType.Q4_K, QType.Q6_K)
@@ -259,7 +259,7 @@ def test_avx512_matches_avx2(qtype, threads):
                 CB.set_isa(isa)
                 got[isa] = CB.matmul(x, w)
             what = f"{qtype.name} {n}x{cols}, {t} tokens"
-            if qtype == QType.Q8_0 or (qtype in (QType.Q4_0, QType.Q4_K) and t == 1):
+            if qtype == QType.Q8_0 or t == 1:
                 assert rel(got[2], got[1]) < 1e-6, what
             else:
                 np.testing.assert_array_equal(got[2], got[1], err_msg=what)

@@ -467,6 +467,68 @@ static void mv4_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const
     mv_q4_k_streams(4, out, w, ws, nr, a, cols, gap);
 }
 
+/* ---- Q6_K, one token -------------------------------------------------------------------------- */
+/* The AVX2 kernel's integer steps, a half block (128 weights) at a time: one 64-byte load of the
+ * low bits gives weights 0-63 (AND) and 64-127 (shift, AND) of the half, the high bits of both
+ * come from its 32 bytes broadcast to both 256-bit lanes and shifted per lane (vpsrlvw), and
+ * vpdpwssd applies each 16 weights' scale (spread by one word permute). The -32 offset is the
+ * AVX2 kernel's. About half its instructions a block; sums as its, float lanes other, so results
+ * agree with it to float rounding. */
+INLINE void mv_q6_k_streams(const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                            int64_t cols, int64_t gap) {
+    const int64_t nb = cols / QKK;
+    const int16_t *bs = (const int16_t *)(a + nb * QKK);
+    const float *dx = (const float *)(a + nb * (QKK + 32));
+    const __m512i m4 = _mm512_set1_epi8(15), m3 = _mm512_set1_epi8(3);
+    /* high bits of weights 0-31 | 32-63 of a half (shifts 0 | 2), and of 64-95 | 96-127 (4 | 6) */
+    const __m512i sh_a = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    const __m512i sh_b = _mm512_add_epi16(sh_a, _mm512_set1_epi16(4));
+    /* word lanes 8k..8k+7 take scale 8h + k (k < 4) for weights 0-63 of half h, 8h + 4 + k for 64-127 */
+    const __m512i sidx = _mm512_setr_epi32(0, 0, 0, 0, 0x00010001, 0x00010001, 0x00010001, 0x00010001, 0x00020002,
+                                           0x00020002, 0x00020002, 0x00020002, 0x00030003, 0x00030003, 0x00030003,
+                                           0x00030003);
+    for (int64_t r = 0; r < nr; r++) {
+        __m512 acc[4];
+        for (int s = 0; s < S; s++) acc[s] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *y = a + b * QKK;
+            for (int s = 0; s < S; s++) {
+                const uint8_t *blk = w + (r + s * gap) * ws + b * Q6_K_BYTES;
+                for (int o = 0; o < Q6_K_BYTES; o += 64) _mm_prefetch((const char *)blk + MV_PREFETCH + o, _MM_HINT_T0);
+                const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+                const __m512i scz = _mm512_castsi256_si512(sc16);
+                /* the -32 offset: 32 * sum_i sc_i * bsum_i, in the low 8 lanes */
+                const __m256i off = _mm256_slli_epi32(_mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(bs + 16 * b))), 5);
+                __m512i isum = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_zextsi256_si512(off));
+                for (int h = 0; h < 2; h++) {
+                    const __m512i l = _mm512_loadu_si512(blk + 64 * h);
+                    const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h)));
+                    const __m512i qa = _mm512_or_si512(_mm512_and_si512(l, m4),
+                                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hb, sh_a), m3), 4));
+                    const __m512i qb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4),
+                                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hb, sh_b), m3), 4));
+                    const __m512i hidx = _mm512_add_epi16(sidx, _mm512_set1_epi16((short)(8 * h)));
+                    isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(qa, _mm512_loadu_si512(y + 128 * h)),
+                                               _mm512_permutexvar_epi16(hidx, scz));
+                    isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(qb, _mm512_loadu_si512(y + 128 * h + 64)),
+                                               _mm512_permutexvar_epi16(_mm512_add_epi16(hidx, _mm512_set1_epi16(4)), scz));
+                }
+                acc[s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(fp16(blk + 208) * dx[b]), acc[s]);
+            }
+        }
+        for (int s = 0; s < S; s++) out[r + s * gap] = _mm512_reduce_add_ps(acc[s]);
+    }
+}
+
+static void mv_q6_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+    mv_q6_k_streams(1, out, w, ws, nr, a, cols, 0);
+}
+
+static void mv4_q6_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols,
+                     int64_t gap) {
+    mv_q6_k_streams(4, out, w, ws, nr, a, cols, gap);
+}
+
 /* ---- MLA attention --------------------------------------------------------------------------- */
 /* The AVX2 kernel's steps with 16-float vectors and twice the registers, 8 heads at a time: score
  * tiles of 8 heads x 2 positions (16 sums, 2 cache rows, a query) and weighted-sum blocks of 8 heads
@@ -599,6 +661,8 @@ void lite_kernels_avx512(kernel_table *t) {
     t->mv4[K_Q4_0] = mv4_q4_0;
     t->mv[K_Q4_K] = mv_q4_k;
     t->mv4[K_Q4_K] = mv4_q4_k;
+    t->mv[K_Q6_K] = mv_q6_k;
+    t->mv4[K_Q6_K] = mv4_q6_k;
     avx2_mla = t->mla;
     t->mla = mla_heads;
     t->read_xor = read_xor;
