@@ -188,13 +188,7 @@ INLINE void q8_rows(const int KIND, const int NT, const int S, float *out, int64
         } else                                                                                      \
             q8_rows(KIND, 1, S, out, 0, w, ws, nr, a, 0, NULL, cols, gap);                          \
     }                                                                                               \
-    static void MV(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) { \
-        MV##_streams(1, out, w, ws, nr, a, cols, 0);                                                \
-    }                                                                                               \
-    static void MV4(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols, \
-                    int64_t gap) {                                                                  \
-        MV##_streams(4, out, w, ws, nr, a, cols, gap);                                              \
-    }
+    DEF_MV_STREAMS(MV, MV4, MV##_streams)
 
 DEF_Q8_KERNELS(tile_q4_0, mv_q4_0, mv4_q4_0, K_Q4_0)
 DEF_Q8_KERNELS(tile_q8_0, mv_q8_0, mv4_q8_0, K_Q8_0)
@@ -583,14 +577,7 @@ INLINE void mv_q6_k_streams(const int S, float *out, const uint8_t *w, int64_t w
     }
 }
 
-static void mv_q6_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
-    mv_q6_k_streams(1, out, w, ws, nr, a, cols, 0);
-}
-
-static void mv4_q6_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols,
-                     int64_t gap) {
-    mv_q6_k_streams(4, out, w, ws, nr, a, cols, gap);
-}
+DEF_MV_STREAMS(mv_q6_k, mv4_q6_k, mv_q6_k_streams)
 
 INLINE void q4k_fixed(const int NR, const int NT, float *out, int64_t ldo, const uint8_t *w,
                       int64_t wstride, const uint8_t *a, int64_t astride, int64_t nb) {

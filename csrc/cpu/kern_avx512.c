@@ -379,14 +379,7 @@ INLINE void mv_q4_0_streams(const int S, float *out, const uint8_t *w, int64_t w
     }
 }
 
-static void mv_q4_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
-    mv_q4_0_streams(1, out, w, ws, nr, a, cols, 0);
-}
-
-static void mv4_q4_0(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols,
-                     int64_t gap) {
-    mv_q4_0_streams(4, out, w, ws, nr, a, cols, gap);
-}
+DEF_MV_STREAMS(mv_q4_0, mv4_q4_0, mv_q4_0_streams)
 
 /* ---- Q4_K, one token -------------------------------------------------------------------------- */
 /* The AVX2 kernel's integer steps at twice the width: one 64-byte load holds two 32-byte chunks
@@ -458,14 +451,7 @@ INLINE void mv_q4_k_streams(const int S, float *out, const uint8_t *w, int64_t w
     }
 }
 
-static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
-    mv_q4_k_streams(1, out, w, ws, nr, a, cols, 0);
-}
-
-static void mv4_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols,
-                     int64_t gap) {
-    mv_q4_k_streams(4, out, w, ws, nr, a, cols, gap);
-}
+DEF_MV_STREAMS(mv_q4_k, mv4_q4_k, mv_q4_k_streams)
 
 /* ---- Q6_K, one token -------------------------------------------------------------------------- */
 /* The AVX2 kernel's integer steps, a half block (128 weights) at a time: one 64-byte load of the
@@ -520,14 +506,7 @@ INLINE void mv_q6_k_streams(const int S, float *out, const uint8_t *w, int64_t w
     }
 }
 
-static void mv_q6_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
-    mv_q6_k_streams(1, out, w, ws, nr, a, cols, 0);
-}
-
-static void mv4_q6_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols,
-                     int64_t gap) {
-    mv_q6_k_streams(4, out, w, ws, nr, a, cols, gap);
-}
+DEF_MV_STREAMS(mv_q6_k, mv4_q6_k, mv_q6_k_streams)
 
 /* ---- MLA attention --------------------------------------------------------------------------- */
 /* The AVX2 kernel's steps with 16-float vectors and twice the registers, 8 heads at a time: score

@@ -15,6 +15,16 @@
 
 INLINE float fp16(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
 
+/* A kind's one- and four-stream one-token kernels (mv_fn, mv4_fn) from its body over S streams. */
+#define DEF_MV_STREAMS(MV, MV4, BODY)                                                              \
+    static void MV(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) { \
+        BODY(1, out, w, ws, nr, a, cols, 0);                                                       \
+    }                                                                                              \
+    static void MV4(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols, \
+                    int64_t gap) {                                                                 \
+        BODY(4, out, w, ws, nr, a, cols, gap);                                                     \
+    }
+
 /* The next chunk's weights (`len` bytes from byte `off` of `rows` rows `ws` apart), prefetched a few
  * lines at each block of the token passes over the current chunk, so that its repack finds them
  * in cache instead of waiting on memory. Spread out, the reads hide behind the arithmetic; a
