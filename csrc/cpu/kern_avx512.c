@@ -385,14 +385,14 @@ DEF_MV_STREAMS(mv_q4_0, mv4_q4_0, mv_q4_0_streams)
 /* The AVX2 kernel's integer steps at twice the width: one 64-byte load holds two 32-byte chunks
  * of a block, so one AND (low nibbles: sub-blocks 4h and 4h + 2) and one shift and AND (high:
  * 4h + 1 and 4h + 3) feed maddubs against the activations laid out to match once per call, and
- * vpdpwssd applies each sub-block's scale (spread over its 16 lanes by one word permute) and adds. Two such
- * halves make a block's 16 int32 sums; the mins term is the AVX2 kernel's. Per block about half
- * the AVX2 kernel's instructions, whose Q4_K one-token rows were bound by arithmetic (four streams
- * gained them nothing). Sums as the AVX2 kernel's; the float lanes differ, so results agree to
- * float rounding. */
+ * vpdpwssd applies each sub-block's scale (spread over its 16 lanes by one word permute) as it
+ * adds. Two such halves make a block's 16 int32 sums; the mins term is the AVX2 kernel's. Per
+ * block about half the AVX2 kernel's instructions, whose Q4_K one-token rows were bound by
+ * arithmetic (four streams gained them nothing). Sums as the AVX2 kernel's; the float lanes
+ * differ, so results agree to float rounding. */
 
-/* A lone token's A8K quants as mv_q4_k_512 reads them: per 128 weights, the activations of the
- * low-nibble sub-blocks (bytes 0-31 and 64-95) as 64 bytes, then of the high ones. */
+/* A lone token's A8K quants as mv_q4_k_streams reads them: per 128 weights, the activations of
+ * the low-nibble sub-blocks (bytes 0-31 and 64-95) as 64 bytes, then of the high ones. */
 static void q4_k_token_prep(uint8_t *yp, const uint8_t *a, int64_t nb) {
     const __m512i lo = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11), hi = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
     for (int64_t i = 0; i < nb * QKK; i += 128) {
@@ -484,7 +484,8 @@ INLINE void mv_q6_k_streams(const int S, float *out, const uint8_t *w, int64_t w
                 const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
                 const __m512i scz = _mm512_castsi256_si512(sc16);
                 /* the -32 offset: 32 * sum_i sc_i * bsum_i, in the low 8 lanes */
-                const __m256i off = _mm256_slli_epi32(_mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)(bs + 16 * b))), 5);
+                const __m256i bsv = _mm256_loadu_si256((const __m256i *)(bs + 16 * b));
+                const __m256i off = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsv), 5);
                 __m512i isum = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_zextsi256_si512(off));
                 for (int h = 0; h < 2; h++) {
                     const __m512i l = _mm512_loadu_si512(blk + 64 * h);
