@@ -91,7 +91,7 @@ INLINE void q8_group(const int KIND, const int NT, const int G, const uint8_t *g
                      int64_t as, const uint8_t *pq, const float *const *dy, const float *const *sy, __m256 *acc,
                      __m256 *acc1) {
     const int64_t s = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
-    for (int64_t o = 0; o < G * s; o += 64) _mm_prefetch((const char *)g + MV_PREFETCH + o, _MM_HINT_T0);
+    prefetch_block(g, G * s);
     __m128i h = G == 8 ? _mm_setr_epi16(rd16(g), rd16(g + s), rd16(g + 2 * s), rd16(g + 3 * s), rd16(g + 4 * s),
                                         rd16(g + 5 * s), rd16(g + 6 * s), rd16(g + 7 * s))
                        : _mm_setr_epi16(rd16(g), rd16(g + s), rd16(g + 2 * s), rd16(g + 3 * s), 0, 0, 0, 0);
@@ -491,9 +491,6 @@ INLINE __m256i pick16(const int lo, const int hi) {
                             2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1);
 }
 
-INLINE void prefetch_block(const uint8_t *blk, int64_t bytes) {
-    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)blk + MV_PREFETCH + o, _MM_HINT_T0);
-}
 
 static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
     const int64_t nb = cols / QKK;

@@ -347,8 +347,7 @@ INLINE void mv_q4_0_streams(const int S, float *out, const uint8_t *w, int64_t w
             const __m512 xd = _mm512_load_ps(pd + 4 * b), xs = _mm512_load_ps(ps + 4 * b);
             for (int s = 0; s < S; s++) {
                 const uint8_t *g = w + (r + s * gap) * ws + b * Q4_0_BYTES;
-                _mm_prefetch((const char *)g + MV_PREFETCH, _MM_HINT_T0);
-                _mm_prefetch((const char *)g + MV_PREFETCH + 64, _MM_HINT_T0);
+                prefetch_block(g, 4 * Q4_0_BYTES);
                 __m512i lo = _mm512_loadu_si512(g), hi = _mm512_maskz_loadu_epi8(0xff, g + 64);
                 __m512i q = _mm512_permutex2var_epi16(lo, quants, hi);
                 __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(scales, lo)));
@@ -428,9 +427,7 @@ INLINE void mv_q4_k_streams(const int S, float *out, const uint8_t *w, int64_t w
             const uint8_t *y = yp + b * QKK;
             for (int s = 0; s < S; s++) {
                 const uint8_t *blk = w + (r + s * gap) * ws + b * Q4_K_BYTES;
-                _mm_prefetch((const char *)blk + MV_PREFETCH, _MM_HINT_T0);
-                _mm_prefetch((const char *)blk + MV_PREFETCH + 64, _MM_HINT_T0);
-                _mm_prefetch((const char *)blk + MV_PREFETCH + 128, _MM_HINT_T0);
+                prefetch_block(blk, Q4_K_BYTES);
                 __m128i sc, mn;
                 q4_k_scales_mins(blk, &sc, &mn);
                 const __m512i scv = _mm512_broadcast_i32x4(sc);
@@ -480,7 +477,7 @@ INLINE void mv_q6_k_streams(const int S, float *out, const uint8_t *w, int64_t w
             const uint8_t *y = a + b * QKK;
             for (int s = 0; s < S; s++) {
                 const uint8_t *blk = w + (r + s * gap) * ws + b * Q6_K_BYTES;
-                for (int o = 0; o < Q6_K_BYTES; o += 64) _mm_prefetch((const char *)blk + MV_PREFETCH + o, _MM_HINT_T0);
+                prefetch_block(blk, Q6_K_BYTES);
                 const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
                 const __m512i scz = _mm512_castsi256_si512(sc16);
                 /* the -32 offset: 32 * sum_i sc_i * bsum_i, in the low 8 lanes */

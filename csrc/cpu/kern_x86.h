@@ -15,6 +15,11 @@
 
 INLINE float fp16(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
 
+/* The one-token kernels' prefetch: every line of the `bytes` at blk, MV_PREFETCH ahead. */
+INLINE void prefetch_block(const uint8_t *blk, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)blk + MV_PREFETCH + o, _MM_HINT_T0);
+}
+
 /* A kind's one- and four-stream one-token kernels (mv_fn, mv4_fn) from its body over S streams. */
 #define DEF_MV_STREAMS(MV, MV4, BODY)                                                              \
     static void MV(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) { \
@@ -96,12 +101,7 @@ INLINE float hsum4(__m128 s) {
     return _mm_cvtss_f32(s);
 }
 
-INLINE float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+INLINE float hsum8(__m256 v) { return hsum4(_mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))); }
 
 /* e^x for x <= 0 (softmax after the max is subtracted): 2^n * p(r), r = x - n ln2 in
  * [-ln2/2, ln2/2], p a degree-6 Taylor polynomial (relative error ~2e-7); below -87 it is 0. */
