@@ -336,6 +336,28 @@ def test_decode_layers_is_the_per_layer_path(converted, name, preset, threads):
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_decode_same_bits_on_any_thread_count(converted, name):
+    """A decode step shares rows, heads and experts between the threads of one region that meet
+    at lite's own barriers: the logits must not depend on how many threads there are. 5 and 8
+    threads on this machine's 2 cores also take the barriers' sleeping path (partners
+    descheduled for longer than the spin) and its switch between spinning and sleeping."""
+    c_backend()
+    path = converted(name, "q4_0")
+    runs = {}
+    for threads in (1, 2, 3, 5, 8):
+        m = lite.load(path, backend="c")
+        m.backend.set_threads(threads)
+        cache = m.new_cache()
+        steps = [m.forward([3, 14, 15, 92, 65], cache)]
+        for tok in (35, 89, 79, 32, 7, 11, 2, 5):
+            steps.append(m.forward([tok], cache))
+        runs[threads] = np.concatenate([bits(s) for s in steps], axis=0)
+        m.close()
+    for threads, got in runs.items():
+        np.testing.assert_array_equal(got, runs[1], err_msg=f"{threads} threads")
+
+
 def test_decode_layers_refuses_bad_input(converted):
     cb = c_backend()
     m = lite.load(converted("lite-tiny", "q8_0"), backend="c")

@@ -154,7 +154,7 @@ static int mla_plan(mla_layout *L, const int32_t *types, int64_t n_tok, int64_t 
     if (!rc) rc = lite_matmul_heads_scratch_bytes(&need[MW_VB], types[MW_VB], n_tok, n_head, c_dim);
     if (!rc) rc = lite_matmul_scratch_bytes(&need[MW_OUT], types[MW_OUT], n_tok, n_head * v_dim);
     if (rc) return rc;
-    int64_t act = n_tok == 1 ? need[MW_KB] + need[MW_VB] : 0;   /* both at once in heads_one_token */
+    int64_t act = n_tok == 1 ? need[MW_KB] + need[MW_VB] : 0;   /* both at once in heads_team */
     for (int i = 0; i < MW_COUNT; i++) act = need[i] > act ? need[i] : act;
     L->h = 0;
     L->q_a = L->h + align64(4 * n_tok * dim);
@@ -193,39 +193,106 @@ static void head_product(float *out, const float *x, const uint8_t *w, int64_t r
     for (int64_t it = 0; it < n_items; it++) lite_product_item(out, 0, w, rb, n_rows, kind, a, 0, 1, cols, it);
 }
 
-/* One token's k_b product, attention and v_b product in one parallel region: every step of a head
- * needs only that head's results, so each thread takes whole head groups (those of
- * lite_mla_attention) through all three, where the separate calls cost seven thread
- * synchronisations (~8 µs each with sleeping workers). The same kernels on the same rows. */
-static int heads_one_token(float *o, float *o_lat, float *q_lat, const float *q_nope, const float *q_pe,
-                           const uint8_t **w, const int64_t *w_bytes, const int32_t *types, const float *ckv,
-                           const float *kpe, int64_t n_vis, int64_t n_head, int64_t n_nope, int64_t r_dim,
-                           int64_t c_dim, int64_t v_dim, float scale, uint8_t *act, int64_t act_bytes) {
-    int kk = lite_kind_of(types[MW_KB]), kv = lite_kind_of(types[MW_VB]);
-    if (kk < 0 || kv < 0) return LITE_ERR_TYPE;
-    int64_t rbk = lite_row_bytes_of(types[MW_KB], n_nope), rbv = lite_row_bytes_of(types[MW_VB], c_dim);
-    if (rbk < 0 || rbv < 0) return LITE_ERR_BLOCK;
-    if (w_bytes[MW_KB] / rbk / n_head < c_dim || w_bytes[MW_VB] / rbv / n_head < v_dim) return LITE_ERR_SIZE;
-    int64_t sk = lite_is_quant(kk) ? lite_act_stride(kk, n_nope) : 0;
-    int64_t sv = lite_is_quant(kv) ? lite_act_stride(kv, c_dim) : 0;
-    if (act_bytes / n_head < sk + sv) return LITE_ERR_SIZE;
-    int nth = lite_num_threads();
-    int64_t hg = lite_mla_head_group(n_head, 1, nth);
-    int64_t n_grp = (n_head + hg - 1) / hg;
+int lite_mla_plan(lite_mla_call *M) {
+    if (!M->out || !M->x || !M->norm || !M->w || !M->w_bytes || !M->types || !M->kv_norm || !M->ckv || !M->kpe ||
+        !M->cos_t || !M->sin_t || !M->scratch)
+        return LITE_ERR_NULL;
+    if (M->q_rank && (!M->q_a_norm || !M->w[MW_QB])) return LITE_ERR_NULL;
+    const int64_t n_tok = M->n_tok, n_head = M->n_head, n_nope = M->n_nope, r_dim = M->r_dim, c_dim = M->c_dim;
+    const int64_t v_dim = M->v_dim, q_rank = M->q_rank, dim = M->dim;
+    mla_layout L;
+    int rc = mla_plan(&L, M->types, n_tok, dim, n_head, n_nope, r_dim, c_dim, v_dim, q_rank);
+    if (rc) return rc;
+    if (M->out_len < 0 || M->start < 0 || !(M->eps >= 0.0f) || !(M->norm_eps >= 0.0f) || !isfinite(M->scale))
+        return LITE_ERR_ARG;
+    if (M->scratch_bytes < L.total || (n_tok && M->out_len / n_tok < dim) || M->cache_rows < M->start + n_tok)
+        return LITE_ERR_SIZE;
+    uint8_t *base = (uint8_t *)(((uintptr_t)M->scratch + 63) & ~(uintptr_t)63);
+    M->h = (float *)(base + L.h), M->q_a = (float *)(base + L.q_a), M->q_an = (float *)(base + L.q_an);
+    M->q = (float *)(base + L.q), M->kv = (float *)(base + L.kv), M->q_nope = (float *)(base + L.q_nope);
+    M->q_pe = (float *)(base + L.q_pe), M->q_lat = (float *)(base + L.q_lat), M->o_lat = (float *)(base + L.o_lat);
+    M->o = (float *)(base + L.o), M->act = base + L.act, M->act_bytes = L.total - 64 - L.act;
+    if (n_tok != 1) return LITE_OK;
+    /* One token: the products and heads as lite_mla_decode_team runs them. */
+    const int64_t hq = n_head * (n_nope + r_dim), an = M->act_bytes;
+    const uint8_t *const *w = M->w;
+    const int64_t *wb = M->w_bytes;
+    const int32_t *ty = M->types;
+    {   /* q (or q_a) and kv_a read the same h: one set, or one each where their activations differ */
+        float *const o2[2] = {q_rank ? M->q_a : M->q, M->kv};
+        const int64_t len2[2] = {q_rank ? q_rank : hq, c_dim + r_dim};
+        const uint8_t *const w2[2] = {w[MW_Q], w[MW_KVA]};
+        const int64_t b2[2] = {wb[MW_Q], wb[MW_KVA]};
+        const int32_t t2[2] = {ty[MW_Q], ty[MW_KVA]};
+        M->n_first = 1;
+        rc = lite_products_plan(&M->first[0], 2, o2, len2, M->h, 1, dim, w2, b2, t2, len2, M->act, an);
+        if (rc == LITE_PRODUCTS_MIXED) {
+            M->n_first = 2;
+            rc = lite_products_plan(&M->first[0], 1, o2, len2, M->h, 1, dim, w2, b2, t2, len2, M->act, an);
+            if (!rc)
+                rc = lite_products_plan(&M->first[1], 1, o2 + 1, len2 + 1, M->h, 1, dim, w2 + 1, b2 + 1, t2 + 1,
+                                        len2 + 1, M->act, an);
+        }
+        if (rc) return rc;
+    }
+    if (q_rank) {
+        rc = lite_products_plan(&M->qb, 1, &M->q, &hq, M->q_an, 1, q_rank, &w[MW_QB], &wb[MW_QB], &ty[MW_QB], &hq,
+                                M->act, an);
+        if (rc) return rc;
+    }
+    const int64_t n_o = dim;
+    rc = lite_products_plan(&M->out_p, 1, &M->out, &n_o, M->o, 1, n_head * v_dim, &w[MW_OUT], &wb[MW_OUT],
+                            &ty[MW_OUT], &n_o, M->act, an);
+    if (rc) return rc;
+    M->kk = lite_kind_of(ty[MW_KB]), M->kvk = lite_kind_of(ty[MW_VB]);
+    if (M->kk < 0 || M->kvk < 0) return LITE_ERR_TYPE;
+    M->rbk = lite_row_bytes_of(ty[MW_KB], n_nope), M->rbv = lite_row_bytes_of(ty[MW_VB], c_dim);
+    if (M->rbk < 0 || M->rbv < 0) return LITE_ERR_BLOCK;
+    if (wb[MW_KB] / M->rbk / n_head < c_dim || wb[MW_VB] / M->rbv / n_head < v_dim) return LITE_ERR_SIZE;
+    M->sk = lite_is_quant(M->kk) ? lite_act_stride(M->kk, n_nope) : 0;
+    M->sv = lite_is_quant(M->kvk) ? lite_act_stride(M->kvk, c_dim) : 0;
+    if (an / n_head < M->sk + M->sv) return LITE_ERR_SIZE;
+    M->hg = lite_mla_head_group(n_head, 1, lite_num_threads());
+    return LITE_OK;
+}
+
+/* One token's k_b product, attention and v_b product: every step of a head needs only that
+ * head's results, so each thread takes whole head groups (those of lite_mla_attention) through
+ * all three. The same kernels on the same rows as the separate calls. */
+static void heads_team(const lite_mla_call *M) {
+    const int64_t n_head = M->n_head, n_nope = M->n_nope, c_dim = M->c_dim, v_dim = M->v_dim, hg = M->hg;
+    const int64_t n_grp = (n_head + hg - 1) / hg;
     mla_fn f = lite_active_kernels()->mla;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (nth > 1 && n_grp > 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t g = 0; g < n_grp; g++) {
         int64_t h0 = g * hg, h1 = h0 + hg < n_head ? h0 + hg : n_head;
         for (int64_t h = h0; h < h1; h++)
-            head_product(q_lat + h * c_dim, q_nope + h * n_nope, w[MW_KB] + h * c_dim * rbk, rbk, c_dim, kk, n_nope,
-                         act + h * sk);
-        f(o_lat + h0 * c_dim, q_lat + h0 * c_dim, q_pe + h0 * r_dim, ckv, kpe, n_vis, (int)(h1 - h0), c_dim, r_dim,
-          scale);
+            head_product(M->q_lat + h * c_dim, M->q_nope + h * n_nope, M->w[MW_KB] + h * c_dim * M->rbk, M->rbk,
+                         c_dim, M->kk, n_nope, M->act + h * M->sk);
+        f(M->o_lat + h0 * c_dim, M->q_lat + h0 * c_dim, M->q_pe + h0 * M->r_dim, M->ckv, M->kpe, M->start + 1,
+          (int)(h1 - h0), c_dim, M->r_dim, M->scale);
         for (int64_t h = h0; h < h1; h++)
-            head_product(o + h * v_dim, o_lat + h * c_dim, w[MW_VB] + h * v_dim * rbv, rbv, v_dim, kv, c_dim,
-                         act + n_head * sk + h * sv);
+            head_product(M->o + h * v_dim, M->o_lat + h * c_dim, M->w[MW_VB] + h * v_dim * M->rbv, M->rbv, v_dim,
+                         M->kvk, c_dim, M->act + n_head * M->sk + h * M->sv);
     }
-    return LITE_OK;
+}
+
+void lite_mla_decode_team(const lite_mla_call *M, lite_team *t) {
+#pragma omp master
+    (void)lite_add_rmsnorm_f32(M->h, M->x, M->delta, M->norm, 1, M->dim, M->norm_eps);
+    for (int i = 0; i < M->n_first; i++) lite_products_team(&M->first[i], M->h, t);
+    if (M->q_rank) {
+#pragma omp master
+        (void)lite_rmsnorm_f32(M->q_an, M->q_a, M->q_a_norm, 1, M->q_rank, M->eps);
+        lite_products_team(&M->qb, M->q_an, t);
+    }
+#pragma omp master
+    (void)lite_mla_prep(M->q_nope, M->q_pe, M->ckv, M->kpe, M->cache_rows, M->q, M->kv, M->kv_norm, M->cos_t,
+                        M->sin_t, 1, M->n_head, M->n_nope, M->c_dim, M->r_dim, M->start, M->eps);
+    lite_team_sync(t);
+    heads_team(M);
+    lite_team_sync(t);
+    lite_products_team(&M->out_p, M->o, t);
 }
 
 int lite_mla_step(float *out, int64_t out_len, float *x, const float *delta, const float *norm, float norm_eps,
@@ -234,65 +301,71 @@ int lite_mla_step(float *out, int64_t out_len, float *x, const float *delta, con
                   int64_t c_dim, int64_t v_dim, int64_t q_rank, float *ckv, float *kpe, int64_t cache_rows,
                   const float *cos_t, const float *sin_t, int64_t start, float scale, float eps, uint8_t *scratch,
                   int64_t scratch_bytes) {
-    if (!out || !x || !norm || !w || !w_bytes || !types || !kv_norm || !ckv || !kpe || !cos_t || !sin_t || !scratch)
-        return LITE_ERR_NULL;
-    if (q_rank && (!q_a_norm || !w[MW_QB])) return LITE_ERR_NULL;
-    mla_layout L;
-    int rc = mla_plan(&L, types, n_tok, dim, n_head, n_nope, r_dim, c_dim, v_dim, q_rank);
-    if (rc) return rc;
-    if (out_len < 0 || start < 0 || !(eps >= 0.0f) || !(norm_eps >= 0.0f) || !isfinite(scale)) return LITE_ERR_ARG;
-    if (scratch_bytes < L.total || (n_tok && out_len / n_tok < dim) || cache_rows < start + n_tok)
-        return LITE_ERR_SIZE;
-    if (n_tok == 0) return LITE_OK;
-    uint8_t *base = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
-    float *h = (float *)(base + L.h), *q_a = (float *)(base + L.q_a), *q_an = (float *)(base + L.q_an);
-    float *q = (float *)(base + L.q), *kv = (float *)(base + L.kv), *q_nope = (float *)(base + L.q_nope);
-    float *q_pe = (float *)(base + L.q_pe);
-    float *q_lat = (float *)(base + L.q_lat), *o_lat = (float *)(base + L.o_lat), *o = (float *)(base + L.o);
-    uint8_t *act = base + L.act;
-    const int64_t an = L.total - 64 - L.act, hq = n_head * (n_nope + r_dim);
-    /* The calls the unfused path makes, in its order, with the same arguments (q or q_a and kv_a
-     * as one call of the same products). */
-    rc = lite_add_rmsnorm_f32(h, x, delta, norm, n_tok, dim, norm_eps);
+    lite_mla_call M = {.out = out, .out_len = out_len, .x = x, .delta = delta, .norm = norm, .norm_eps = norm_eps,
+                       .n_tok = n_tok, .dim = dim, .w = w, .w_bytes = w_bytes, .types = types, .q_a_norm = q_a_norm,
+                       .kv_norm = kv_norm, .n_head = n_head, .n_nope = n_nope, .r_dim = r_dim, .c_dim = c_dim,
+                       .v_dim = v_dim, .q_rank = q_rank, .ckv = ckv, .kpe = kpe, .cache_rows = cache_rows,
+                       .cos_t = cos_t, .sin_t = sin_t, .start = start, .scale = scale, .eps = eps,
+                       .scratch = scratch, .scratch_bytes = scratch_bytes};
+    int rc = lite_mla_plan(&M);
+    if (rc || n_tok == 0) return rc;
+    if (n_tok == 1) {
+        lite_team team;
+        lite_team_init(&team);
+#pragma omp parallel num_threads(lite_num_threads()) if (lite_num_threads() > 1)
+        lite_mla_decode_team(&M, &team);
+        return LITE_OK;
+    }
+    /* The calls of the unfused path, in its order, with the same arguments (q or q_a and kv_a as
+     * one call of the same products). */
+    const int64_t hq = n_head * (n_nope + r_dim), an = M.act_bytes;
+    uint8_t *act = M.act;
+    rc = lite_add_rmsnorm_f32(M.h, x, delta, norm, n_tok, dim, norm_eps);
     if (rc) return rc;
     {   /* q (or q_a) and kv_a both read h */
-        float *const o2[2] = {q_rank ? q_a : q, kv};
+        float *const o2[2] = {q_rank ? M.q_a : M.q, M.kv};
         const int64_t len2[2] = {n_tok * (q_rank ? q_rank : hq), n_tok * (c_dim + r_dim)};
         const int64_t rows2[2] = {q_rank ? q_rank : hq, c_dim + r_dim};
         const uint8_t *const w2[2] = {w[MW_Q], w[MW_KVA]};
         const int64_t b2[2] = {w_bytes[MW_Q], w_bytes[MW_KVA]};
         const int32_t t2[2] = {types[MW_Q], types[MW_KVA]};
-        rc = lite_matmul_many(2, o2, len2, h, n_tok, dim, w2, b2, t2, rows2, act, an);
+        rc = lite_matmul_many(2, o2, len2, M.h, n_tok, dim, w2, b2, t2, rows2, act, an);
     }
     if (!rc && q_rank) {
-        rc = lite_rmsnorm_f32(q_an, q_a, q_a_norm, n_tok, q_rank, eps);
+        rc = lite_rmsnorm_f32(M.q_an, M.q_a, q_a_norm, n_tok, q_rank, eps);
         if (!rc)
-            rc = lite_matmul(q, n_tok * hq, q_an, n_tok, q_rank, w[MW_QB], w_bytes[MW_QB], types[MW_QB], hq, act, an);
+            rc = lite_matmul(M.q, n_tok * hq, M.q_an, n_tok, q_rank, w[MW_QB], w_bytes[MW_QB], types[MW_QB], hq, act,
+                             an);
     }
     if (!rc)
-        rc = lite_mla_prep(q_nope, q_pe, ckv, kpe, cache_rows, q, kv, kv_norm, cos_t, sin_t, n_tok, n_head, n_nope,
-                           c_dim, r_dim, start, eps);
-    if (!rc && n_tok == 1) {
-        rc = heads_one_token(o, o_lat, q_lat, q_nope, q_pe, w, w_bytes, types, ckv, kpe, start + 1, n_head, n_nope,
-                             r_dim, c_dim, v_dim, scale, act, an);
-    } else {
-        if (!rc)
-            rc = lite_matmul_heads(q_lat, n_tok * n_head * c_dim, q_nope, n_tok, n_head, n_nope, w[MW_KB],
-                                   w_bytes[MW_KB], types[MW_KB], c_dim, act, an);
-        if (!rc)
-            rc = lite_mla_attention(o_lat, q_lat, q_pe, ckv, kpe, n_tok, n_head, c_dim, r_dim, start + n_tok, start,
-                                    scale);
-        if (!rc)
-            rc = lite_matmul_heads(o, n_tok * n_head * v_dim, o_lat, n_tok, n_head, c_dim, w[MW_VB], w_bytes[MW_VB],
-                                   types[MW_VB], v_dim, act, an);
-    }
+        rc = lite_mla_prep(M.q_nope, M.q_pe, ckv, kpe, cache_rows, M.q, M.kv, kv_norm, cos_t, sin_t, n_tok, n_head,
+                           n_nope, c_dim, r_dim, start, eps);
     if (!rc)
-        rc = lite_matmul(out, out_len, o, n_tok, n_head * v_dim, w[MW_OUT], w_bytes[MW_OUT], types[MW_OUT], dim, act,
+        rc = lite_matmul_heads(M.q_lat, n_tok * n_head * c_dim, M.q_nope, n_tok, n_head, n_nope, w[MW_KB],
+                               w_bytes[MW_KB], types[MW_KB], c_dim, act, an);
+    if (!rc)
+        rc = lite_mla_attention(M.o_lat, M.q_lat, M.q_pe, ckv, kpe, n_tok, n_head, c_dim, r_dim, start + n_tok, start,
+                                scale);
+    if (!rc)
+        rc = lite_matmul_heads(M.o, n_tok * n_head * v_dim, M.o_lat, n_tok, n_head, c_dim, w[MW_VB], w_bytes[MW_VB],
+                               types[MW_VB], v_dim, act, an);
+    if (!rc)
+        rc = lite_matmul(out, out_len, M.o, n_tok, n_head * v_dim, w[MW_OUT], w_bytes[MW_OUT], types[MW_OUT], dim, act,
                          an);
     return rc;
 }
 
 /* ---- the FFN sublayer's input: residual add, norm, router ------------------------------------ */
+
+int lite_route_plan(lite_products *P, float *probs, const float *h, int64_t dim, const uint8_t *router,
+                    int64_t router_bytes, int type, int64_t n_exp, int64_t k, int64_t n_group, int64_t topk_group,
+                    float scale, uint8_t *scratch, int64_t scratch_bytes) {
+    if (!probs) return LITE_ERR_NULL;
+    if (dim <= 0 || !route_args_ok(n_exp, k, n_group, topk_group, scale)) return LITE_ERR_ARG;
+    const int32_t t = type;
+    return lite_products_plan(P, 1, &probs, &n_exp, h, 1, dim, &router, &router_bytes, &t, &n_exp, scratch,
+                              scratch_bytes);
+}
 
 int lite_norm_route(float *h, float *x, const float *delta, const float *norm, float eps, int64_t n_tok, int64_t dim,
                     const uint8_t *router, int64_t router_bytes, int type, int64_t n_exp, int32_t *ids, float *weights,

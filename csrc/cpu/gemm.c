@@ -14,13 +14,6 @@ int64_t lite_act_stride(int kind, int64_t cols) {
     }
 }
 
-static void gemm_quantize(uint8_t *act, int64_t astride, int kind, const float *x, int64_t n_tok, int64_t cols) {
-    if (!lite_is_quant(kind)) return;
-    quant_fn q = lite_quant_of(kind);
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < n_tok; t++) q(act + t * astride, astride, x + t * cols, 1, cols);
-}
-
 /* Rows [0, nr) of w times one activation row: the ISA's streaming kernel when it has one for
  * this kind and size, else 4-row tiles. */
 static void rows_one_token(float *out, const uint8_t *w, int64_t row_bytes, int64_t nr, int kind,
@@ -112,52 +105,88 @@ static int product_args(float *out, int64_t out_len, const uint8_t *w, int64_t w
     return LITE_OK;
 }
 
+int lite_products_plan(lite_products *P, int n, float *const *out, const int64_t *out_len, const float *x,
+                       int64_t n_tok, int64_t cols, const uint8_t *const *w, const int64_t *w_bytes,
+                       const int32_t *type, const int64_t *n_rows, uint8_t *scratch, int64_t scratch_bytes) {
+    if (!out || !out_len || !x || !w || !w_bytes || !type || !n_rows) return LITE_ERR_NULL;
+    if (n < 1 || n > LITE_MATMUL_MANY_MAX || n_tok < 0 || cols <= 0 || scratch_bytes < 0) return LITE_ERR_ARG;
+    for (int i = 0; i < n; i++) {
+        int rc = product_args(out[i], out_len[i], w[i], w_bytes[i], type[i], n_rows[i], n_tok, cols, &P->kind[i],
+                              &P->rb[i]);
+        if (rc) return rc;
+        P->out[i] = out[i], P->w[i] = w[i], P->n_rows[i] = n_rows[i];
+    }
+    for (int i = 1; i < n; i++)
+        if (lite_act_class(P->kind[i]) != lite_act_class(P->kind[0])) return LITE_PRODUCTS_MIXED;
+    P->n = n, P->n_tok = n_tok, P->cols = cols;
+    P->astride = lite_act_stride(P->kind[0], cols);
+    P->act = (const uint8_t *)x;
+    if (lite_is_quant(P->kind[0]) && n_tok) {
+        if (!scratch) return LITE_ERR_NULL;
+        if (scratch_bytes / P->astride < n_tok || ((uintptr_t)scratch & 3)) return LITE_ERR_SIZE;
+        P->act = scratch;
+    }
+    P->first[0] = 0;
+    for (int i = 0; i < n; i++) P->first[i + 1] = P->first[i] + lite_product_items(P->kind[i], n_rows[i], n_tok, cols);
+    return LITE_OK;
+}
+
+void lite_products_quantize(const lite_products *P, const float *x) {
+    if (lite_is_quant(P->kind[0])) lite_quant_of(P->kind[0])((uint8_t *)P->act, P->astride, x, P->n_tok, P->cols);
+}
+
+/* The activations of P's tokens, shared between the region's threads a row at a time. */
+static void quantize_shared(const lite_products *P, const float *x) {
+    if (!lite_is_quant(P->kind[0])) return;
+    quant_fn q = lite_quant_of(P->kind[0]);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < P->n_tok; t++)
+        q((uint8_t *)P->act + t * P->astride, P->astride, x + t * P->cols, 1, P->cols);
+}
+
+void lite_products_run(const lite_products *P) {
+#pragma omp for schedule(static) nowait
+    for (int64_t it = 0; it < P->first[P->n]; it++) {
+        int i = 0;
+        while (P->first[i + 1] <= it) i++;
+        lite_product_item(P->out[i], P->n_rows[i], P->w[i], P->rb[i], P->n_rows[i], P->kind[i], P->act, P->astride,
+                          P->n_tok, P->cols, it - P->first[i]);
+    }
+}
+
+void lite_products_team(const lite_products *P, const float *x, lite_team *t) {
+#pragma omp master
+    lite_products_quantize(P, x);
+    lite_team_sync(t);
+    lite_products_run(P);
+    lite_team_sync(t);
+}
+
 int lite_matmul_many(int n, float *const *out, const int64_t *out_len, const float *x, int64_t n_tok, int64_t cols,
                      const uint8_t *const *w, const int64_t *w_bytes, const int32_t *type, const int64_t *n_rows,
                      uint8_t *scratch, int64_t scratch_bytes) {
-    if (!out || !out_len || !x || !w || !w_bytes || !type || !n_rows) return LITE_ERR_NULL;
-    if (n < 1 || n > LITE_MATMUL_MANY_MAX || n_tok < 0 || cols <= 0 || scratch_bytes < 0) return LITE_ERR_ARG;
-    int kind[LITE_MATMUL_MANY_MAX];
-    int64_t rb[LITE_MATMUL_MANY_MAX], first[LITE_MATMUL_MANY_MAX + 1];
-    for (int i = 0; i < n; i++) {
-        int rc = product_args(out[i], out_len[i], w[i], w_bytes[i], type[i], n_rows[i], n_tok, cols, &kind[i], &rb[i]);
-        if (rc) return rc;
-    }
-    if (n_tok == 0) return LITE_OK;
-    for (int i = 1; i < n; i++)
-        if (lite_act_class(kind[i]) != lite_act_class(kind[0])) {  /* activations differ: one call each */
-            for (int j = 0; j < n; j++) {
-                int rc = lite_matmul_many(1, out + j, out_len + j, x, n_tok, cols, w + j, w_bytes + j, type + j,
-                                          n_rows + j, scratch, scratch_bytes);
-                if (rc) return rc;
-            }
-            return LITE_OK;
+    lite_products P;
+    int rc = lite_products_plan(&P, n, out, out_len, x, n_tok, cols, w, w_bytes, type, n_rows, scratch,
+                                scratch_bytes);
+    if (rc == LITE_PRODUCTS_MIXED) {   /* activation layouts differ: one call each */
+        for (int j = 0; j < n; j++) {
+            rc = lite_matmul_many(1, out + j, out_len + j, x, n_tok, cols, w + j, w_bytes + j, type + j, n_rows + j,
+                                  scratch, scratch_bytes);
+            if (rc) return rc;
         }
-    const int quant = lite_is_quant(kind[0]);
-    int64_t astride = lite_act_stride(kind[0], cols);
-    if (quant) {
-        if (!scratch) return LITE_ERR_NULL;
-        if (scratch_bytes / astride < n_tok || ((uintptr_t)scratch & 3)) return LITE_ERR_SIZE;
+        return LITE_OK;
     }
-    const uint8_t *act = quant ? scratch : (const uint8_t *)x;
-    first[0] = 0;
-    for (int i = 0; i < n; i++) first[i + 1] = first[i] + lite_product_items(kind[i], n_rows[i], n_tok, cols);
+    if (rc || n_tok == 0) return rc;
     int nth = lite_num_threads();
-    if (nth > first[n]) nth = (int)first[n];
+    if (nth > P.first[n]) nth = (int)P.first[n];
     /* A lone token's activations are quantized before the threads start: a work-sharing loop of
      * one item would cost a barrier (~8 µs with sleeping workers) for ~1 µs of work. */
     int serial_quant = n_tok == 1;
-    if (serial_quant) gemm_quantize(scratch, astride, kind[0], x, n_tok, cols);
+    if (serial_quant) lite_products_quantize(&P, x);
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
-        if (!serial_quant) gemm_quantize(scratch, astride, kind[0], x, n_tok, cols);
-#pragma omp for schedule(static)
-        for (int64_t it = 0; it < first[n]; it++) {
-            int i = 0;
-            while (first[i + 1] <= it) i++;
-            lite_product_item(out[i], n_rows[i], w[i], rb[i], n_rows[i], kind[i], act, astride, n_tok, cols,
-                              it - first[i]);
-        }
+        if (!serial_quant) quantize_shared(&P, x);
+        lite_products_run(&P);
     }
     return LITE_OK;
 }

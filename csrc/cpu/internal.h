@@ -11,6 +11,7 @@
 #define LITE_INTERNAL_H
 
 #include <stdint.h>
+#include <stdatomic.h>
 #include <string.h>
 #include <math.h>
 #include "lite.h"
@@ -210,6 +211,99 @@ void lite_product_item(float *out, int64_t ldo, const uint8_t *w, int64_t row_by
 int64_t lite_act_stride(int kind, int64_t cols);
 
 int lite_num_threads(void);
+
+/* The threads of one parallel region meeting between the phases of a decode step. OpenMP's own
+ * barriers sleep at once under OMP_WAIT_POLICY=passive (lite's default: spinning workers slow a
+ * machine shared with other work), and each wake costs ~10-15 µs where a decode layer has about
+ * ten phases; this barrier spins briefly first (team.c). Initialised before the region; every
+ * thread of the region calls lite_team_sync at the same points. */
+typedef struct { _Atomic uint32_t arrived, gen, sleepers; } lite_team;
+void lite_team_init(lite_team *t);
+void lite_team_sync(lite_team *t);
+
+/* Up to LITE_MATMUL_MANY_MAX products of one input, checked and numbered for sharing between a
+ * region's threads: lite_products_plan checks the arguments (codes as lite_matmul, or
+ * LITE_PRODUCTS_MIXED where the products' activation layouts differ), lite_products_quantize fills the
+ * activations on the calling thread, lite_products_run takes this thread's share of the work items
+ * (a work-sharing loop without a barrier). */
+#define LITE_PRODUCTS_MIXED 1
+typedef struct {
+    int n, kind[LITE_MATMUL_MANY_MAX];
+    float *out[LITE_MATMUL_MANY_MAX];
+    const uint8_t *w[LITE_MATMUL_MANY_MAX];
+    int64_t rb[LITE_MATMUL_MANY_MAX], n_rows[LITE_MATMUL_MANY_MAX], first[LITE_MATMUL_MANY_MAX + 1];
+    int64_t n_tok, cols, astride;
+    const uint8_t *act;    /* quantized activations (the scratch), or the float input */
+} lite_products;
+int lite_products_plan(lite_products *P, int n, float *const *out, const int64_t *out_len, const float *x,
+                       int64_t n_tok, int64_t cols, const uint8_t *const *w, const int64_t *w_bytes,
+                       const int32_t *type, const int64_t *n_rows, uint8_t *scratch, int64_t scratch_bytes);
+void lite_products_quantize(const lite_products *P, const float *x);
+void lite_products_run(const lite_products *P);
+/* Inside a region, the calling team computes P: the input quantized by the first thread, then the
+ * items shared; returns when every item is done. */
+void lite_products_team(const lite_products *P, const float *x, lite_team *t);
+
+/* lite_mla_step's arguments (in its order) and, from lite_mla_plan, its checks' verdict, scratch
+ * layout and, for one token, the products and heads as lite_mla_decode_team runs them. */
+typedef struct {
+    float *out;
+    int64_t out_len;
+    float *x;
+    const float *delta, *norm;
+    float norm_eps;
+    int64_t n_tok, dim;
+    const uint8_t **w;
+    const int64_t *w_bytes;
+    const int32_t *types;
+    const float *q_a_norm, *kv_norm;
+    int64_t n_head, n_nope, r_dim, c_dim, v_dim, q_rank;
+    float *ckv, *kpe;
+    int64_t cache_rows;
+    const float *cos_t, *sin_t;
+    int64_t start;
+    float scale, eps;
+    uint8_t *scratch;
+    int64_t scratch_bytes;
+    /* set by lite_mla_plan */
+    float *h, *q_a, *q_an, *q, *kv, *q_nope, *q_pe, *q_lat, *o_lat, *o;
+    uint8_t *act;
+    int64_t act_bytes;
+    int n_first, kk, kvk;                 /* product sets of q/kv_a (two where activations differ) */
+    lite_products first[2], qb, out_p;
+    int64_t rbk, rbv, sk, sv, hg;         /* k_b / v_b row and activation bytes, heads per item */
+} lite_mla_call;
+int lite_mla_plan(lite_mla_call *M);
+/* Inside a region: one token's attention sublayer (n_tok = 1), every thread calling it. */
+void lite_mla_decode_team(const lite_mla_call *M, lite_team *t);
+
+/* lite_norm_route's checks for one token, and its router product planned (out: probs). */
+int lite_route_plan(lite_products *P, float *probs, const float *h, int64_t dim, const uint8_t *router,
+                    int64_t router_bytes, int type, int64_t n_exp, int64_t k, int64_t n_group, int64_t topk_group,
+                    float scale, uint8_t *scratch, int64_t scratch_bytes);
+
+/* lite_moe's call checked and its assignments sorted (lite_moe_plan, codes as lite_moe), for
+ * lite_moe_team to run inside a region, every thread calling it. */
+typedef struct {
+    float *out;
+    const float *x;
+    int64_t n_tok, dim, n_exp, max_ffn, n_assign, arow;
+    const uint8_t **gate, **up, **down;
+    const int32_t *types;
+    const int64_t *ffn;
+    float *xg, *g, *u, *y, *wt;
+    uint8_t *act, *act2;
+    int32_t *idx;
+    /* off[e]: entry e's first assignment; iu[e] / idn[e]: its first gate-up / down work item;
+     * ng[e]: how many of its gate-up items are gate's; kg/ku/kd: its kinds */
+    int64_t off[MOE_MAX_ENTRIES + 1], iu[MOE_MAX_ENTRIES + 1], idn[MOE_MAX_ENTRIES + 1], ng[MOE_MAX_ENTRIES];
+    int kg[MOE_MAX_ENTRIES], ku[MOE_MAX_ENTRIES], kd[MOE_MAX_ENTRIES];
+} lite_moe_run;
+int lite_moe_plan(lite_moe_run *M, float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t dim,
+                  const int32_t *slot, const float *weight, int64_t k, int64_t n_exp, const uint8_t **gate,
+                  const uint8_t **up, const uint8_t **down, const int32_t *types, const int64_t *nbytes,
+                  const int64_t *ffn, int64_t shared, uint8_t *scratch, int64_t scratch_bytes);
+void lite_moe_team(const lite_moe_run *M, lite_team *t);
 
 /* Heads per work item of MLA attention for n_tok queries on nth threads: as many as possible
  * (up to MLA_HEAD_GROUP) while still giving every thread work. */

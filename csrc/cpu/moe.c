@@ -43,45 +43,55 @@ int lite_moe_scratch_bytes(int64_t *out, int64_t n_tok, int64_t dim, int64_t k, 
 }
 
 /* Phase 1 of lite_moe: zero the output; gather each assignment's input row and quantize it for
- * gate (and for up when up needs another activation class). Work-shared inside a parallel
- * region, whole on the calling thread outside one. */
-static void gather(float *out, const float *x, int64_t n_tok, int64_t dim, int64_t n_assign, const int64_t *off,
-                   const int32_t *idx, const int *kg, const int *ku, float *xg, uint8_t *act, uint8_t *act2,
-                   int64_t arow) {
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < n_tok * dim; i++) out[i] = 0.0f;
-#pragma omp for schedule(static)
-    for (int64_t a = 0; a < n_assign; a++) {
+ * gate (and for up when up needs another activation class). Part `part` of `parts` equal shares,
+ * by static division, so the region's threads or one thread alone can take them. */
+static void gather(const lite_moe_run *M, int part, int parts) {
+    const int64_t dim = M->dim, n_out = M->n_tok * dim, arow = M->arow;
+    for (int64_t i = n_out * part / parts; i < n_out * (part + 1) / parts; i++) M->out[i] = 0.0f;
+    const int64_t a0 = M->n_assign * part / parts, a1 = M->n_assign * (part + 1) / parts;
+    for (int64_t a = a0; a < a1; a++) {
         int64_t e = 0;
-        while (off[e + 1] <= a) e++;
-        float *xa = xg + a * dim;
-        memcpy(xa, x + (int64_t)idx[a] * dim, sizeof(float) * dim);
-        int cg = lite_act_class(kg[e]), cu = lite_act_class(ku[e]);
-        if (cg < 2) lite_quant_of(kg[e])(act + a * arow, arow, xa, 1, dim);
-        if (cu < 2 && cu != cg) lite_quant_of(ku[e])(act2 + a * arow, arow, xa, 1, dim);
+        while (M->off[e + 1] <= a) e++;
+        float *xa = M->xg + a * dim;
+        memcpy(xa, M->x + (int64_t)M->idx[a] * dim, sizeof(float) * dim);
+        int cg = lite_act_class(M->kg[e]), cu = lite_act_class(M->ku[e]);
+        if (cg < 2) lite_quant_of(M->kg[e])(M->act + a * arow, arow, xa, 1, dim);
+        if (cu < 2 && cu != cg) lite_quant_of(M->ku[e])(M->act2 + a * arow, arow, xa, 1, dim);
     }
 }
 
 /* Phase 5: scale each assignment's output y and add it into out, by column ranges (no two threads
- * share an element), assignments in entry order. Shared or not, as `gather`. */
-static void scatter(float *out, int64_t dim, int64_t n_assign, const int32_t *idx, const float *wt, const float *y) {
-#pragma omp for schedule(static)
-    for (int64_t c0 = 0; c0 < dim; c0 += 64) {
-        int64_t c1 = c0 + 64 < dim ? c0 + 64 : dim;
-        for (int64_t a = 0; a < n_assign; a++) {
-            float *o = out + (int64_t)idx[a] * dim;
-            const float *ya = y + a * dim;
-            float wa = wt[a];
+ * share an element), assignments in entry order. Shared as `gather`. */
+static void scatter(const lite_moe_run *M, int part, int parts) {
+    const int64_t dim = M->dim, n_chunk = (dim + 63) / 64;
+    for (int64_t ch = n_chunk * part / parts; ch < n_chunk * (part + 1) / parts; ch++) {
+        int64_t c0 = ch * 64, c1 = c0 + 64 < dim ? c0 + 64 : dim;
+        for (int64_t a = 0; a < M->n_assign; a++) {
+            float *o = M->out + (int64_t)M->idx[a] * dim;
+            const float *ya = M->y + a * dim;
+            float wa = M->wt[a];
             for (int64_t c = c0; c < c1; c++) o[c] += wa * ya[c];
         }
     }
 }
 
-int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t dim,
-             const int32_t *slot, const float *weight, int64_t k,
-             int64_t n_exp, const uint8_t **gate, const uint8_t **up, const uint8_t **down,
-             const int32_t *types, const int64_t *nbytes, const int64_t *ffn, int64_t shared,
-             uint8_t *scratch, int64_t scratch_bytes) {
+/* One entry's weights (types[3], nbytes[3] of gate, up, down; width f): known types, rows of
+ * whole blocks, enough bytes. */
+static int entry_ok(const int32_t *types, const int64_t *nbytes, int64_t f, int64_t dim) {
+    if (f <= 0 || f > (1 << 22)) return LITE_ERR_ARG;
+    for (int j = 0; j < 3; j++)
+        if (lite_kind_of(types[j]) < 0) return LITE_ERR_TYPE;
+    int64_t rg = lite_row_bytes_of(types[0], dim), ru = lite_row_bytes_of(types[1], dim);
+    int64_t rd = lite_row_bytes_of(types[2], f);
+    if (rg < 0 || ru < 0 || rd < 0) return LITE_ERR_BLOCK;
+    if (nbytes[0] / rg < f || nbytes[1] / ru < f || nbytes[2] / rd < dim) return LITE_ERR_SIZE;
+    return LITE_OK;
+}
+
+int lite_moe_plan(lite_moe_run *M, float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t dim,
+                  const int32_t *slot, const float *weight, int64_t k, int64_t n_exp, const uint8_t **gate,
+                  const uint8_t **up, const uint8_t **down, const int32_t *types, const int64_t *nbytes,
+                  const int64_t *ffn, int64_t shared, uint8_t *scratch, int64_t scratch_bytes) {
     if (!out || !x || !scratch) return LITE_ERR_NULL;
     if (n_tok < 0 || dim <= 0 || k < 0 || n_exp < 0 || n_exp > MOE_MAX_ENTRIES || shared < -1 ||
         shared >= n_exp || out_len < 0 || scratch_bytes < 0)
@@ -92,16 +102,9 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
     int64_t max_ffn = 1;
     for (int64_t e = 0; e < n_exp; e++) {
         if (!gate[e] || !up[e] || !down[e]) return LITE_ERR_NULL;
-        int64_t f = ffn[e];
-        if (f <= 0 || f > (1 << 22)) return LITE_ERR_ARG;
-        for (int j = 0; j < 3; j++)
-            if (lite_kind_of(types[3 * e + j]) < 0) return LITE_ERR_TYPE;
-        int64_t rg = lite_row_bytes_of(types[3 * e], dim), ru = lite_row_bytes_of(types[3 * e + 1], dim);
-        int64_t rd = lite_row_bytes_of(types[3 * e + 2], f);
-        if (rg < 0 || ru < 0 || rd < 0) return LITE_ERR_BLOCK;
-        if (nbytes[3 * e] / rg < f || nbytes[3 * e + 1] / ru < f || nbytes[3 * e + 2] / rd < dim)
-            return LITE_ERR_SIZE;
-        if (f > max_ffn) max_ffn = f;
+        int rc = entry_ok(types + 3 * e, nbytes + 3 * e, ffn[e], dim);
+        if (rc) return rc;
+        if (ffn[e] > max_ffn) max_ffn = ffn[e];
     }
     for (int64_t i = 0; i < n_tok * k; i++)
         if (slot[i] < 0 || slot[i] >= n_exp) return LITE_ERR_ARG;
@@ -113,15 +116,16 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
 
     uint8_t *base = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     moe_layout L = layout(n_tok, dim, k, max_ffn);
-    float *xg = (float *)(base + L.xg), *g = (float *)(base + L.g), *u = (float *)(base + L.u);
-    float *y = xg;
-    uint8_t *act = base + L.act, *act2 = base + L.act2;
-    const int64_t arow = L.arow;
-    int32_t *idx = (int32_t *)(base + L.idx);
-    float *wt = (float *)(base + L.wt);
+    M->out = out, M->x = x, M->n_tok = n_tok, M->dim = dim, M->n_exp = n_exp, M->max_ffn = max_ffn;
+    M->gate = gate, M->up = up, M->down = down, M->types = types, M->ffn = ffn;
+    M->xg = (float *)(base + L.xg), M->g = (float *)(base + L.g), M->u = (float *)(base + L.u);
+    M->y = M->xg;
+    M->act = base + L.act, M->act2 = base + L.act2, M->arow = L.arow;
+    M->idx = (int32_t *)(base + L.idx);
+    M->wt = (float *)(base + L.wt);
 
     /* Counting sort of assignments by entry (the shared entry gets every token, weight 1). */
-    int64_t off[MOE_MAX_ENTRIES + 1];
+    int64_t *off = M->off;
     memset(off, 0, sizeof(int64_t) * (n_exp + 1));
     for (int64_t i = 0; i < n_tok * k; i++) off[slot[i] + 1]++;
     if (shared >= 0) off[shared + 1] += n_tok;
@@ -131,102 +135,130 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
         memcpy(fill, off, sizeof(int64_t) * n_exp);
         for (int64_t t = 0; t < n_tok; t++) {
             if (shared >= 0) {
-                idx[fill[shared]] = (int32_t)t;
-                wt[fill[shared]++] = 1.0f;
+                M->idx[fill[shared]] = (int32_t)t;
+                M->wt[fill[shared]++] = 1.0f;
             }
             for (int64_t j = 0; j < k; j++) {
                 int32_t e = slot[t * k + j];
-                idx[fill[e]] = (int32_t)t;
-                wt[fill[e]++] = weight[t * k + j];
+                M->idx[fill[e]] = (int32_t)t;
+                M->wt[fill[e]++] = weight[t * k + j];
             }
         }
     }
-    const int64_t n_assign = off[n_exp];
+    M->n_assign = off[n_exp];
 
     /* Work items of the two matmul phases: every entry's product items (gate and up together,
      * then down), numbered consecutively so one work-sharing loop covers all experts with a
      * single barrier. iu[e] / idn[e]: first item of entry e; ng[e]: how many of its gate/up
      * items are gate's. */
-    int64_t iu[MOE_MAX_ENTRIES + 1], idn[MOE_MAX_ENTRIES + 1], ng[MOE_MAX_ENTRIES];
-    int kg[MOE_MAX_ENTRIES], ku[MOE_MAX_ENTRIES], kd[MOE_MAX_ENTRIES];
-    iu[0] = idn[0] = 0;
+    M->iu[0] = M->idn[0] = 0;
     for (int64_t e = 0; e < n_exp; e++) {
         int64_t n = off[e + 1] - off[e];
-        kg[e] = lite_kind_of(types[3 * e]);
-        ku[e] = lite_kind_of(types[3 * e + 1]);
-        kd[e] = lite_kind_of(types[3 * e + 2]);
-        ng[e] = n ? lite_product_items(kg[e], ffn[e], n, dim) : 0;
-        iu[e + 1] = iu[e] + (n ? ng[e] + lite_product_items(ku[e], ffn[e], n, dim) : 0);
-        idn[e + 1] = idn[e] + (n ? lite_product_items(kd[e], dim, n, ffn[e]) : 0);
+        M->kg[e] = lite_kind_of(types[3 * e]);
+        M->ku[e] = lite_kind_of(types[3 * e + 1]);
+        M->kd[e] = lite_kind_of(types[3 * e + 2]);
+        M->ng[e] = n ? lite_product_items(M->kg[e], ffn[e], n, dim) : 0;
+        M->iu[e + 1] = M->iu[e] + (n ? M->ng[e] + lite_product_items(M->ku[e], ffn[e], n, dim) : 0);
+        M->idn[e + 1] = M->idn[e] + (n ? lite_product_items(M->kd[e], dim, n, ffn[e]) : 0);
     }
-    const kernel_table *kt = lite_active_kernels();
+    return LITE_OK;
+}
 
-    int nth = lite_num_threads();
+/* The entry e whose items [first[e], first[e+1]) hold item `it`. */
+static int64_t entry_of(const int64_t *first, int64_t n_exp, int64_t it) {
+    int64_t lo = 0, hi = n_exp;
+    while (hi - lo > 1) {
+        int64_t mid = (lo + hi) / 2;
+        if (first[mid] <= it) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+/* Phase 2: one gate or up item of an entry, over all of the entry's tokens. */
+static void gate_up_item(const lite_moe_run *M, int64_t it) {
+    const int64_t e = entry_of(M->iu, M->n_exp, it), j = it - M->iu[e], dim = M->dim;
+    const int is_up = j >= M->ng[e];
+    const int kind = is_up ? M->ku[e] : M->kg[e], cls = lite_act_class(kind);
+    const int64_t rb = lite_row_bytes_of(M->types[3 * e + is_up], dim), at = M->off[e];
+    const uint8_t *a0;
+    int64_t as;
+    if (cls == 2) { a0 = (const uint8_t *)(M->xg + at * dim); as = dim * 4; }
+    else { a0 = (is_up && cls != lite_act_class(M->kg[e]) ? M->act2 : M->act) + at * M->arow; as = M->arow; }
+    lite_product_item((is_up ? M->u : M->g) + at * M->max_ffn, M->max_ffn, is_up ? M->up[e] : M->gate[e], rb,
+                      M->ffn[e], kind, a0, as, M->off[e + 1] - at, dim, is_up ? j - M->ng[e] : j);
+}
+
+/* Phase 4: one down item of an entry -> y (the gathered inputs' space). */
+static void down_item(const lite_moe_run *M, int64_t it) {
+    const int64_t e = entry_of(M->idn, M->n_exp, it), f = M->ffn[e], at = M->off[e];
+    const int kind = M->kd[e];
+    const int64_t rb = lite_row_bytes_of(M->types[3 * e + 2], f);
+    const int flt = lite_act_class(kind) == 2;
+    const uint8_t *a0 = flt ? (const uint8_t *)(M->g + at * M->max_ffn) : M->act + at * M->arow;
+    lite_product_item(M->y + at * M->dim, M->dim, M->down[e], rb, M->dim, kind, a0, flt ? M->max_ffn * 4 : M->arow,
+                      M->off[e + 1] - at, f, it - M->idn[e]);
+}
+
+void lite_moe_team(const lite_moe_run *M, lite_team *t) {
 #ifdef _OPENMP
+    const int me = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const int me = 0, nth = 1;
+#endif
+    /* A lone token's gather and weighted sum are a few µs of work: the first thread does them
+     * while the others wait, where sharing them cost more in handing over than it saved. */
+    const int lone = M->n_tok == 1, part = lone ? 0 : me, parts = lone ? 1 : nth;
+    if (!lone || me == 0) gather(M, part, parts);
+    lite_team_sync(t);
     /* An entry's work items cost in proportion to its tokens, and a prefill's entries differ by
      * 10x and more where routing is skewed: guided scheduling (half of the items to the first
      * thread, then halving) left one thread alone with the costliest, and items taken one at a
      * time made the 27-layer prefill's MoE 1.4-1.5x faster. A decode's items cost alike, and
      * guided keeps long runs of rows per thread for the streams. */
-    omp_set_schedule(n_tok > 1 ? omp_sched_dynamic : omp_sched_guided, n_tok > 1 ? 1 : 0);
-#endif
-    /* A lone token's gather and weighted sum run on this thread before and after the parallel
-     * region: a few µs of work each, where sharing them cost a barrier each (~8 µs with sleeping
-     * workers). The same operations in the same order either way. */
-    const int serial_ends = n_tok == 1;
-    if (serial_ends) gather(out, x, n_tok, dim, n_assign, off, idx, kg, ku, xg, act, act2, arow);
-#pragma omp parallel num_threads(nth) if (nth > 1)
-    {
-        if (!serial_ends) gather(out, x, n_tok, dim, n_assign, off, idx, kg, ku, xg, act, act2, arow);
-        /* 2: gate and up panels of every entry, each over all of the entry's tokens. */
-#pragma omp for schedule(runtime)
-        for (int64_t it = 0; it < iu[n_exp]; it++) {
-            int64_t lo = 0, hi = n_exp;                       /* entry e with iu[e] <= it < iu[e+1] */
-            while (hi - lo > 1) {
-                int64_t mid = (lo + hi) / 2;
-                if (iu[mid] <= it) lo = mid; else hi = mid;
-            }
-            int64_t e = lo, j = it - iu[e];
-            int is_up = j >= ng[e];
-            int kind = is_up ? ku[e] : kg[e];
-            int cls = lite_act_class(kind);
-            int64_t rb = lite_row_bytes_of(types[3 * e + is_up], dim);
-            const uint8_t *a0;
-            int64_t as;
-            if (cls == 2) { a0 = (const uint8_t *)(xg + off[e] * dim); as = dim * 4; }
-            else { a0 = (is_up && cls != lite_act_class(kg[e]) ? act2 : act) + off[e] * arow; as = arow; }
-            lite_product_item((is_up ? u : g) + off[e] * max_ffn, max_ffn, is_up ? up[e] : gate[e], rb, ffn[e], kind,
-                              a0, as, off[e + 1] - off[e], dim, is_up ? j - ng[e] : j);
-        }
-        /* 3: hidden = silu(gate) * up, quantized for down. */
-#pragma omp for schedule(static)
-        for (int64_t a = 0; a < n_assign; a++) {
-            int64_t e = 0;
-            while (off[e + 1] <= a) e++;
-            int64_t f = ffn[e];
-            float *ga = g + a * max_ffn;
-            const float *ua = u + a * max_ffn;
-            kt->silu_mul(ga, ga, ua, f);
-            if (lite_is_quant(kd[e])) lite_quant_of(kd[e])(act + a * arow, arow, ga, 1, f);
-        }
-        /* 4: down panels of every entry -> y (the gathered inputs' space). */
-#pragma omp for schedule(runtime)
-        for (int64_t it = 0; it < idn[n_exp]; it++) {
-            int64_t lo = 0, hi = n_exp;
-            while (hi - lo > 1) {
-                int64_t mid = (lo + hi) / 2;
-                if (idn[mid] <= it) lo = mid; else hi = mid;
-            }
-            int64_t e = lo, f = ffn[e];
-            int kind = kd[e];
-            int64_t rb = lite_row_bytes_of(types[3 * e + 2], f);
-            const uint8_t *a0 = lite_act_class(kind) == 2 ? (const uint8_t *)(g + off[e] * max_ffn) : act + off[e] * arow;
-            int64_t as = lite_act_class(kind) == 2 ? max_ffn * 4 : arow;
-            lite_product_item(y + off[e] * dim, dim, down[e], rb, dim, kind, a0, as, off[e + 1] - off[e], f,
-                              it - idn[e]);
-        }
-        if (!serial_ends) scatter(out, dim, n_assign, idx, wt, y);
+    const int64_t n_gu = M->iu[M->n_exp], n_down = M->idn[M->n_exp];
+    if (lone) {
+#pragma omp for schedule(guided) nowait
+        for (int64_t it = 0; it < n_gu; it++) gate_up_item(M, it);
+    } else {
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t it = 0; it < n_gu; it++) gate_up_item(M, it);
     }
-    if (serial_ends) scatter(out, dim, n_assign, idx, wt, y);
+    lite_team_sync(t);
+    /* 3: hidden = silu(gate) * up, quantized for down. */
+    const kernel_table *kt = lite_active_kernels();
+#pragma omp for schedule(static) nowait
+    for (int64_t a = 0; a < M->n_assign; a++) {
+        int64_t e = 0;
+        while (M->off[e + 1] <= a) e++;
+        float *ga = M->g + a * M->max_ffn;
+        kt->silu_mul(ga, ga, M->u + a * M->max_ffn, M->ffn[e]);
+        if (lite_is_quant(M->kd[e])) lite_quant_of(M->kd[e])(M->act + a * M->arow, M->arow, ga, 1, M->ffn[e]);
+    }
+    lite_team_sync(t);
+    if (lone) {
+#pragma omp for schedule(guided) nowait
+        for (int64_t it = 0; it < n_down; it++) down_item(M, it);
+    } else {
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t it = 0; it < n_down; it++) down_item(M, it);
+    }
+    lite_team_sync(t);
+    if (!lone || me == 0) scatter(M, part, parts);
+}
+
+int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t dim,
+             const int32_t *slot, const float *weight, int64_t k,
+             int64_t n_exp, const uint8_t **gate, const uint8_t **up, const uint8_t **down,
+             const int32_t *types, const int64_t *nbytes, const int64_t *ffn, int64_t shared,
+             uint8_t *scratch, int64_t scratch_bytes) {
+    lite_moe_run M;
+    int rc = lite_moe_plan(&M, out, out_len, x, n_tok, dim, slot, weight, k, n_exp, gate, up, down, types, nbytes,
+                           ffn, shared, scratch, scratch_bytes);
+    if (rc || n_tok == 0) return rc;
+    lite_team team;
+    lite_team_init(&team);
+    int nth = lite_num_threads();
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    lite_moe_team(&M, &team);
     return LITE_OK;
 }

@@ -1,0 +1,99 @@
+/* The barrier of a decode step's one parallel region (see internal.h, lite_team). */
+#include "internal.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include <sched.h>
+#include <time.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+/* How long a thread that arrives first waits awake before it sleeps. A decode step's longest
+ * serial stretch between two phases (routing and the MoE's gather) takes ~10-20 µs; sleeping
+ * and being woken costs ~10-15 µs on a VM's cores. */
+#define TEAM_SPIN_NS 50000
+
+/* Spinning pays only while the partners arrive within the spin. When another process shares a
+ * core, a partner is often descheduled for milliseconds: the spinner then burns its own share
+ * of the core, and the scheduler, which favours threads that slept, runs the other process
+ * first; decode was 1.1-1.3x slower than with sleeping waits. So every wait is timed, and
+ * while more than a quarter of recent waits (a moving average over ~64) outlast the spin,
+ * threads sleep at once, as OpenMP's passive barriers do. Shared by all teams: it describes
+ * the machine's load, not one call. In 1/65536ths. */
+static _Atomic uint32_t g_late;
+#define LATE_ONE 65536u
+#define LATE_LIMIT (LATE_ONE / 4)
+
+static void note_wait(int late) {
+    uint32_t v = atomic_load_explicit(&g_late, memory_order_relaxed);
+    v = v - v / 64 + (late ? LATE_ONE / 64 : 0);    /* races lose an update now and then: harmless */
+    atomic_store_explicit(&g_late, v, memory_order_relaxed);
+}
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void sleep_while(_Atomic uint32_t *word, uint32_t value) {
+#ifdef __linux__
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+#else
+    (void)word, (void)value;
+    sched_yield();
+#endif
+}
+
+static void wake_all(_Atomic uint32_t *word) {
+#ifdef __linux__
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
+}
+
+void lite_team_init(lite_team *t) {
+    atomic_init(&t->arrived, 0);
+    atomic_init(&t->gen, 0);
+    atomic_init(&t->sleepers, 0);
+}
+
+void lite_team_sync(lite_team *t) {
+#ifdef _OPENMP
+    const uint32_t n = (uint32_t)omp_get_num_threads();   /* the team OpenMP gave, whatever was asked */
+#else
+    const uint32_t n = 1;
+#endif
+    if (n <= 1) return;
+    const uint32_t g = atomic_load_explicit(&t->gen, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&t->arrived, 1, memory_order_acq_rel) == n - 1) {
+        atomic_store_explicit(&t->arrived, 0, memory_order_relaxed);
+        atomic_fetch_add_explicit(&t->gen, 1, memory_order_seq_cst);
+        /* A waiter counts itself a sleeper before the kernel compares gen: either this load sees
+         * it, or its futex call sees the new gen and returns at once. */
+        if (atomic_load_explicit(&t->sleepers, memory_order_seq_cst)) wake_all(&t->gen);
+        return;
+    }
+    const int64_t t0 = now_ns();
+    if (atomic_load_explicit(&g_late, memory_order_relaxed) < LATE_LIMIT)
+        for (int i = 1; atomic_load_explicit(&t->gen, memory_order_acquire) == g; i++) {
+            CPU_RELAX();
+            if (i % 64 == 0 && now_ns() - t0 > TEAM_SPIN_NS) break;
+        }
+    while (atomic_load_explicit(&t->gen, memory_order_acquire) == g) {
+        atomic_fetch_add_explicit(&t->sleepers, 1, memory_order_seq_cst);
+        sleep_while(&t->gen, g);
+        atomic_fetch_sub_explicit(&t->sleepers, 1, memory_order_seq_cst);
+    }
+    note_wait(now_ns() - t0 > TEAM_SPIN_NS);
+}
