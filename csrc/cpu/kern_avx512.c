@@ -339,26 +339,35 @@ INLINE void mv_q4_0_streams(const int S, float *out, const uint8_t *w, int64_t w
     const __m512i scales = _mm512_setr_epi32(0, 0, 0x00090009, 0x00090009, 0x00120012, 0x00120012, 0x001b001b,
                                              0x001b001b, 0, 0, 0, 0, 0, 0, 0, 0);
     const __m512i m4 = _mm512_set1_epi8(15);
+    /* Block quads alternate between two accumulators (a shorter dependency chain); the loop
+     * takes them in pairs so that both stay in registers, where choosing one by the block's index
+     * kept them on the stack (a load and a store each step). */
+#define Q4_0_STEP(ACC, b)                                                                          \
+    {                                                                                              \
+        const __m512i x0 = _mm512_load_si512(pq + (b) * QK), x1 = _mm512_load_si512(pq + (b) * QK + 64); \
+        const __m512 xd = _mm512_load_ps(pd + 4 * (b)), xs = _mm512_load_ps(ps + 4 * (b));         \
+        for (int s = 0; s < S; s++) {                                                              \
+            const uint8_t *g = w + (r + s * gap) * ws + (b) * Q4_0_BYTES;                          \
+            prefetch_block(g, 4 * Q4_0_BYTES);                                                     \
+            __m512i lo = _mm512_loadu_si512(g), hi = _mm512_maskz_loadu_epi8(0xff, g + 64);        \
+            __m512i q = _mm512_permutex2var_epi16(lo, quants, hi);                                 \
+            __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(scales, lo))); \
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(q, m4), x0); \
+            dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(q, 4), m4), x1);    \
+            ACC[s] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), dw), xd, ACC[s]);     \
+            off[s] = _mm512_fmadd_ps(dw, xs, off[s]);                                              \
+        }                                                                                          \
+    }
     for (int64_t r = 0; r < nr; r++) {
         __m512 acc0[4], acc1[4], off[4];
         for (int s = 0; s < S; s++) acc0[s] = acc1[s] = off[s] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nq; b += 4) {
-            const __m512i x0 = _mm512_load_si512(pq + b * QK), x1 = _mm512_load_si512(pq + b * QK + 64);
-            const __m512 xd = _mm512_load_ps(pd + 4 * b), xs = _mm512_load_ps(ps + 4 * b);
-            for (int s = 0; s < S; s++) {
-                const uint8_t *g = w + (r + s * gap) * ws + b * Q4_0_BYTES;
-                prefetch_block(g, 4 * Q4_0_BYTES);
-                __m512i lo = _mm512_loadu_si512(g), hi = _mm512_maskz_loadu_epi8(0xff, g + 64);
-                __m512i q = _mm512_permutex2var_epi16(lo, quants, hi);
-                __m512 dw = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(scales, lo)));
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(q, m4), x0);
-                dot = _mm512_dpbusd_epi32(dot, _mm512_and_si512(_mm512_srli_epi16(q, 4), m4), x1);
-                __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), dw);
-                if (b & 4) acc1[s] = _mm512_fmadd_ps(p, xd, acc1[s]);
-                else acc0[s] = _mm512_fmadd_ps(p, xd, acc0[s]);
-                off[s] = _mm512_fmadd_ps(dw, xs, off[s]);
-            }
+        int64_t b = 0;
+        for (; b + 8 <= nq; b += 8) {
+            Q4_0_STEP(acc0, b)
+            Q4_0_STEP(acc1, b + 4)
         }
+        if (b < nq) Q4_0_STEP(acc0, b)
+#undef Q4_0_STEP
         for (int s = 0; s < S; s++) {
             const uint8_t *row = w + (r + s * gap) * ws;
             float tail = 0.0f;
