@@ -5,7 +5,7 @@ Median of 5 runs after a warm-up. Each decode measurement cycles through enough 
 matrix (≥ 256 MB in all) that the weights come from RAM, not cache. Also a bandwidth probe:
 numpy copy and sum of a 1 GB buffer.
 
-    python benchmarks/bench_kernels.py [--threads N] [--isa scalar|avx2|avx512] [--types Q4_0,Q8_0]
+    python benchmarks/bench_kernels.py [--threads N] [--isa scalar|avx2|avx512|avx512vbmi] [--types Q4_0,Q8_0]
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import gguf.quants as gq
 
 from lite.kernels.base import QTensor, QType
-from lite.kernels.c import CBackend
+from lite.kernels.c import ISA_NAMES, CBackend
 
 SHAPES = [("expert gate/up", 1408, 2048), ("expert down", 2048, 1408), ("attn q", 3072, 2048),
           ("attn out", 2048, 2048)]
@@ -65,14 +65,14 @@ def bandwidth_probe() -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--isa", default=None, choices=["scalar", "avx2", "avx512"])
+    ap.add_argument("--isa", default=None, choices=list(ISA_NAMES.values()))
     ap.add_argument("--types", default="Q4_0,Q8_0,Q4_K,Q6_K,F16,BF16,F32")
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--no-probe", action="store_true")
     args = ap.parse_args()
     cb = CBackend(threads=args.threads)
     if args.isa:
-        cb.set_isa(["scalar", "avx2", "avx512"].index(args.isa))
+        cb.set_isa({v: k for k, v in ISA_NAMES.items()}[args.isa])
     rng = np.random.default_rng(0)
     print(f"C backend: isa={cb.isa} threads={cb.threads}")
     if not args.no_probe:

@@ -12,7 +12,7 @@ from lite.kernels.dequant import dequantize
 from lite.kernels.reference import ReferenceBackend
 
 try:
-    from lite.kernels.c import CBackend
+    from lite.kernels.c import ISA_NAMES, CBackend
 except ImportError as e:  # library not built
     pytest.skip(f"C backend not available: {e}", allow_module_level=True)
 
@@ -23,8 +23,8 @@ QUANT = (QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.Q6_K)
 FLOAT = (QType.F32, QType.F16, QType.BF16)
 
 
-@pytest.fixture(params=[(isa, th) for isa in (0, 1, 2) for th in (1, 2)],
-                ids=lambda p: f"{('scalar', 'avx2', 'avx512')[p[0]]}-t{p[1]}")
+@pytest.fixture(params=[(isa, th) for isa in ISA_NAMES for th in (1, 2)],
+                ids=lambda p: f"{ISA_NAMES[p[0]]}-t{p[1]}")
 def cb(request):
     isa, threads = request.param
     if isa not in LEVELS:
@@ -113,10 +113,10 @@ def test_isa_from_environment(monkeypatch):
     lacks, is refused by name."""
     try:
         for level in LEVELS:
-            monkeypatch.setenv("LITE_ISA", ("scalar", "avx2", "avx512")[level])
-            assert CBackend().isa == ("scalar", "avx2", "avx512")[level]
+            monkeypatch.setenv("LITE_ISA", ISA_NAMES[level])
+            assert CBackend().isa == ISA_NAMES[level]
         monkeypatch.setenv("LITE_ISA", "sse9")
-        with pytest.raises(BackendError, match="LITE_ISA='sse9': expected one of scalar, avx2, avx512"):
+        with pytest.raises(BackendError, match="LITE_ISA='sse9': expected one of scalar, avx2, avx512, avx512vbmi"):
             CBackend()
         if LEVELS[-1] < 2:
             monkeypatch.setenv("LITE_ISA", "avx512")
@@ -263,6 +263,32 @@ def test_avx512_matches_avx2(qtype, threads):
                 assert rel(got[2], got[1]) < 1e-6, what
             else:
                 np.testing.assert_array_equal(got[2], got[1], err_msg=what)
+    finally:
+        CB.set_isa(LEVELS[-1])
+        CB.set_threads(old)
+
+
+@pytest.mark.parametrize("qtype", QUANT, ids=lambda q: q.name)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_avx512_vbmi_same_bits(qtype, threads):
+    """kern_avx512.c is built twice, the second time with VBMI, whose byte permutes lay out Q4_0
+    blocks in fewer steps than word permutes: the arithmetic is the same, so are the bits, for
+    one token (one and four streams, rows left to single runs, block tails) and many."""
+    if 3 not in LEVELS:
+        pytest.skip("no AVX-512 VBMI on this CPU/build")
+    shapes = [(8, 256, 1), (37, 2048, 1), (200, 1280 if qtype in (QType.Q4_K, QType.Q6_K) else 1440, 1),
+              (512, 256, 1), (129, 2304, 1), (72, 2048, 9), (40, 1536, 3)]
+    old = CB.threads
+    CB.set_threads(threads)
+    try:
+        for i, (n, cols, t) in enumerate(shapes):
+            w = make_weight(qtype, n, cols, seed=60 + i)
+            x = rng(60 + i).standard_normal((t, cols)).astype(np.float32)
+            got = {}
+            for isa in (2, 3):
+                CB.set_isa(isa)
+                got[isa] = CB.matmul(x, w)
+            np.testing.assert_array_equal(got[3], got[2], err_msg=f"{qtype.name} {n}x{cols}, {t} tokens")
     finally:
         CB.set_isa(LEVELS[-1])
         CB.set_threads(old)

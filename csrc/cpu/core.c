@@ -6,7 +6,7 @@
 
 int lite_abi_version(void) { return LITE_ABI_VERSION; }
 
-static kernel_table g_tables[3];
+static kernel_table g_tables[4];
 static int g_ready = 0;
 static int g_isa = -1;
 static int g_threads = 1;
@@ -17,8 +17,12 @@ static int cpu_isa(void) {
 #ifdef LITE_HAVE_AVX512
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+#ifdef LITE_HAVE_AVX512VBMI
+        if (__builtin_cpu_supports("avx512vbmi")) return LITE_ISA_AVX512_VBMI;
+#endif
         return LITE_ISA_AVX512;
+    }
 #endif
 #ifdef LITE_HAVE_AVX2
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
@@ -39,6 +43,10 @@ static void init(void) {
 #ifdef LITE_HAVE_AVX512
     lite_kernels_avx512(&g_tables[2]);
 #endif
+    g_tables[3] = g_tables[1];
+#ifdef LITE_HAVE_AVX512VBMI
+    lite_kernels_avx512_vbmi(&g_tables[3]);
+#endif
     g_isa = cpu_isa();
 #ifdef _OPENMP
     g_threads = omp_get_max_threads();
@@ -51,7 +59,7 @@ int lite_get_isa(void) { init(); return g_isa; }
 
 int lite_set_isa(int level) {
     init();
-    if (level < LITE_ISA_SCALAR || level > LITE_ISA_AVX512) return LITE_ERR_ARG;
+    if (level < LITE_ISA_SCALAR || level > LITE_ISA_AVX512_VBMI) return LITE_ERR_ARG;
     if (level > cpu_isa()) return LITE_ERR_ISA;
     g_isa = level;
     return LITE_OK;

@@ -159,6 +159,7 @@ typedef struct {
 void lite_kernels_scalar(kernel_table *t);
 void lite_kernels_avx2(kernel_table *t);
 void lite_kernels_avx512(kernel_table *t);
+void lite_kernels_avx512_vbmi(kernel_table *t);   /* kern_avx512.c built with VBMI */
 
 /* Currently selected table (set by lite_set_isa). */
 const kernel_table *lite_active_kernels(void);

@@ -29,7 +29,7 @@ from .base import (DecodeLayer, FFNWeights, MLAWeights, MLPLayout, QTensor, QTyp
                    check_norm, check_residual, check_residual_add, check_rmsnorm, check_rope, check_route,
                    check_route_args, check_weight, mla_dims)
 
-ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512"}
+ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512vbmi"}
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
            -4: "buffer too small for the shapes", -5: "row length not a multiple of the block size",
            -6: "instruction set not supported"}
@@ -88,15 +88,17 @@ class CBackend:
         return int(self.lib.lite_get_threads())
 
     def isa_levels(self) -> list[int]:
-        """Instruction-set levels this CPU and build support (0 scalar, 1 AVX2, 2 AVX-512)."""
+        """Instruction-set levels this CPU and build support (0 scalar, 1 AVX2, 2 AVX-512, 3 the
+        AVX-512 kernels with VBMI)."""
         return list(range(int(self.lib.lite_cpu_isa()) + 1))
 
     def set_isa(self, level: int) -> None:
         self._check(self.lib.lite_set_isa(int(level)), "set_isa", f"level={level}")
 
     def _cap_isa(self, name: str) -> None:
-        """`LITE_ISA=scalar|avx2|avx512`: run that instruction set's kernels (comparisons, or a
-        machine whose wide vectors slow its clock) instead of the best this CPU has."""
+        """`LITE_ISA=scalar|avx2|avx512|avx512vbmi`: run that instruction set's kernels
+        (comparisons, or a machine whose wide vectors slow its clock) instead of the best this CPU
+        has."""
         levels = {v: k for k, v in ISA_NAMES.items()}
         if name not in levels:
             raise BackendError(f"LITE_ISA={name!r}: expected one of {', '.join(levels)}")
