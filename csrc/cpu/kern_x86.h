@@ -10,8 +10,10 @@
 
 /* How far ahead (bytes) the one-token kernels prefetch the row they stream. 1 KiB was best on a
  * Zen 3; on a 2-core Xeon (AVX-512) 4 KiB streamed Q4_0 at 12-14.8 GB/s against 9.4-11.7 (2
- * threads from DRAM) and decoded the recipe file in 95-104 against 127-135 ms a token. */
-#define MV_PREFETCH 4096
+ * threads from DRAM) and decoded the recipe file in 95-104 against 127-135 ms a token. Once the
+ * kernels read four streams in fewer micro-ops, 1.5-3 KiB decoded 1.02-1.04x faster than 4 KiB
+ * there (alternating in one process; 6 and 8 KiB 0.99x and 0.94x), the AVX2 kernels alike. */
+#define MV_PREFETCH 3072
 
 INLINE float fp16(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
 
