@@ -5,9 +5,6 @@
  * The whole step is one parallel region: its ~15 phases a layer meet at lite_team barriers, where
  * separate regions cost a sleeping worker's wake-up each (~10-15 µs, ~200 a token). */
 #include "internal.h"
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* Scratch: a [D], h [D], probs [E], weights [k], then one region the ops take in turn. */
 typedef struct { int64_t a, h, probs, wts, region, total; } layers_layout;
