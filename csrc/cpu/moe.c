@@ -205,10 +205,8 @@ void lite_moe_team(const lite_moe_run *M, lite_team *t) {
 #else
     const int me = 0, nth = 1;
 #endif
-    /* A lone token's gather and weighted sum are a few µs of work: the first thread does them
-     * while the others wait, where sharing them cost more in handing over than it saved. */
-    const int lone = M->n_tok == 1, part = lone ? 0 : me, parts = lone ? 1 : nth;
-    if (!lone || me == 0) gather(M, part, parts);
+    const int lone = M->n_tok == 1;
+    gather(M, me, nth);
     lite_team_sync(t);
     /* An entry's work items cost in proportion to its tokens, and a prefill's entries differ by
      * 10x and more where routing is skewed: guided scheduling (half of the items to the first
@@ -243,7 +241,7 @@ void lite_moe_team(const lite_moe_run *M, lite_team *t) {
         for (int64_t it = 0; it < n_down; it++) down_item(M, it);
     }
     lite_team_sync(t);
-    if (!lone || me == 0) scatter(M, part, parts);
+    scatter(M, me, nth);
 }
 
 int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t dim,

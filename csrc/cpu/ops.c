@@ -14,10 +14,16 @@ int lite_rmsnorm_f32(float *out, const float *x, const float *w, int64_t n_rows,
     for (int64_t t = 0; t < n_rows; t++) {
         const float *xr = x + t * dim;
         float *yr = out + t * dim;
-        double ss = 0.0;
-        for (int64_t i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
+        /* Eight partial sums: one chain of dependent double adds took ~4 µs a 2048-wide row,
+         * three rows a decode layer. */
+        double part[8] = {0.0};
+        int64_t i = 0;
+        for (; i + 8 <= dim; i += 8)
+            for (int j = 0; j < 8; j++) part[j] += (double)xr[i + j] * xr[i + j];
+        double ss = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+        for (; i < dim; i++) ss += (double)xr[i] * xr[i];
         float inv = 1.0f / sqrtf((float)(ss / (double)dim) + eps);
-        for (int64_t i = 0; i < dim; i++) yr[i] = w[i] * (xr[i] * inv);
+        for (i = 0; i < dim; i++) yr[i] = w[i] * (xr[i] * inv);
     }
     return LITE_OK;
 }
