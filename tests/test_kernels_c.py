@@ -248,21 +248,29 @@ def test_avx512_matches_avx2(qtype, threads):
         pytest.skip("no AVX-512 VNNI on this CPU/build")
     k = qtype in (QType.Q4_K, QType.Q6_K)
     shapes = [(8, 256, 2), (24, 512, 5), (40, 1536, 3), (72, 2048, 9), (200, 1280 if k else 1440, 33), (37, 2048, 1)]
+    for what, t, got in products_by_isa(qtype, shapes, (1, 2), 40, threads):
+        if qtype == QType.Q8_0 or t == 1:
+            assert rel(got[2], got[1]) < 1e-6, what
+        else:
+            np.testing.assert_array_equal(got[2], got[1], err_msg=what)
+
+
+def products_by_isa(qtype: QType, shapes, levels, seed: int, threads: int) -> list:
+    """CB.matmul of a random weight and input of each (rows, cols, tokens) shape at each ISA level,
+    on `threads` threads: (label, tokens, {level: output}) per shape."""
     old = CB.threads
     CB.set_threads(threads)
     try:
+        runs = []
         for i, (n, cols, t) in enumerate(shapes):
-            w = make_weight(qtype, n, cols, seed=40 + i)
-            x = rng(40 + i).standard_normal((t, cols)).astype(np.float32)
+            w = make_weight(qtype, n, cols, seed=seed + i)
+            x = rng(seed + i).standard_normal((t, cols)).astype(np.float32)
             got = {}
-            for isa in (1, 2):
+            for isa in levels:
                 CB.set_isa(isa)
                 got[isa] = CB.matmul(x, w)
-            what = f"{qtype.name} {n}x{cols}, {t} tokens"
-            if qtype == QType.Q8_0 or t == 1:
-                assert rel(got[2], got[1]) < 1e-6, what
-            else:
-                np.testing.assert_array_equal(got[2], got[1], err_msg=what)
+            runs.append((f"{qtype.name} {n}x{cols}, {t} tokens", t, got))
+        return runs
     finally:
         CB.set_isa(LEVELS[-1])
         CB.set_threads(old)
@@ -278,20 +286,8 @@ def test_avx512_vbmi_same_bits(qtype, threads):
         pytest.skip("no AVX-512 VBMI on this CPU/build")
     shapes = [(8, 256, 1), (37, 2048, 1), (200, 1280 if qtype in (QType.Q4_K, QType.Q6_K) else 1440, 1),
               (512, 256, 1), (129, 2304, 1), (72, 2048, 9), (40, 1536, 3)]
-    old = CB.threads
-    CB.set_threads(threads)
-    try:
-        for i, (n, cols, t) in enumerate(shapes):
-            w = make_weight(qtype, n, cols, seed=60 + i)
-            x = rng(60 + i).standard_normal((t, cols)).astype(np.float32)
-            got = {}
-            for isa in (2, 3):
-                CB.set_isa(isa)
-                got[isa] = CB.matmul(x, w)
-            np.testing.assert_array_equal(got[3], got[2], err_msg=f"{qtype.name} {n}x{cols}, {t} tokens")
-    finally:
-        CB.set_isa(LEVELS[-1])
-        CB.set_threads(old)
+    for what, _, got in products_by_isa(qtype, shapes, (2, 3), 60, threads):
+        np.testing.assert_array_equal(got[3], got[2], err_msg=what)
 
 
 @pytest.mark.parametrize("qtype", (QType.Q8_0, QType.Q4_0, QType.Q4_K, QType.F32, QType.F16), ids=lambda q: q.name)
