@@ -314,7 +314,7 @@ def test_bad_inputs_raise_backend_error():
     with pytest.raises(BackendError, match="moe: ids"):
         NB.moe(x, ids.astype(np.float32), wts, {0: ffn, 1: ffn}, None)
     wrong = _ffn(rng, QT.Q4_0, QT.Q4_0, 96, 32, "w")
-    with pytest.raises(BackendError, match=r"moe shared gate: weight w.gate has shape \(32, 96\), expected \[N, 64\]"):
+    with pytest.raises(BackendError, match="shared shapes"):
         NB.moe(x, ids, wts, {0: ffn, 1: ffn}, wrong)
     with pytest.raises(BackendError, match="set_threads"):
         set_threads(0)

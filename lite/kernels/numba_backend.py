@@ -177,11 +177,13 @@ class NumbaBackend:
         def add(label: str, ffn: FFNWeights) -> None:
             if not isinstance(ffn, FFNWeights):
                 raise BackendError(f"moe: {label} must be FFNWeights, got {type(ffn).__name__}")
-            if all(isinstance(w, QTensor) and isinstance(w.data, np.ndarray) and w.data.flags.c_contiguous
-                   for w in (ffn.gate, ffn.up, ffn.down)):
+            try:
                 # Checked once and cached on the object (a decode step passes the same experts
                 # every token); the object holds the bytes the addresses point at.
                 lay = ffn.layout(f"moe {label}", d)
+            except BackendError:    # not C-contiguous (copied below), or refused there by name
+                lay = None
+            if lay is not None:
                 f = lay.width
                 rows.append(((lay.gate, lay.up, lay.down), (lay.nbytes[0] // f, lay.nbytes[1] // f, lay.nbytes[2] // d),
                              lay.types, f))
