@@ -17,6 +17,12 @@ every byte pattern of the 6-bit scales and quants is a valid block).
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
@@ -110,6 +116,37 @@ def test_matmul_real_row_lengths(qt, cols, t):
     w = random_weight(rng, qt, 19, cols)
     x = rng.standard_normal((t, cols)).astype(np.float32)
     assert rel(NB.matmul(x, w), REF.matmul(x, w)) < TOL
+
+
+def test_q4_0_both_lane_widths(tmp_path):
+    """The Q4_0 dot takes 16 lanes where numba compiles for an AVX-512 CPU and 8 elsewhere
+    (another CPU, or NUMBA_CPU_NAME for a portable cache): whichever this machine uses ran above,
+    and a child process compiled for a CPU without AVX-512 runs the 8-lane one here too."""
+    code = """
+import json, sys
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+sys.path.insert(0, sys.argv[1])
+import test_kernels_numba as t
+from lite.kernels import numba_kernels as nk
+rng = np.random.default_rng(7)
+err = []
+for n, cols, tok in ((19, 1408, 1), (37, 512, 3), (5, 96, 2)):
+    w = t.random_weight(rng, QT.Q4_0, n, cols)
+    x = rng.standard_normal((tok, cols)).astype(np.float32)
+    got, want = t.NB.matmul(x, w), t.REF.matmul(x, w)
+    terms = np.abs(x).astype(np.float64) @ np.abs(t.dequantize(w.data, QT.Q4_0)).astype(np.float64).T
+    err.append(float(np.abs(got - want).max() / terms.max()))
+print(json.dumps({"lanes": nk.Q4_0_LANES, "err": max(err)}))
+"""
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["lanes"] == 8
+    assert got["err"] < 1e-6
+    assert nk.Q4_0_LANES in (8, 16)
 
 
 def test_matmul_f32_exactish_and_zero_tokens():
