@@ -387,6 +387,29 @@ def test_decode_layers_refuses_bad_input(converted):
     m.close()
 
 
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_decode_layers_stops_every_thread_on_a_refusal_inside(converted, threads):
+    """A check that can only fail once a layer has routed (an expert's block type, read when its
+    MoE is planned inside the one parallel region) stops every thread at the same barrier: the
+    call returns the error, named, instead of hanging or reading the bad expert."""
+    c_backend()
+    m = lite.load(converted("lite-tiny", "q8_0"), backend="c")
+    m.backend.set_threads(threads)
+    m.forward([3], m.new_cache())
+    net, pack = m._net, m._net._pack
+    layer = next(i for i in range(net.cfg.n_layer) if pack.arr[i].router != m.backend.ffi.NULL)
+    for e in range(pack.arr[layer].n_exp):
+        pack.arr[layer].types[3 * e] = 99      # no such ggml type
+    cache = m.new_cache()
+    cache.reserve(4)
+    cos, sin = net.rope(0, 1)
+    x = np.zeros((1, net.cfg.d_model), np.float32)
+    with pytest.raises(BackendError, match="unsupported block type"):
+        m.backend.decode_layers(x, pack, [cache.layer(i) for i in range(net.cfg.n_layer)], cos, sin, 0, 0.1, 1e-6,
+                                1e-6)
+    m.close()
+
+
 def test_decode_falls_back_when_the_stack_is_refused(converted, monkeypatch):
     """A stack the one-call op refuses (say K beyond its limit) decodes op by op instead."""
     from lite.kernels.c import CBackend
