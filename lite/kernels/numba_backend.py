@@ -203,26 +203,31 @@ class NumbaBackend:
                          (g.shape[1], u.shape[1], dn.shape[1]),
                          (int(ffn.gate.qtype), int(ffn.up.qtype), int(ffn.down.qtype)), f))
 
-        tok_lists: list[np.ndarray] = []
-        wt_lists: list[np.ndarray] = []
+        # Token lists per expert as plain lists: at decode sizes (one token, K ids) list and dict
+        # work is a fraction of numpy's per-call costs (unique, argsort, a mask per expert).
+        tok_of: list[int] = []
+        wt_of: list[float] = []
+        counts: list[int] = []
         if shared is not None:
             add("shared", shared)
-            tok_lists.append(np.arange(t, dtype=np.int64))
-            wt_lists.append(np.ones(t, np.float32))
+            tok_of.extend(range(t))
+            wt_of.extend([1.0] * t)
+            counts.append(t)
         if ids.size:
-            # Experts in order of first appearance, so that one token's terms add shared first,
-            # then slot by slot (the kernel adds expert by expert in table order).
-            flat = ids.reshape(-1).astype(np.int64)
-            uniq, first = np.unique(flat, return_index=True)
-            wflat = weights.reshape(-1)
+            # Experts in order of first appearance (a dict keeps it), so that one token's terms
+            # add shared first, then slot by slot (the kernel adds expert by expert in table order).
             kk = ids.shape[1]
-            for e in uniq[np.argsort(first)].tolist():
+            slots: dict[int, list[int]] = {}
+            for i, e in enumerate(ids.ravel().tolist()):
+                slots.setdefault(e, []).append(i)
+            wflat = weights.ravel().tolist()
+            for e, where in slots.items():
                 if e not in experts:
                     raise BackendError(f"moe: expert {e} was routed to but not supplied")
                 add(f"expert {e}", experts[e])
-                sel = np.nonzero(flat == e)[0]
-                tok_lists.append(sel // kk)
-                wt_lists.append(wflat[sel])
+                tok_of.extend(i // kk for i in where)
+                wt_of.extend(wflat[i] for i in where)
+                counts.append(len(where))
         out = np.zeros_like(x)
         if not rows or t == 0:
             return out
@@ -231,9 +236,8 @@ class NumbaBackend:
         qts = np.array([r[2] for r in rows], np.int64)
         widths = np.array([r[3] for r in rows], np.int64)
         offs = np.zeros(len(rows) + 1, np.int64)
-        offs[1:] = np.cumsum([len(a) for a in tok_lists])
-        toks = np.concatenate(tok_lists).astype(np.int64)
-        wts = np.concatenate(wt_lists).astype(np.float32)
+        offs[1:] = np.cumsum(counts)
+        toks, wts = np.array(tok_of, np.int64), np.array(wt_of, np.float32)
         nk.moe(x, addrs, rbytes, qts, widths, offs, toks, wts, nk.LUT_F16, nk.LUT_BF16, nk.N16, out)
         return out
 
