@@ -132,10 +132,13 @@ def test_norm_route_is_add_rmsnorm_matmul_route(be, t, groups, topg, norm):
 
 
 def attention(rng: np.random.Generator, lora: bool, d: int = 64, h: int = 4, n: int = 16, r: int = 8, c: int = 32,
-              v: int = 16, q: int = 32) -> MLAWeights:
+              v: int = 16, q: int = 32, q_float: bool = False) -> MLAWeights:
+    """Small MLA weights; `q_float`: q (or q_a) in F32, whose products read other activations
+    than kv_a's Q8_0 (the q/kv_a products then run as two sets)."""
     f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32) * 0.3
+    first = QTensor.from_float if q_float else q8
     return MLAWeights(
-        norm=f32(d), q=None if lora else q8("q", f32(h * (n + r), d)), q_a=q8("q_a", f32(q, d)) if lora else None,
+        norm=f32(d), q=None if lora else first("q", f32(h * (n + r), d)), q_a=first("q_a", f32(q, d)) if lora else None,
         q_a_norm=f32(q) if lora else None, q_b=QTensor.from_float("q_b", f32(h * (n + r), q)) if lora else None,
         kv_a=q8("kv_a", f32(c + r, d)), kv_a_norm=f32(c), k_b=QTensor.from_float("k_b", f32(h, c, n)),
         v_b=q8("v_b", f32(h, v, c)), out=q8("out", f32(d, h * v)))
@@ -143,9 +146,10 @@ def attention(rng: np.random.Generator, lora: bool, d: int = 64, h: int = 4, n: 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["q", "q_lora"])
 @pytest.mark.parametrize("t,start", [(1, 0), (1, 20), (5, 3)])
-def test_mla_step_is_its_composition(be, lora, t, start):
+@pytest.mark.parametrize("q_float", [False, True], ids=["q8", "q_f32"])
+def test_mla_step_is_its_composition(be, lora, t, start, q_float):
     rng = np.random.default_rng(t + start + lora)
-    w = attention(rng, lora)
+    w = attention(rng, lora, q_float=q_float)
     x = rng.standard_normal((t, 64)).astype(np.float32)
     delta = rng.standard_normal((t, 64)).astype(np.float32) if start else None
     ang = rng.random((t, 4)).astype(np.float32) * 6

@@ -212,38 +212,32 @@ int lite_mla_plan(lite_mla_call *M) {
     M->q = (float *)(base + L.q), M->kv = (float *)(base + L.kv), M->q_nope = (float *)(base + L.q_nope);
     M->q_pe = (float *)(base + L.q_pe), M->q_lat = (float *)(base + L.q_lat), M->o_lat = (float *)(base + L.o_lat);
     M->o = (float *)(base + L.o), M->act = base + L.act, M->act_bytes = L.total - 64 - L.act;
-    if (n_tok != 1) return LITE_OK;
-    /* One token: the products and heads as lite_mla_decode_team runs them. */
+    /* The products, as lite_mla_decode_team (one token) or lite_mla_step (several) runs them. */
     const int64_t hq = n_head * (n_nope + r_dim), an = M->act_bytes;
     const uint8_t *const *w = M->w;
     const int64_t *wb = M->w_bytes;
     const int32_t *ty = M->types;
-    {   /* q (or q_a) and kv_a read the same h: one set, or one each where their activations differ */
+    {   /* q (or q_a) and kv_a read the same h */
         float *const o2[2] = {q_rank ? M->q_a : M->q, M->kv};
-        const int64_t len2[2] = {q_rank ? q_rank : hq, c_dim + r_dim};
+        const int64_t rows2[2] = {q_rank ? q_rank : hq, c_dim + r_dim};
+        const int64_t len2[2] = {n_tok * rows2[0], n_tok * rows2[1]};
         const uint8_t *const w2[2] = {w[MW_Q], w[MW_KVA]};
         const int64_t b2[2] = {wb[MW_Q], wb[MW_KVA]};
         const int32_t t2[2] = {ty[MW_Q], ty[MW_KVA]};
-        M->n_first = 1;
-        rc = lite_products_plan(&M->first[0], 2, o2, len2, M->h, 1, dim, w2, b2, t2, len2, M->act, an);
-        if (rc == LITE_PRODUCTS_MIXED) {
-            M->n_first = 2;
-            rc = lite_products_plan(&M->first[0], 1, o2, len2, M->h, 1, dim, w2, b2, t2, len2, M->act, an);
-            if (!rc)
-                rc = lite_products_plan(&M->first[1], 1, o2 + 1, len2 + 1, M->h, 1, dim, w2 + 1, b2 + 1, t2 + 1,
-                                        len2 + 1, M->act, an);
-        }
+        rc = lite_products_plan_split(M->first, &M->n_first, 2, o2, len2, M->h, n_tok, dim, w2, b2, t2, rows2, M->act,
+                                      an);
         if (rc) return rc;
     }
     if (q_rank) {
-        rc = lite_products_plan(&M->qb, 1, &M->q, &hq, M->q_an, 1, q_rank, &w[MW_QB], &wb[MW_QB], &ty[MW_QB], &hq,
-                                M->act, an);
+        const int64_t lqb = n_tok * hq;
+        rc = lite_products_plan(&M->qb, 1, &M->q, &lqb, M->q_an, n_tok, q_rank, &w[MW_QB], &wb[MW_QB], &ty[MW_QB],
+                                &hq, M->act, an);
         if (rc) return rc;
     }
-    const int64_t n_o = dim;
-    rc = lite_products_plan(&M->out_p, 1, &M->out, &n_o, M->o, 1, n_head * v_dim, &w[MW_OUT], &wb[MW_OUT],
-                            &ty[MW_OUT], &n_o, M->act, an);
-    if (rc) return rc;
+    rc = lite_products_plan(&M->out_p, 1, &M->out, &M->out_len, M->o, n_tok, n_head * v_dim, &w[MW_OUT], &wb[MW_OUT],
+                            &ty[MW_OUT], &M->dim, M->act, an);
+    if (rc || n_tok != 1) return rc;
+    /* One token: the heads as lite_mla_decode_team runs them. */
     M->kk = lite_kind_of(ty[MW_KB]), M->kvk = lite_kind_of(ty[MW_VB]);
     if (M->kk < 0 || M->kvk < 0) return LITE_ERR_TYPE;
     M->rbk = lite_row_bytes_of(ty[MW_KB], n_nope), M->rbv = lite_row_bytes_of(ty[MW_VB], c_dim);
@@ -316,26 +310,16 @@ int lite_mla_step(float *out, int64_t out_len, float *x, const float *delta, con
         lite_mla_decode_team(&M, &team);
         return LITE_OK;
     }
-    /* The calls of the unfused path, in its order, with the same arguments (q or q_a and kv_a as
-     * one call of the same products). */
-    const int64_t hq = n_head * (n_nope + r_dim), an = M.act_bytes;
+    /* The unfused path's calls in its order: the same products (q or q_a and kv_a as one set,
+     * planned above) and ops, with the same arguments. */
+    const int64_t an = M.act_bytes;
     uint8_t *act = M.act;
     rc = lite_add_rmsnorm_f32(M.h, x, delta, norm, n_tok, dim, norm_eps);
     if (rc) return rc;
-    {   /* q (or q_a) and kv_a both read h */
-        float *const o2[2] = {q_rank ? M.q_a : M.q, M.kv};
-        const int64_t len2[2] = {n_tok * (q_rank ? q_rank : hq), n_tok * (c_dim + r_dim)};
-        const int64_t rows2[2] = {q_rank ? q_rank : hq, c_dim + r_dim};
-        const uint8_t *const w2[2] = {w[MW_Q], w[MW_KVA]};
-        const int64_t b2[2] = {w_bytes[MW_Q], w_bytes[MW_KVA]};
-        const int32_t t2[2] = {types[MW_Q], types[MW_KVA]};
-        rc = lite_matmul_many(2, o2, len2, M.h, n_tok, dim, w2, b2, t2, rows2, act, an);
-    }
-    if (!rc && q_rank) {
+    for (int i = 0; i < M.n_first; i++) lite_products_region(&M.first[i], M.h);
+    if (q_rank) {
         rc = lite_rmsnorm_f32(M.q_an, M.q_a, q_a_norm, n_tok, q_rank, eps);
-        if (!rc)
-            rc = lite_matmul(M.q, n_tok * hq, M.q_an, n_tok, q_rank, w[MW_QB], w_bytes[MW_QB], types[MW_QB], hq, act,
-                             an);
+        if (!rc) lite_products_region(&M.qb, M.q_an);
     }
     if (!rc)
         rc = lite_mla_prep(M.q_nope, M.q_pe, ckv, kpe, cache_rows, M.q, M.kv, kv_norm, cos_t, sin_t, n_tok, n_head,
@@ -349,9 +333,7 @@ int lite_mla_step(float *out, int64_t out_len, float *x, const float *delta, con
     if (!rc)
         rc = lite_matmul_heads(M.o, n_tok * n_head * v_dim, M.o_lat, n_tok, n_head, c_dim, w[MW_VB], w_bytes[MW_VB],
                                types[MW_VB], v_dim, act, an);
-    if (!rc)
-        rc = lite_matmul(out, out_len, M.o, n_tok, n_head * v_dim, w[MW_OUT], w_bytes[MW_OUT], types[MW_OUT], dim, act,
-                         an);
+    if (!rc) lite_products_region(&M.out_p, M.o);
     return rc;
 }
 

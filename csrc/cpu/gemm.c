@@ -162,32 +162,47 @@ void lite_products_team(const lite_products *P, const float *x, lite_team *t) {
     lite_team_sync(t);
 }
 
+int lite_products_plan_split(lite_products *sets, int *n_sets, int n, float *const *out, const int64_t *out_len,
+                             const float *x, int64_t n_tok, int64_t cols, const uint8_t *const *w,
+                             const int64_t *w_bytes, const int32_t *type, const int64_t *n_rows, uint8_t *scratch,
+                             int64_t scratch_bytes) {
+    *n_sets = 1;
+    int rc = lite_products_plan(sets, n, out, out_len, x, n_tok, cols, w, w_bytes, type, n_rows, scratch,
+                                scratch_bytes);
+    if (rc != LITE_PRODUCTS_MIXED) return rc;
+    for (int j = 0; j < n; j++) {   /* activation layouts differ: one set each */
+        rc = lite_products_plan(sets + j, 1, out + j, out_len + j, x, n_tok, cols, w + j, w_bytes + j, type + j,
+                                n_rows + j, scratch, scratch_bytes);
+        if (rc) return rc;
+    }
+    *n_sets = n;
+    return LITE_OK;
+}
+
+void lite_products_region(const lite_products *P, const float *x) {
+    if (P->n_tok == 0) return;
+    int nth = lite_num_threads();
+    if (nth > P->first[P->n]) nth = (int)P->first[P->n];
+    /* A lone token's activations are quantized before the threads start: a work-sharing loop of
+     * one item would cost a barrier (~8 µs with sleeping workers) for ~1 µs of work. */
+    int serial_quant = P->n_tok == 1;
+    if (serial_quant) lite_products_quantize(P, x);
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        if (!serial_quant) quantize_shared(P, x);
+        lite_products_run(P);
+    }
+}
+
 int lite_matmul_many(int n, float *const *out, const int64_t *out_len, const float *x, int64_t n_tok, int64_t cols,
                      const uint8_t *const *w, const int64_t *w_bytes, const int32_t *type, const int64_t *n_rows,
                      uint8_t *scratch, int64_t scratch_bytes) {
-    lite_products P;
-    int rc = lite_products_plan(&P, n, out, out_len, x, n_tok, cols, w, w_bytes, type, n_rows, scratch,
-                                scratch_bytes);
-    if (rc == LITE_PRODUCTS_MIXED) {   /* activation layouts differ: one call each */
-        for (int j = 0; j < n; j++) {
-            rc = lite_matmul_many(1, out + j, out_len + j, x, n_tok, cols, w + j, w_bytes + j, type + j, n_rows + j,
-                                  scratch, scratch_bytes);
-            if (rc) return rc;
-        }
-        return LITE_OK;
-    }
-    if (rc || n_tok == 0) return rc;
-    int nth = lite_num_threads();
-    if (nth > P.first[n]) nth = (int)P.first[n];
-    /* A lone token's activations are quantized before the threads start: a work-sharing loop of
-     * one item would cost a barrier (~8 µs with sleeping workers) for ~1 µs of work. */
-    int serial_quant = n_tok == 1;
-    if (serial_quant) lite_products_quantize(&P, x);
-#pragma omp parallel num_threads(nth) if (nth > 1)
-    {
-        if (!serial_quant) quantize_shared(&P, x);
-        lite_products_run(&P);
-    }
+    lite_products sets[LITE_MATMUL_MANY_MAX];
+    int n_sets;
+    int rc = lite_products_plan_split(sets, &n_sets, n, out, out_len, x, n_tok, cols, w, w_bytes, type, n_rows,
+                                      scratch, scratch_bytes);
+    if (rc) return rc;
+    for (int i = 0; i < n_sets; i++) lite_products_region(&sets[i], x);
     return LITE_OK;
 }
 

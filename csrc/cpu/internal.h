@@ -239,8 +239,16 @@ typedef struct {
 int lite_products_plan(lite_products *P, int n, float *const *out, const int64_t *out_len, const float *x,
                        int64_t n_tok, int64_t cols, const uint8_t *const *w, const int64_t *w_bytes,
                        const int32_t *type, const int64_t *n_rows, uint8_t *scratch, int64_t scratch_bytes);
+/* lite_products_plan, split into one set per product where their activation layouts differ:
+ * *n_sets sets, 1 or n (codes as lite_products_plan, never LITE_PRODUCTS_MIXED). */
+int lite_products_plan_split(lite_products *sets, int *n_sets, int n, float *const *out, const int64_t *out_len,
+                             const float *x, int64_t n_tok, int64_t cols, const uint8_t *const *w,
+                             const int64_t *w_bytes, const int32_t *type, const int64_t *n_rows, uint8_t *scratch,
+                             int64_t scratch_bytes);
 void lite_products_quantize(const lite_products *P, const float *x);
 void lite_products_run(const lite_products *P);
+/* Outside a region: P computed in one region of its own (lite_matmul_many's work after its checks). */
+void lite_products_region(const lite_products *P, const float *x);
 /* Inside a region, the calling team computes P: the input quantized by the first thread, then the
  * items shared; returns when every item is done. */
 void lite_products_team(const lite_products *P, const float *x, lite_team *t);
