@@ -42,16 +42,25 @@ int lite_moe_scratch_bytes(int64_t *out, int64_t n_tok, int64_t dim, int64_t k, 
     return LITE_OK;
 }
 
+/* The entry e whose range [first[e], first[e+1]) holds `it` (an assignment or a work item). */
+static int64_t entry_of(const int64_t *first, int64_t n_exp, int64_t it) {
+    int64_t lo = 0, hi = n_exp;
+    while (hi - lo > 1) {
+        int64_t mid = (lo + hi) / 2;
+        if (first[mid] <= it) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
 /* Phase 1 of lite_moe: zero the output; gather each assignment's input row and quantize it for
  * gate (and for up when up needs another activation class). Part `part` of `parts` equal shares,
- * by static division, so the region's threads or one thread alone can take them. */
+ * by static division, one to each of the region's threads. */
 static void gather(const lite_moe_run *M, int part, int parts) {
     const int64_t dim = M->dim, n_out = M->n_tok * dim, arow = M->arow;
     for (int64_t i = n_out * part / parts; i < n_out * (part + 1) / parts; i++) M->out[i] = 0.0f;
     const int64_t a0 = M->n_assign * part / parts, a1 = M->n_assign * (part + 1) / parts;
     for (int64_t a = a0; a < a1; a++) {
-        int64_t e = 0;
-        while (M->off[e + 1] <= a) e++;
+        const int64_t e = entry_of(M->off, M->n_exp, a);
         float *xa = M->xg + a * dim;
         memcpy(xa, M->x + (int64_t)M->idx[a] * dim, sizeof(float) * dim);
         int cg = lite_act_class(M->kg[e]), cu = lite_act_class(M->ku[e]);
@@ -164,16 +173,6 @@ int lite_moe_plan(lite_moe_run *M, float *out, int64_t out_len, const float *x, 
     return LITE_OK;
 }
 
-/* The entry e whose items [first[e], first[e+1]) hold item `it`. */
-static int64_t entry_of(const int64_t *first, int64_t n_exp, int64_t it) {
-    int64_t lo = 0, hi = n_exp;
-    while (hi - lo > 1) {
-        int64_t mid = (lo + hi) / 2;
-        if (first[mid] <= it) lo = mid; else hi = mid;
-    }
-    return lo;
-}
-
 /* Phase 2: one gate or up item of an entry, over all of the entry's tokens. */
 static void gate_up_item(const lite_moe_run *M, int64_t it) {
     const int64_t e = entry_of(M->iu, M->n_exp, it), j = it - M->iu[e], dim = M->dim;
@@ -224,8 +223,7 @@ void lite_moe_team(const lite_moe_run *M, lite_team *t) {
     const kernel_table *kt = lite_active_kernels();
 #pragma omp for schedule(static) nowait
     for (int64_t a = 0; a < M->n_assign; a++) {
-        int64_t e = 0;
-        while (M->off[e + 1] <= a) e++;
+        const int64_t e = entry_of(M->off, M->n_exp, a);
         float *ga = M->g + a * M->max_ffn;
         kt->silu_mul(ga, ga, M->u + a * M->max_ffn, M->ffn[e]);
         if (lite_is_quant(M->kd[e])) lite_quant_of(M->kd[e])(M->act + a * M->arow, M->arow, ga, 1, M->ffn[e]);
