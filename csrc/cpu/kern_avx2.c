@@ -491,7 +491,6 @@ INLINE __m256i pick16(const int lo, const int hi) {
                             2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1);
 }
 
-
 static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
     const int64_t nb = cols / QKK;
     const int16_t *bs = (const int16_t *)(a + nb * QKK);

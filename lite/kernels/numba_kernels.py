@@ -147,6 +147,7 @@ class _VecType(types.Type):
 
 
 V8, V16 = _VecType(8), _VecType(16)
+_VEC = {8: V8, 16: V16}     # by lane count, for intrinsics typed by a constant width
 _V8F = ir.VectorType(ir.FloatType(), 8)
 _V8I = ir.VectorType(ir.IntType(32), 8)
 _I32 = ir.IntType(32)
@@ -227,9 +228,9 @@ def _h(typingctx, row, o):
 @intrinsic
 def _v_zero(typingctx, lanes):
     """A vector of `lanes` (a constant: 8 or 16) zeros."""
-    if not isinstance(lanes, types.IntegerLiteral) or lanes.literal_value not in (8, 16):
+    if not isinstance(lanes, types.IntegerLiteral) or lanes.literal_value not in _VEC:
         return None
-    vt = V8 if lanes.literal_value == 8 else V16
+    vt = _VEC[lanes.literal_value]
 
     def codegen(context, builder, signature, args):
         return ir.Constant(ir.VectorType(ir.FloatType(), vt.lanes), [0.0] * vt.lanes)
@@ -288,7 +289,7 @@ def _q4_0_lanes(typingctx, row, o, x, xo, lanes):
     byte & 0xF0 against x/16); 16 lanes: weights l and l + 16. No bounds checks (the caller's
     sizes are checked)."""
     if not (isinstance(row, types.Array) and isinstance(x, types.Array) and isinstance(lanes, types.IntegerLiteral)
-            and lanes.literal_value in (8, 16)):
+            and lanes.literal_value in _VEC):
         return None
     n = lanes.literal_value
 
@@ -309,7 +310,7 @@ def _q4_0_lanes(typingctx, row, o, x, xo, lanes):
             return _add(builder, _add(builder, lo[0], lo[1]), _add(builder, hi[0], hi[1]))
         return _add(builder, lo[0], hi[0])
 
-    return _VecType(n)(row, types.int64, x, types.int64, lanes), codegen
+    return _VEC[n](row, types.int64, x, types.int64, lanes), codegen
 
 
 def _q4_0_lanes_for_host() -> int:
