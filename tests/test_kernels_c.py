@@ -279,11 +279,12 @@ def products_by_isa(qtype: QType, shapes, levels, seed: int, threads: int) -> li
 @pytest.mark.parametrize("qtype", QUANT, ids=lambda q: q.name)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_avx512_vbmi_same_bits(qtype, threads):
-    """kern_avx512.c is built twice, the second time with VBMI, whose byte permutes lay out Q4_0
-    blocks in fewer steps than word permutes: the arithmetic is the same, so are the bits, for
-    one token (one and four streams, rows left to single runs, block tails) and many."""
+    """kern_avx512.c is built twice, the second time with VBMI and GFNI, whose byte permutes lay
+    out Q4_0 blocks in fewer steps than word permutes and whose affine transform takes the high
+    nibbles: the arithmetic is the same, so are the bits, for one token (one and four streams, rows
+    left to single runs, block tails) and many."""
     if 3 not in LEVELS:
-        pytest.skip("no AVX-512 VBMI on this CPU/build")
+        pytest.skip("no AVX-512 VBMI and GFNI on this CPU/build")
     shapes = [(8, 256, 1), (37, 2048, 1), (200, 1280 if qtype in (QType.Q4_K, QType.Q6_K) else 1440, 1),
               (512, 256, 1), (129, 2304, 1), (72, 2048, 9), (40, 1536, 3)]
     for what, _, got in products_by_isa(qtype, shapes, (2, 3), 60, threads):

@@ -19,7 +19,7 @@ static int cpu_isa(void) {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
         __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
 #ifdef LITE_HAVE_AVX512VBMI
-        if (__builtin_cpu_supports("avx512vbmi")) return LITE_ISA_AVX512_VBMI;
+        if (__builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni")) return LITE_ISA_AVX512_VBMI;
 #endif
         return LITE_ISA_AVX512;
     }

@@ -34,7 +34,7 @@
 #define LITE_ISA_SCALAR 0
 #define LITE_ISA_AVX2 1      /* AVX2 + FMA + F16C */
 #define LITE_ISA_AVX512 2    /* AVX-512 F/BW/VL + VNNI */
-#define LITE_ISA_AVX512_VBMI 3  /* the same kernels built with VBMI's byte permutes (Ice Lake and later) */
+#define LITE_ISA_AVX512_VBMI 3  /* the same kernels built with VBMI and GFNI (Ice Lake and later) */
 
 /* Size of one activation block produced by lite_quantize_q8_k: float d, int8 qs[256], int16 bsums[16]. */
 #define LITE_Q8_K_BYTES 292

@@ -89,7 +89,7 @@ class CBackend:
 
     def isa_levels(self) -> list[int]:
         """Instruction-set levels this CPU and build support (0 scalar, 1 AVX2, 2 AVX-512, 3 the
-        AVX-512 kernels with VBMI)."""
+        AVX-512 kernels with VBMI and GFNI)."""
         return list(range(int(self.lib.lite_cpu_isa()) + 1))
 
     def set_isa(self, level: int) -> None:
