@@ -15,7 +15,8 @@ from lite.kernels import numba_kernels as nk
 from lite.kernels.base import FFNWeights, QTensor
 from lite.kernels.dequant import dequantize
 from lite.kernels.numba_backend import set_threads
-from test_kernels_numba import NB, REF, THREADS, TOL, random_weight, rel, threads  # noqa: F401 (threads: a fixture)
+from test_kernels_numba import MEANING, NB, REF, THREADS, TOL, random_weight, rel
+from test_kernels_numba import threads  # noqa: F401 (a fixture)
 
 
 @pytest.mark.parametrize("qt", [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_K, QT.Q6_K],
@@ -38,7 +39,7 @@ def test_matmul_block_and_row_tails(qt, cols, t, threads):
     for n in (5, 6, 7, 13):  # rows not a multiple of the four-row kernel (n = 1 alone: see rel)
         w = random_weight(rng, qt, n, cols)
         x = rng.standard_normal((t, cols)).astype(np.float32)
-        assert rel(NB.matmul(x, w), REF.matmul(x, w)) < TOL, (n, cols, t)
+        assert rel(NB.matmul(x, w), MEANING.matmul(x, w)) < TOL, (n, cols, t)
 
 
 @pytest.mark.parametrize("qt", [QT.Q4_0, QT.Q8_0, QT.F32], ids=lambda q: q.name)
@@ -51,7 +52,7 @@ def test_matmul_serial_and_parallel_sizes(qt, t, threads):
         w = random_weight(rng, qt, n, cols)
         assert (w.data.nbytes * t <= nk.SERIAL_BYTES) == (n == 8)
         x = rng.standard_normal((t, cols)).astype(np.float32)
-        assert rel(NB.matmul(x, w), REF.matmul(x, w)) < TOL
+        assert rel(NB.matmul(x, w), MEANING.matmul(x, w)) < TOL
 
 
 def _heads(rng, qt, h, n, cols) -> QTensor:
@@ -69,7 +70,7 @@ def test_matmul_heads(qt, t, n, threads):
     x = rng.standard_normal((t, h, cols)).astype(np.float32)
     got = NB.matmul_heads(x, w3)
     assert got.shape == (t, h, n) and got.flags.c_contiguous
-    want = np.stack([REF.matmul(np.ascontiguousarray(x[:, i]), w3.expert(i)) for i in range(h)], axis=1)
+    want = np.stack([MEANING.matmul(np.ascontiguousarray(x[:, i]), w3.expert(i)) for i in range(h)], axis=1)
     assert rel(got, want) < TOL
     for i in range(h):  # one call for all heads is exactly the per-head matmul
         np.testing.assert_array_equal(got[:, i], NB.matmul(np.ascontiguousarray(x[:, i]), w3.expert(i)))
@@ -81,7 +82,7 @@ def test_matmul_heads_model_path():
     rng = np.random.default_rng(3)
     w3 = _heads(rng, QT.Q8_0, 4, 16, 64)
     x = rng.standard_normal((2, 4, 64)).astype(np.float32)
-    want = np.stack([REF.matmul(np.ascontiguousarray(x[:, i]), w3.expert(i)) for i in range(4)], axis=1)
+    want = np.stack([MEANING.matmul(np.ascontiguousarray(x[:, i]), w3.expert(i)) for i in range(4)], axis=1)
     assert rel(per_head(NB, x, w3), want) < TOL
 
 
@@ -142,7 +143,7 @@ def test_moe_branches(t, d, f, qts, threads):
     shared = FFNWeights(random_weight(rng, qts[0], 2 * f, d), random_weight(rng, qts[1], 2 * f, d),
                         random_weight(rng, qts[2], d, 2 * f))
     for sh in (shared, None):
-        assert rel(NB.moe(x, ids, w, experts, sh), REF.moe(x, ids, w, experts, sh)) < TOL
+        assert rel(NB.moe(x, ids, w, experts, sh), MEANING.moe(x, ids, w, experts, sh)) < TOL
 
 
 def test_moe_same_result_any_thread_count():

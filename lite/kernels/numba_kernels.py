@@ -5,18 +5,22 @@ and the one-call MoE layer.
 Nothing here validates its inputs: `numba_backend.py` checks every shape, dtype and byte count
 before calling in, so these loops may index without bounds checks.
 
-Numerics: quantized weights are dequantized block by block in registers and multiplied into
-float32 activations (no activation quantization; Q4_0 reads a copy of x whose 32-block high halves
-are scaled by 1/16, Q6_K one permuted within 32-blocks, both exact, and Q4_K its mins and Q4_0 its
-−8 offset take off with sums of x over 16 elements), so every matmul agrees with the numpy
-reference to float32 rounding. Reductions are compiled with fastmath flags `reassoc` and `contract` only, which lets
-LLVM keep several SIMD partial sums (and fuse multiply-adds); no flag that changes
+Numerics: a one- or two-token Q4_0 product quantizes its activations to 8-bit blocks first, as
+the C kernels do (ggml's Q8_0: d = amax/127 rounded to float16, q = roundf(x/d)), and sums
+integer products, so it agrees with the C backend's A8 product (and with the reference to that
+quantization's error). Every other product dequantizes weights block by block in registers and
+multiplies them into float32 activations (Q6_K reads a copy of x permuted within 32-blocks, exact,
+and Q4_K its mins take off with sums of x over 16 elements), so it agrees with the numpy reference
+to float32 rounding. Reductions are compiled with fastmath flags `reassoc` and `contract` only,
+which lets LLVM keep several SIMD partial sums (and fuse multiply-adds); no flag that changes
 inf/nan/signed-zero semantics is used. Elementwise kernels use no fastmath at all.
 
 Shape legend: T tokens, S cached positions, H heads, C latent width, R rope dims, N weight rows,
 K (here) row length of a weight, D hidden, F expert width.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import carray, njit, prange, types
@@ -82,12 +86,11 @@ def _dot_lut(row, x, lut):
 
 
 
-# Q4_0 weight j of block b is d·(q − 8), q its nibble: low nibbles meet x[32b + j], high nibbles
-# x[32b + 16 + j] (j < 16). The high half is taken as ((byte & 0xF0) − 128) · (x[32b + 16 + j] / 16),
-# so each byte needs two masks, two conversions and two subtractions but no shift (numba widens a
-# shift to int64, which AVX2 cannot convert to float); `_prep` prepares the activation row once
-# per call (high halves times 1/16: exact). Lane l of an 8-wide vector sums weights l, l + 8,
-# l + 16, l + 24 of each block, scaled lane-wise by the block's d (`_dot_q4_0`, below).
+# Q4_0 (one or two tokens) reads x quantized to 8-bit blocks: `_prep` writes, at the start of the
+# prepared row, x's int8 quants (K bytes, as K / 4 floats), then each block's scale d (float16-
+# rounded, as ggml stores it) and the sum of its quants, and `_dot_q4_0` multiplies nibbles into
+# quants as integers (see `_q4_0_pair`) and each block's sum by d_w·d_x, taking the −8 offset off
+# with the quants' sums.
 #
 # Q4_K takes its mins off with the sums of x over each 16 weights, which `_prep` appends to the
 # prepared row, so its loop multiplies bare quants; Q6_K reads a third part, x permuted within
@@ -95,23 +98,43 @@ def _dot_lut(row, x, lut):
 
 @njit(cache=True, inline="always")
 def _prep_width(k):
-    """The width of a prepared row of x `[K]`: K (Q4_0) + K // 16 (Q4_K) + K (Q6_K)."""
+    """The width of a prepared row of x `[K]`: K (Q4_0, of which K // 4 + K // 16 are used) + K // 16
+    (Q4_K) + K (Q6_K)."""
     return 2 * k + k // 16
+
+
+@njit(cache=True, inline="always")
+def _roundf(v):
+    """C's roundf (halves away from zero) of a float32, exactly: |v| + 0.5 in float64."""
+    r = math.floor(abs(np.float64(v)) + 0.5)
+    return r if v >= 0 else -r
 
 
 @njit(cache=True)
 def _prep(x, xp):
-    """x `[T, K]` → xp `[T, _prep_width(K)]`: x with each 32-block's high half times 1/16 (Q4_0),
-    the sum of every 16 elements of x (Q4_K), then x with element 4l + k of each 32-block at
-    8k + l (l 0..7, k 0..3; Q6_K). All exact."""
+    """x `[T, K]` → xp `[T, _prep_width(K)]`: x as 8-bit blocks (Q4_0: int8 quants, each block's
+    float16-rounded scale and its quants' sum; the quants bit for bit ggml's Q8_0), the sum of
+    every 16 elements of x (Q4_K), then x with element 4l + k of each 32-block at 8k + l (l 0..7,
+    k 0..3; Q6_K)."""
     k = x.shape[1]
+    nb = k // 32
     for t in range(x.shape[0]):
-        for b in range(k // 32):
+        xq = xp[t, :k // 4].view(np.int8)
+        for b in range(nb):
             xv = x[t, b * 32:b * 32 + 32]
-            pv = xp[t, b * 32:b * 32 + 32]
-            for j in range(16):
-                pv[j] = xv[j]
-                pv[16 + j] = xv[16 + j] * np.float32(0.0625)
+            amax = np.float32(0.0)
+            for j in range(32):
+                a = abs(xv[j])
+                amax = a if a > amax else amax
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+            total = 0
+            for j in range(32):
+                q = int(_roundf(xv[j] * inv))
+                xq[b * 32 + j] = q
+                total += q
+            xp[t, k // 4 + b] = _f16_round(d)
+            xp[t, k // 4 + nb + b] = np.float32(total)
         for g in range(k // 16):
             a = np.float32(0.0)
             for j in range(16):
@@ -126,17 +149,11 @@ def _prep(x, xp):
                     pv[8 * i + j] = xv[4 * j + i]
 
 
-# Q4_0 as explicit vectors (`V8` / `V16`, an LLVM <8 / 16 x float>, and intrinsics on them; the
-# K-quants use V8). Written as
-# numba loops, LLVM kept the lanes' sum in a vector for four blocks at most (a horizontal sum,
-# slice bounds and scale loads per four blocks) and vectorised parts of it across blocks with byte
-# gathers; here one block is two 8-byte zero-extending loads, the nibble masks and offsets, four
-# conversions and four multiply-adds into a lane sum that the block's scale multiplies into one of
-# two accumulators, and one horizontal sum per row is left. Same float32 products as before (each
-# weight (q − 8)·d exactly as dequantized), only the order of additions differs.
-# One thread, Q4_0 1408x2048, T=1, from L3: 4.3 → 5.5-5.8 GB/s (noisy 2-core machine, interleaved).
-# With AVX-512, 16 lanes take a block's 16 quant bytes in one load (`Q4_0_LANES`): 6.1 → 7.0 GB/s
-# from L2, and decode's Numba/C time 3.16x → 2.89x (paired in one process).
+# Explicit vectors (`V8` / `V16`, an LLVM <8 / 16 x float>, and intrinsics on them) for the dots
+# of the quantized kinds. Written as numba loops, LLVM kept a row's lane sums in a vector for
+# four blocks at most (a horizontal sum, slice bounds and scale loads per four blocks) and
+# vectorised parts of it across blocks with byte gathers; here each block's work is a few vector
+# operations into lane sums, and one horizontal sum per row is left.
 
 class _VecType(types.Type):
     """An LLVM <lanes x float> as a numba type."""
@@ -281,61 +298,117 @@ def _v_sum(typingctx, v):
     return types.float32(v), codegen
 
 
-@intrinsic
-def _q4_0_lanes(typingctx, row, o, x, xo, lanes):
-    """The Q4_0 block at byte o of row · x[xo:xo + 32] (x as prepared by `_prep`), unscaled and
-    without the −8 offset (the caller takes 8·Σx off per block), as `lanes` lane sums. 8 lanes:
-    lane l has weights l, l + 8 (low nibbles) and l + 16, l + 24 (high nibbles, taken as
-    byte & 0xF0 against x/16); 16 lanes: weights l and l + 16. No bounds checks (the caller's
-    sizes are checked)."""
-    if not (isinstance(row, types.Array) and isinstance(x, types.Array) and isinstance(lanes, types.IntegerLiteral)
-            and lanes.literal_value in _VEC):
-        return None
-    n = lanes.literal_value
-
-    def codegen(context, builder, signature, args):
-        rowty, _, xty, _, _ = signature.args
-        row, o, x, xo, _ = args
-        rp, xp = _data(context, builder, rowty, row), _data(context, builder, xty, x)
-        vf, vi = ir.VectorType(ir.FloatType(), n), ir.VectorType(_I32, n)
-        qs = [builder.zext(_load(builder, rp, o, 2 + n * i, ir.VectorType(ir.IntType(8), n), 1), vi)
-              for i in range(16 // n)]
-
-        def term(q, mask, at):
-            return _mul(builder, builder.sitofp(builder.and_(q, _vi(mask, n)), vf), _load(builder, xp, xo, at, vf, 4))
-
-        lo = [term(q, 15, n * i) for i, q in enumerate(qs)]
-        hi = [term(q, 240, 16 + n * i) for i, q in enumerate(qs)]
-        if n == 8:
-            return _add(builder, _add(builder, lo[0], lo[1]), _add(builder, hi[0], hi[1]))
-        return _add(builder, lo[0], hi[0])
-
-    return _VEC[n](row, types.int64, x, types.int64, lanes), codegen
-
-
-def _q4_0_lanes_for_host() -> int:
-    """16 where numba compiles for this CPU and it has AVX-512 (one block's 16 quant bytes in one
-    vector: about 8 vector operations a block where 8 lanes take about 15; 1.15x one thread's
-    Q4_0 rows from L2), else 8."""
+def _host_has_vnni() -> bool:
+    """Whether numba compiles for this CPU and it has AVX-512 VNNI (`vpdpbusd`)."""
     import numba
     from llvmlite import binding
     if numba.config.CPU_NAME:           # compiling for another CPU (a portable cache)
-        return 8
+        return False
     try:
-        return 16 if binding.get_host_cpu_features().get("avx512f") else 8
+        features = binding.get_host_cpu_features()
     except RuntimeError:                # features unknown on this platform
-        return 8
+        return False
+    return bool(features.get("avx512vnni") and features.get("avx512bw"))
 
 
-Q4_0_LANES = _q4_0_lanes_for_host()
+# `_q4_0_pair` forms its integer lane sums with one `vpdpbusd` where the CPU has it, else in
+# portable vector IR that gives the same integers.
+Q4_0_VNNI = _host_has_vnni()
+
+
+@intrinsic
+def _f16_round(typingctx, v):
+    """v rounded to the nearest float16 (ties to even), as float32."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(v), codegen
+
+
+@intrinsic
+def _pair_scale(typingctx, a, b):
+    """A V16 of a in lanes 0-7 and b in lanes 8-15 (two Q4_0 blocks' scales, see `_q4_0_pair`)."""
+    if a != types.float32 or b != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = ir.Constant(ir.VectorType(ir.FloatType(), 16), ir.Undefined)
+        v = builder.insert_element(builder.insert_element(v, args[0], _I32(0)), args[1], _I32(8))
+        return builder.shuffle_vector(v, v, _vi([0] * 8 + [8] * 8, 16))
+
+    return V16(types.float32, types.float32), codegen
+
+
+@intrinsic
+def _q4_0_pair(typingctx, row, o, xp, xo, scale, blocks):
+    """The Q4_0 blocks at bytes o and o + 18 of row (`blocks` 2; with 1, the first alone) times
+    their 64 int8 activations at byte xo of xp (a row of `_prep`, read as bytes): the nibbles laid
+    out as [block 0's low nibbles, its high, block 1's low, its high], lane j of the integer sums
+    holds weights 4j..4j+3 (as `vpdpbusd` forms them), and the lanes are returned as floats times
+    `scale` (each block's d_w·d_x in its 8 lanes), without the −8 offset. No bounds checks."""
+    if not (isinstance(row, types.Array) and isinstance(xp, types.Array) and scale == V16
+            and isinstance(blocks, types.IntegerLiteral) and blocks.literal_value in (1, 2)):
+        return None
+    two = blocks.literal_value == 2
+
+    def codegen(context, builder, signature, args):
+        rowty, _, xty, _, _, _ = signature.args
+        row, o, xp, xo, scale, _ = args
+        rp = _data(context, builder, rowty, row)
+        xb = builder.bitcast(_data(context, builder, xty, xp), ir.IntType(8).as_pointer())
+        i8, i16 = ir.IntType(8), ir.IntType(16)
+        v16b = ir.VectorType(i8, 16)
+        q0 = _load(builder, rp, o, 2, v16b, 1)
+        q1 = _load(builder, rp, o, 20, v16b, 1) if two else ir.Constant(v16b, [0] * 16)
+        q = builder.shuffle_vector(q0, q1, _vi(list(range(16)) * 2 + list(range(16, 32)) * 2, 64))
+        # each 16-byte run shifted right by 0 (low nibbles) or 4 (high), then masked
+        q = builder.lshr(builder.bitcast(q, ir.VectorType(i16, 32)), ir.Constant(ir.VectorType(i16, 32),
+                                                                                  ([0] * 8 + [4] * 8) * 2))
+        q = builder.and_(builder.bitcast(q, ir.VectorType(i8, 64)), ir.Constant(ir.VectorType(i8, 64), [15] * 64))
+        x = _load(builder, xb, xo, 0, ir.VectorType(i8, 64), 1)
+        v32 = ir.VectorType(_I32, 16)
+        if Q4_0_VNNI:
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32, [v32, v32, v32]),
+                                                "llvm.x86.avx512.vpdpbusd.512")
+            dot = builder.call(fn, [ir.Constant(v32, [0] * 16), builder.bitcast(q, v32), builder.bitcast(x, v32)])
+        else:
+            p = builder.mul(builder.zext(q, ir.VectorType(_I32, 64)), builder.sext(x, ir.VectorType(_I32, 64)))
+            for n in (32, 16):   # adjacent pairs added twice: lane j = products 4j..4j+3
+                p = builder.add(builder.shuffle_vector(p, p, _vi(range(0, 2 * n, 2), n)),
+                                builder.shuffle_vector(p, p, _vi(range(1, 2 * n, 2), n)))
+            dot = p
+        return _mul(builder, builder.sitofp(dot, ir.VectorType(ir.FloatType(), 16)), scale)
+
+    return V16(row, types.int64, xp, types.int64, V16, blocks), codegen
+
+
+@intrinsic
+def _at(typingctx, x, i):
+    """x[i] of a contiguous float32 array, without the signed index's wraparound checks (a
+    dozen scalar instructions where the loop reads a block's two scales). No bounds checks."""
+    if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C"
+            and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        xty, ity = signature.args
+        at = context.cast(builder, args[1], ity, types.int64)
+        return _load(builder, _data(context, builder, xty, args[0]), at, 0, ir.FloatType(), 4)
+
+    return types.float32(x, i), codegen
 
 
 # Bytes ahead of a Q4_0 row read that `_dot_q4_0` prefetches: decode streams many short rows
 # (1152 or 792 bytes, MoE gate/up/down) whose successors are contiguous in memory, and the
 # hardware prefetchers, retrained at every short stream, left the loop waiting on RAM. (The same
 # prefetch in the K-quant dots changed nothing measurable on the q4_k_m file, before and after
-# Q4_K's vector rewrite.)
-PREFETCH = 1024
+# Q4_K's vector rewrite.) Once the integer dot made the row's arithmetic cheaper, 2 KiB ahead
+# decoded 1.09x as fast as 1 KiB (alternating in one process; 3 KiB 1.11x, 512 bytes 1.0x in a
+# noisier round).
+PREFETCH = 2048
 
 
 @intrinsic
@@ -356,48 +429,31 @@ def _prefetch(typingctx, row, o):
     return types.none(row, types.int64), codegen
 
 
-@intrinsic
-def _pair_sum(typingctx, x, i):
-    """x[i] + x[i + 1] of a contiguous float32 array, without the signed index's wraparound
-    checks. No bounds checks."""
-    if not (isinstance(x, types.Array) and x.dtype == types.float32 and x.layout == "C"
-            and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        xty, ity = signature.args
-        ptr, at = _data(context, builder, xty, args[0]), context.cast(builder, args[1], ity, types.int64)
-        f = ir.FloatType()
-        return builder.fadd(_load(builder, ptr, at, 0, f, 4), _load(builder, ptr, at, 1, f, 4))
-
-    return types.float32(x, i), codegen
-
-
 @njit(cache=True, inline="always")
 def _dot_q4_0(w, base, nb, xp, lut):
-    """The nb-block Q4_0 row at byte `base` of w · x as prepared by `_prep`; two accumulators.
-    Each block's −8 offset comes off as d·8·Σx (its two 16-element sums of x, from `_prep`'s
-    Q4_K part) rather than from each weight: four vector subtractions a block fewer, a quarter
-    of its vector work, the same products up to float32 rounding."""
-    k = nb * 32
-    a0 = _v_zero(Q4_0_LANES)
-    a1 = _v_zero(Q4_0_LANES)
+    """The nb-block Q4_0 row at byte `base` of w · x as `_prep` quantized it: two blocks a step,
+    their integer sums times d_w·d_x (`_q4_0_pair`); the −8 offset comes off once per row as
+    8·Σ d_w·d_x·(the block's sum of quants). One thread, 1408x2048 from L2: 8.4 → 14.5 GB/s
+    against the float32 dot it replaced (16 lanes of dequantized weights times x)."""
+    sd = nb * 8            # xp's floats: quants (nb * 32 bytes), then scales, then sums of quants
+    ss = sd + nb
+    acc = _v_zero(16)
     off = np.float32(0.0)
     b = 0
     while b + 2 <= nb:
         o = base + b * 18
         _prefetch(w, o + PREFETCH)
-        d0, d1 = lut[_h(w, o)], lut[_h(w, o + 18)]
-        a0 = _v_scaled_add(a0, d0, _q4_0_lanes(w, o, xp, b * 32, Q4_0_LANES))
-        a1 = _v_scaled_add(a1, d1, _q4_0_lanes(w, o + 18, xp, b * 32 + 32, Q4_0_LANES))
-        off += d0 * _pair_sum(xp, k + 2 * b) + d1 * _pair_sum(xp, k + 2 * b + 2)
+        d0 = lut[_h(w, o)] * _at(xp, sd + b)
+        d1 = lut[_h(w, o + 18)] * _at(xp, sd + b + 1)
+        acc = _v_add(acc, _q4_0_pair(w, o, xp, b * 32, _pair_scale(d0, d1), 2))
+        off += d0 * _at(xp, ss + b) + d1 * _at(xp, ss + b + 1)
         b += 2
     if b < nb:
         o = base + b * 18
-        d0 = lut[_h(w, o)]
-        a0 = _v_scaled_add(a0, d0, _q4_0_lanes(w, o, xp, b * 32, Q4_0_LANES))
-        off += d0 * _pair_sum(xp, k + 2 * b)
-    return _v_sum(_v_add(a0, a1)) - np.float32(8.0) * off
+        d0 = lut[_h(w, o)] * _at(xp, sd + b)
+        acc = _v_add(acc, _q4_0_pair(w, o, xp, b * 32, _pair_scale(d0, d0), 1))
+        off += d0 * _at(xp, ss + b)
+    return _v_sum(acc) - np.float32(8.0) * off
 
 
 @njit(cache=True, fastmath=FM)
@@ -533,7 +589,7 @@ def _q4k_block(typingctx, acc, row, o, x, xo, xs, so, d, dmin):
 def _dot_q4_k(w, base, x, xs, so, lut):
     """The Q4_K row at byte `base` of w · x; xs[so:] the 16-element sums of x (`_prep`). One
     accumulator (two, alternating super-blocks, spilled registers and measured 5% slower). No
-    prefetch: the 1 KiB one of `_dot_q4_0`, three lines per super-block, cost 20% from L3 and
+    prefetch: a 1 KiB one like `_dot_q4_0`'s, three lines per super-block, cost 20% from L3 and
     gained nothing measurable in decode."""
     a0 = _v_zero(8)
     for b in range(x.shape[0] // 256):
