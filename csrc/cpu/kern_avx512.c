@@ -293,6 +293,18 @@ DEF_ROWS16(rows8_q8_0, K_Q8_0)
 DEF_ROWS16(rows8_q4_k, K_Q4_K)
 DEF_ROWS16(rows8_q6_k, K_Q6_K)
 
+/* Word permutes whose indices are made once (word_index) and used many times (permute_words):
+ * with VBMI one byte permute, one micro-op where the word permute takes two. */
+#ifdef __AVX512VBMI__
+INLINE __m512i word_index(__m512i i) {   /* word w: bytes 2w, 2w + 1 */
+    return _mm512_add_epi16(_mm512_mullo_epi16(i, _mm512_set1_epi16(0x0202)), _mm512_set1_epi16(0x0100));
+}
+INLINE __m512i permute_words(__m512i i, __m512i v) { return _mm512_permutexvar_epi8(i, v); }
+#else
+INLINE __m512i word_index(__m512i i) { return i; }
+INLINE __m512i permute_words(__m512i i, __m512i v) { return _mm512_permutexvar_epi16(i, v); }
+#endif
+
 /* Each byte's high nibble, shifted down: with GFNI (level 3) one affine byte transform, whose
  * bit matrix's row i (byte 7 - i) picks bit 4 + i, where a shift and a mask take two. */
 INLINE __m512i high_nibbles(__m512i v) {
@@ -465,7 +477,7 @@ DEF_MV_STREAMS(mv_q4_0, mv4_q4_0, mv_q4_0_streams)
  * block about half the AVX2 kernel's instructions, whose Q4_K one-token rows were bound by
  * arithmetic (four streams gained them nothing). Sums as the AVX2 kernel's; the float lanes
  * differ, so results agree to float rounding. Level 3 spreads the scales with byte permutes and
- * takes the high nibbles with GFNI: 1.09x one thread from L2, the same bits. */
+ * takes the high nibbles with GFNI: 1.08-1.09x one thread from L2, the same bits. */
 
 /* A lone token's A8K quants as mv_q4_k_streams reads them: per 128 weights, the activations of
  * the low-nibble sub-blocks (bytes 0-31 and 64-95) as 64 bytes, then of the high ones. */
@@ -491,17 +503,9 @@ INLINE void mv_q4_k_streams(const int S, float *out, const uint8_t *w, int64_t w
     const __m512i s0 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0x00020002, 0x00020002, 0x00020002, 0x00020002,
                                          0x00020002, 0x00020002, 0x00020002, 0x00020002);
     const __m512i one = _mm512_set1_epi16(1), four = _mm512_set1_epi16(4);
-#ifdef __AVX512VBMI__
-    /* the same words picked a byte at a time: one micro-op where the word permute takes two */
-#define Q4_K_WORDS(i) _mm512_add_epi16(_mm512_slli_epi16(i, 1), _mm512_set1_epi16(0x0100))
-#define Q4_K_SPREAD(idx, v) _mm512_permutexvar_epi8(idx, v)
-#else
-#define Q4_K_WORDS(i) (i)
-#define Q4_K_SPREAD(idx, v) _mm512_permutexvar_epi16(idx, v)
-#endif
-    const __m512i sidx[4] = {Q4_K_WORDS(s0), Q4_K_WORDS(_mm512_add_epi16(s0, one)), Q4_K_WORDS(_mm512_add_epi16(s0, four)),
-                             Q4_K_WORDS(_mm512_add_epi16(s0, _mm512_add_epi16(four, one)))};
-#undef Q4_K_WORDS
+    const __m512i sidx[4] = {word_index(s0), word_index(_mm512_add_epi16(s0, one)),
+                             word_index(_mm512_add_epi16(s0, four)),
+                             word_index(_mm512_add_epi16(s0, _mm512_add_epi16(four, one)))};
     for (int64_t r = 0; r < nr; r++) {
         __m512 acc[4];
         __m128 macc[4];
@@ -522,8 +526,8 @@ INLINE void mv_q4_k_streams(const int S, float *out, const uint8_t *w, int64_t w
                     const __m512i v = _mm512_loadu_si512(blk + 16 + 64 * h);
                     const __m512i plo = _mm512_maddubs_epi16(_mm512_and_si512(v, m4), _mm512_load_si512(y + 128 * h));
                     const __m512i phi = _mm512_maddubs_epi16(high_nibbles(v), _mm512_load_si512(y + 128 * h + 64));
-                    isum = _mm512_dpwssd_epi32(isum, plo, Q4_K_SPREAD(sidx[2 * h], scv));
-                    isum = _mm512_dpwssd_epi32(isum, phi, Q4_K_SPREAD(sidx[2 * h + 1], scv));
+                    isum = _mm512_dpwssd_epi32(isum, plo, permute_words(sidx[2 * h], scv));
+                    isum = _mm512_dpwssd_epi32(isum, phi, permute_words(sidx[2 * h + 1], scv));
                 }
                 acc[s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(fp16(blk) * dx[b]), acc[s]);
                 macc[s] = _mm_fmadd_ps(q4_k_mins(mn, bs + 16 * b), _mm_set1_ps(fp16(blk + 2) * dx[b]), macc[s]);
@@ -531,7 +535,6 @@ INLINE void mv_q4_k_streams(const int S, float *out, const uint8_t *w, int64_t w
         }
         for (int s = 0; s < S; s++) out[r + s * gap] = _mm512_reduce_add_ps(acc[s]) - hsum4(macc[s]);
     }
-#undef Q4_K_SPREAD
 }
 
 DEF_MV_STREAMS(mv_q4_k, mv4_q4_k, mv_q4_k_streams)
@@ -542,7 +545,8 @@ DEF_MV_STREAMS(mv_q4_k, mv4_q4_k, mv_q4_k_streams)
  * come from its 32 bytes broadcast to both 256-bit lanes and shifted per lane (vpsrlvw), and
  * vpdpwssd applies each 16 weights' scale (spread by one word permute). The -32 offset is the
  * AVX2 kernel's. About half its instructions a block; sums as its, float lanes other, so results
- * agree with it to float rounding. */
+ * agree with it to float rounding. Level 3 spreads the scales and takes the high nibbles as
+ * Q4_K's does: 1.075x one thread from L2, the same bits. */
 INLINE void mv_q6_k_streams(const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
                             int64_t cols, int64_t gap) {
     const int64_t nb = cols / QKK;
@@ -556,6 +560,9 @@ INLINE void mv_q6_k_streams(const int S, float *out, const uint8_t *w, int64_t w
     const __m512i sidx = _mm512_setr_epi32(0, 0, 0, 0, 0x00010001, 0x00010001, 0x00010001, 0x00010001, 0x00020002,
                                            0x00020002, 0x00020002, 0x00020002, 0x00030003, 0x00030003, 0x00030003,
                                            0x00030003);
+    const __m512i spread[4] = {word_index(sidx), word_index(_mm512_add_epi16(sidx, _mm512_set1_epi16(4))),
+                               word_index(_mm512_add_epi16(sidx, _mm512_set1_epi16(8))),
+                               word_index(_mm512_add_epi16(sidx, _mm512_set1_epi16(12)))};
     for (int64_t r = 0; r < nr; r++) {
         __m512 acc[4];
         for (int s = 0; s < S; s++) acc[s] = _mm512_setzero_ps();
@@ -575,13 +582,12 @@ INLINE void mv_q6_k_streams(const int S, float *out, const uint8_t *w, int64_t w
                     const __m512i hb = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h)));
                     const __m512i qa = _mm512_or_si512(_mm512_and_si512(l, m4),
                                                        _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hb, sh_a), m3), 4));
-                    const __m512i qb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), m4),
+                    const __m512i qb = _mm512_or_si512(high_nibbles(l),
                                                        _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(hb, sh_b), m3), 4));
-                    const __m512i hidx = _mm512_add_epi16(sidx, _mm512_set1_epi16((short)(8 * h)));
                     isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(qa, _mm512_loadu_si512(y + 128 * h)),
-                                               _mm512_permutexvar_epi16(hidx, scz));
+                                               permute_words(spread[2 * h], scz));
                     isum = _mm512_dpwssd_epi32(isum, _mm512_maddubs_epi16(qb, _mm512_loadu_si512(y + 128 * h + 64)),
-                                               _mm512_permutexvar_epi16(_mm512_add_epi16(hidx, _mm512_set1_epi16(4)), scz));
+                                               permute_words(spread[2 * h + 1], scz));
                 }
                 acc[s] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(fp16(blk + 208) * dx[b]), acc[s]);
             }
