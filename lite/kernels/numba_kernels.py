@@ -195,6 +195,14 @@ def _load(builder, ptr, base, off, vty, align):
     return builder.load(builder.bitcast(p, vty.as_pointer()), align=align)
 
 
+def _element(context, builder, signature, args, ty, align):
+    """The `ty` at element args[1] of the array args[0], an intrinsic's (array, index) arguments,
+    with no wraparound or bounds checks."""
+    arrty, ity = signature.args
+    at = context.cast(builder, args[1], ity, types.int64)
+    return _load(builder, _data(context, builder, arrty, args[0]), at, 0, ty, align)
+
+
 def _bytes8(builder, ptr, base, off):
     """8 bytes at ptr[base + off], zero-extended to <8 x i32>."""
     return builder.zext(_load(builder, ptr, base, off, ir.VectorType(ir.IntType(8), 8), 1), _V8I)
@@ -234,10 +242,7 @@ def _h(typingctx, row, o):
         return None
 
     def codegen(context, builder, signature, args):
-        rowty, oty = signature.args
-        off = context.cast(builder, args[1], oty, types.int64)
-        v = _load(builder, _data(context, builder, rowty, args[0]), off, 0, ir.IntType(16), 1)
-        return builder.zext(v, ir.IntType(64))
+        return builder.zext(_element(context, builder, signature, args, ir.IntType(16), 1), ir.IntType(64))
 
     return types.int64(row, o), codegen
 
@@ -394,9 +399,7 @@ def _at(typingctx, x, i):
         return None
 
     def codegen(context, builder, signature, args):
-        xty, ity = signature.args
-        at = context.cast(builder, args[1], ity, types.int64)
-        return _load(builder, _data(context, builder, xty, args[0]), at, 0, ir.FloatType(), 4)
+        return _element(context, builder, signature, args, ir.FloatType(), 4)
 
     return types.float32(x, i), codegen
 
