@@ -1,8 +1,8 @@
 """NumbaBackend against the numpy ReferenceBackend: every op on random inputs, odd sizes, 1 and
 2 threads, and input validation.
 
-What is compared. A product of one or two tokens with Q4_0 weights quantizes its activations to
-8-bit blocks first, as the C kernels do; `MEANING` is the reference with that step (ggml's Q8_0
+What is compared. A product of one or two tokens with Q4_0 or Q8_0 weights quantizes its
+activations to 8-bit blocks first, as the C kernels do; `MEANING` is the reference with that step (ggml's Q8_0
 round trip, from gguf.quants), and the products and the MoE are held to it. Every other product
 dequantizes weights in float32 exactly as dequant.py does (the row decoder is checked bit for bit
 below) and multiplies them into float32 activations, as the reference does.
@@ -46,12 +46,12 @@ def a8(x: np.ndarray) -> np.ndarray:
 
 
 class NumbaMeaning(ReferenceBackend):
-    """The reference with the numba backend's one choice of numerics: Q4_0 products of one or two
-    tokens meet 8-bit activations, and the MoE takes each expert's tokens (from every slot) at
+    """The reference with the numba backend's one choice of numerics: Q4_0 and Q8_0 products of one
+    or two tokens meet 8-bit activations, and the MoE takes each expert's tokens (from every slot) at
     once, as the numba kernel groups them."""
 
     def matmul(self, x: np.ndarray, w: QTensor) -> np.ndarray:
-        if w.qtype == QT.Q4_0 and 0 < x.shape[0] <= 2:
+        if w.qtype in (QT.Q4_0, QT.Q8_0) and 0 < x.shape[0] <= 2:
             x = a8(x)
         return super().matmul(x, w)
 
@@ -146,11 +146,11 @@ def test_matmul_real_row_lengths(qt, cols, t):
     assert rel(NB.matmul(x, w), MEANING.matmul(x, w)) < TOL
 
 
-def test_q4_0_vnni_and_portable_paths(tmp_path):
-    """The Q4_0 dot forms its integer sums with `vpdpbusd` where numba compiles for a CPU with
-    AVX-512 VNNI and in portable vector code elsewhere (another CPU, or NUMBA_CPU_NAME for a
-    portable cache): whichever this machine uses ran above, and a child process compiled for a
-    CPU without AVX-512 runs the portable one here too."""
+def test_a8_vnni_and_portable_paths(tmp_path):
+    """The Q4_0 and Q8_0 dots form their integer sums with `vpdpbusd` where numba compiles for a
+    CPU with AVX-512 VNNI and in portable vector code elsewhere (another CPU, or NUMBA_CPU_NAME
+    for a portable cache): whichever this machine uses ran above, and a child process compiled
+    for a CPU without AVX-512 runs the portable one here too."""
     code = """
 import json, sys
 import numpy as np
@@ -160,13 +160,14 @@ import test_kernels_numba as t
 from lite.kernels import numba_kernels as nk
 rng = np.random.default_rng(7)
 err = []
-for n, cols, tok in ((19, 1408, 1), (37, 512, 2), (5, 96, 2), (3, 32, 1)):
-    w = t.random_weight(rng, QT.Q4_0, n, cols)
-    x = rng.standard_normal((tok, cols)).astype(np.float32)
-    got, want = t.NB.matmul(x, w), t.MEANING.matmul(x, w)
-    terms = np.abs(x).astype(np.float64) @ np.abs(t.dequantize(w.data, QT.Q4_0)).astype(np.float64).T
-    err.append(float(np.abs(got - want).max() / terms.max()))
-print(json.dumps({"vnni": nk.Q4_0_VNNI, "err": max(err)}))
+for qt in (QT.Q4_0, QT.Q8_0):
+    for n, cols, tok in ((19, 1408, 1), (37, 512, 2), (5, 96, 2), (3, 32, 1)):
+        w = t.random_weight(rng, qt, n, cols)
+        x = rng.standard_normal((tok, cols)).astype(np.float32)
+        got, want = t.NB.matmul(x, w), t.MEANING.matmul(x, w)
+        terms = np.abs(x).astype(np.float64) @ np.abs(t.dequantize(w.data, qt)).astype(np.float64).T
+        err.append(float(np.abs(got - want).max() / terms.max()))
+print(json.dumps({"vnni": nk.A8_VNNI, "err": max(err)}))
 """
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
@@ -177,9 +178,9 @@ print(json.dumps({"vnni": nk.Q4_0_VNNI, "err": max(err)}))
     assert got["err"] < 1e-6
 
 
-def test_q4_0_activations_are_ggml_q8_0():
-    """The one- and two-token Q4_0 path quantizes x as ggml's Q8_0 does, bit for bit (the C
-    kernels' activations): int8 quants, float16-rounded scales, and each block's sum of quants;
+def test_a8_activations_are_ggml_q8_0():
+    """The one- and two-token Q4_0 and Q8_0 paths quantize x as ggml's Q8_0 does, bit for bit (the
+    C kernels' activations): int8 quants, float16-rounded scales, and each block's sum of quants;
     zero, tiny and exact-half blocks included."""
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((2, 256)) * 3).astype(np.float32)

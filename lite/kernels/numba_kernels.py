@@ -5,10 +5,10 @@ and the one-call MoE layer.
 Nothing here validates its inputs: `numba_backend.py` checks every shape, dtype and byte count
 before calling in, so these loops may index without bounds checks.
 
-Numerics: a one- or two-token Q4_0 product quantizes its activations to 8-bit blocks first, as
-the C kernels do (ggml's Q8_0: d = amax/127 rounded to float16, q = roundf(x/d)), and sums
-integer products, so it agrees with the C backend's A8 product (and with the reference to that
-quantization's error). Every other product dequantizes weights block by block in registers and
+Numerics: a one- or two-token Q4_0 or Q8_0 product quantizes its activations to 8-bit blocks
+first, as the C kernels do (ggml's Q8_0: d = amax/127 rounded to float16, q = roundf(x/d)), and
+sums integer products, so it agrees with the C backend's A8 product (and with the reference to
+that quantization's error). Every other product dequantizes weights block by block in registers and
 multiplies them into float32 activations (Q6_K reads a copy of x permuted within 32-blocks, exact,
 and Q4_K its mins take off with sums of x over 16 elements), so it agrees with the numpy reference
 to float32 rounding. Reductions are compiled with fastmath flags `reassoc` and `contract` only,
@@ -86,11 +86,11 @@ def _dot_lut(row, x, lut):
 
 
 
-# Q4_0 (one or two tokens) reads x quantized to 8-bit blocks: `_prep` writes, at the start of the
-# prepared row, x's int8 quants (K bytes, as K / 4 floats), then each block's scale d (float16-
-# rounded, as ggml stores it) and the sum of its quants, and `_dot_q4_0` multiplies nibbles into
-# quants as integers (see `_q4_0_pair`) and each block's sum by d_w·d_x, taking the −8 offset off
-# with the quants' sums.
+# Q4_0 and Q8_0 (one or two tokens) read x quantized to 8-bit blocks: `_prep` writes, at the
+# start of the prepared row, x's int8 quants (K bytes, as K / 4 floats), then each block's scale d
+# (float16-rounded, as ggml stores it) and the sum of its quants, and `_dot_a8` multiplies the
+# weights' quants into them as integers (see `_a8_pair`) and each block's sum by d_w·d_x, taking
+# the offset (Q4_0's 8, Q8_0's bias of 128) off with the quants' sums.
 #
 # Q4_K takes its mins off with the sums of x over each 16 weights, which `_prep` appends to the
 # prepared row, so its loop multiplies bare quants; Q6_K reads a third part, x permuted within
@@ -316,9 +316,9 @@ def _host_has_vnni() -> bool:
     return bool(features.get("avx512vnni") and features.get("avx512bw"))
 
 
-# `_q4_0_pair` forms its integer lane sums with one `vpdpbusd` where the CPU has it, else in
+# `_a8_pair` forms its integer lane sums with one `vpdpbusd` where the CPU has it, else in
 # portable vector IR that gives the same integers.
-Q4_0_VNNI = _host_has_vnni()
+A8_VNNI = _host_has_vnni()
 
 
 @intrinsic
@@ -335,7 +335,7 @@ def _f16_round(typingctx, v):
 
 @intrinsic
 def _pair_scale(typingctx, a, b):
-    """A V16 of a in lanes 0-7 and b in lanes 8-15 (two Q4_0 blocks' scales, see `_q4_0_pair`)."""
+    """A V16 of a in lanes 0-7 and b in lanes 8-15 (two blocks' scales, see `_a8_pair`)."""
     if a != types.float32 or b != types.float32:
         return None
 
@@ -348,34 +348,44 @@ def _pair_scale(typingctx, a, b):
 
 
 @intrinsic
-def _q4_0_pair(typingctx, row, o, xp, xo, scale, blocks):
-    """The Q4_0 blocks at bytes o and o + 18 of row (`blocks` 2; with 1, the first alone) times
-    their 64 int8 activations at byte xo of xp (a row of `_prep`, read as bytes): the nibbles laid
-    out as [block 0's low nibbles, its high, block 1's low, its high], lane j of the integer sums
-    holds weights 4j..4j+3 (as `vpdpbusd` forms them), and the lanes are returned as floats times
-    `scale` (each block's d_w·d_x in its 8 lanes), without the −8 offset. No bounds checks."""
+def _a8_pair(typingctx, row, o, xp, xo, scale, blocks, kind):
+    """Two blocks at byte o of row (`blocks` 2; with 1, the first alone) times their 64 int8
+    activations at byte xo of xp (a row of `_prep`, read as bytes), `kind` 0 for Q4_0 (18-byte
+    blocks: the nibbles laid out as [block 0's low nibbles, its high, block 1's low, its high]) or
+    1 for Q8_0 (34-byte blocks: each int8 quant q as the unsigned byte q + 128). Lane j of the
+    integer sums holds weights 4j..4j+3 (as `vpdpbusd` forms them); the lanes are returned as
+    floats times `scale` (each block's d_w·d_x in its 8 lanes), without the offset (8 or 128
+    times the block's sum of activation quants). No bounds checks."""
     if not (isinstance(row, types.Array) and isinstance(xp, types.Array) and scale == V16
-            and isinstance(blocks, types.IntegerLiteral) and blocks.literal_value in (1, 2)):
+            and isinstance(blocks, types.IntegerLiteral) and blocks.literal_value in (1, 2)
+            and isinstance(kind, types.IntegerLiteral) and kind.literal_value in (0, 1)):
         return None
-    two = blocks.literal_value == 2
+    two, q8 = blocks.literal_value == 2, kind.literal_value == 1
 
     def codegen(context, builder, signature, args):
-        rowty, _, xty, _, _, _ = signature.args
-        row, o, xp, xo, scale, _ = args
+        rowty, _, xty, _, _, _, _ = signature.args
+        row, o, xp, xo, scale, _, _ = args
         rp = _data(context, builder, rowty, row)
         xb = builder.bitcast(_data(context, builder, xty, xp), ir.IntType(8).as_pointer())
         i8, i16 = ir.IntType(8), ir.IntType(16)
-        v16b = ir.VectorType(i8, 16)
-        q0 = _load(builder, rp, o, 2, v16b, 1)
-        q1 = _load(builder, rp, o, 20, v16b, 1) if two else ir.Constant(v16b, [0] * 16)
-        q = builder.shuffle_vector(q0, q1, _vi(list(range(16)) * 2 + list(range(16, 32)) * 2, 64))
-        # each 16-byte run shifted right by 0 (low nibbles) or 4 (high), then masked
-        q = builder.lshr(builder.bitcast(q, ir.VectorType(i16, 32)), ir.Constant(ir.VectorType(i16, 32),
-                                                                                  ([0] * 8 + [4] * 8) * 2))
-        q = builder.and_(builder.bitcast(q, ir.VectorType(i8, 64)), ir.Constant(ir.VectorType(i8, 64), [15] * 64))
+        if q8:
+            v32b = ir.VectorType(i8, 32)
+            bias = ir.Constant(v32b, [0x80] * 32)
+            q0 = builder.xor(_load(builder, rp, o, 2, v32b, 1), bias)
+            q1 = builder.xor(_load(builder, rp, o, 36, v32b, 1), bias) if two else ir.Constant(v32b, [0] * 32)
+            q = builder.shuffle_vector(q0, q1, _vi(range(64), 64))
+        else:
+            v16b = ir.VectorType(i8, 16)
+            q0 = _load(builder, rp, o, 2, v16b, 1)
+            q1 = _load(builder, rp, o, 20, v16b, 1) if two else ir.Constant(v16b, [0] * 16)
+            q = builder.shuffle_vector(q0, q1, _vi(list(range(16)) * 2 + list(range(16, 32)) * 2, 64))
+            # each 16-byte run shifted right by 0 (low nibbles) or 4 (high), then masked
+            q = builder.lshr(builder.bitcast(q, ir.VectorType(i16, 32)),
+                             ir.Constant(ir.VectorType(i16, 32), ([0] * 8 + [4] * 8) * 2))
+            q = builder.and_(builder.bitcast(q, ir.VectorType(i8, 64)), ir.Constant(ir.VectorType(i8, 64), [15] * 64))
         x = _load(builder, xb, xo, 0, ir.VectorType(i8, 64), 1)
         v32 = ir.VectorType(_I32, 16)
-        if Q4_0_VNNI:
+        if A8_VNNI:
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32, [v32, v32, v32]),
                                                 "llvm.x86.avx512.vpdpbusd.512")
             dot = builder.call(fn, [ir.Constant(v32, [0] * 16), builder.bitcast(q, v32), builder.bitcast(x, v32)])
@@ -387,7 +397,7 @@ def _q4_0_pair(typingctx, row, o, xp, xo, scale, blocks):
             dot = p
         return _mul(builder, builder.sitofp(dot, ir.VectorType(ir.FloatType(), 16)), scale)
 
-    return V16(row, types.int64, xp, types.int64, V16, blocks), codegen
+    return V16(row, types.int64, xp, types.int64, V16, blocks, kind), codegen
 
 
 @intrinsic
@@ -404,7 +414,7 @@ def _at(typingctx, x, i):
     return types.float32(x, i), codegen
 
 
-# Bytes ahead of a Q4_0 row read that `_dot_q4_0` prefetches: decode streams many short rows
+# Bytes ahead of a Q4_0 or Q8_0 row read that `_dot_a8` prefetches: decode streams many short rows
 # (1152 or 792 bytes, MoE gate/up/down) whose successors are contiguous in memory, and the
 # hardware prefetchers, retrained at every short stream, left the loop waiting on RAM. (The same
 # prefetch in the K-quant dots changed nothing measurable on the q4_k_m file, before and after
@@ -433,80 +443,32 @@ def _prefetch(typingctx, row, o):
 
 
 @njit(cache=True, inline="always")
-def _dot_q4_0(w, base, nb, xp, lut):
-    """The nb-block Q4_0 row at byte `base` of w · x as `_prep` quantized it: two blocks a step,
-    their integer sums times d_w·d_x (`_q4_0_pair`); the −8 offset comes off once per row as
-    8·Σ d_w·d_x·(the block's sum of quants). One thread, 1408x2048 from L2: 8.4 → 14.5 GB/s
-    against the float32 dot it replaced (16 lanes of dequantized weights times x)."""
+def _dot_a8(w, base, nb, xp, lut, kind):
+    """The nb-block row at byte `base` of w (`kind` 0: Q4_0, 1: Q8_0) · x as `_prep` quantized
+    it: two blocks a step, their integer sums times d_w·d_x (`_a8_pair`); the offset (8 for
+    Q4_0's nibbles, 128 for Q8_0's biased quants) comes off once per row as offset · Σ d_w·d_x·
+    (the block's sum of quants). One thread, Q4_0 1408x2048 from L2: 8.4 → 14.5 GB/s against the
+    float32 dot it replaced (16 lanes of dequantized weights times x)."""
+    bs = 18 if kind == 0 else 34
     sd = nb * 8            # xp's floats: quants (nb * 32 bytes), then scales, then sums of quants
     ss = sd + nb
     acc = _v_zero(16)
     off = np.float32(0.0)
     b = 0
     while b + 2 <= nb:
-        o = base + b * 18
+        o = base + b * bs
         _prefetch(w, o + PREFETCH)
         d0 = lut[_h(w, o)] * _at(xp, sd + b)
-        d1 = lut[_h(w, o + 18)] * _at(xp, sd + b + 1)
-        acc = _v_add(acc, _q4_0_pair(w, o, xp, b * 32, _pair_scale(d0, d1), 2))
+        d1 = lut[_h(w, o + bs)] * _at(xp, sd + b + 1)
+        acc = _v_add(acc, _a8_pair(w, o, xp, b * 32, _pair_scale(d0, d1), 2, kind))
         off += d0 * _at(xp, ss + b) + d1 * _at(xp, ss + b + 1)
         b += 2
     if b < nb:
-        o = base + b * 18
+        o = base + b * bs
         d0 = lut[_h(w, o)] * _at(xp, sd + b)
-        acc = _v_add(acc, _q4_0_pair(w, o, xp, b * 32, _pair_scale(d0, d0), 1))
+        acc = _v_add(acc, _a8_pair(w, o, xp, b * 32, _pair_scale(d0, d0), 1, kind))
         off += d0 * _at(xp, ss + b)
-    return _v_sum(acc) - np.float32(8.0) * off
-
-
-@njit(cache=True, fastmath=FM)
-def _dot_q8_0(row, x, lut, n16):
-    qs = row.view(np.int8)
-    s = np.float32(0.0)
-    for b in range(x.shape[0] // 32):
-        q = qs[b * 34 + 2:b * 34 + 34]
-        xv = x[b * 32:b * 32 + 32]
-        bs = np.float32(0.0)
-        for j in range(2 * n16):
-            bs += np.float32(q[j]) * xv[j]
-        s += lut[_h(row, b * 34)] * bs
-    return s
-
-
-# Four Q8_0 rows at once share every load of x and give four independent accumulator chains:
-# 1.5x the one-row kernel on 2048x2048, 2x on MLA's 128-wide W_UK rows. The rows are cut from the
-# weight's flat bytes here rather than passed in as four views (see `_rows_prep`): W_UK (16 x 512
-# x 128), T=1, one thread 355 → 211 µs, Q8_0 2048x2048 497 → 444 µs (min; interleaved A/B).
-
-@njit(cache=True, fastmath=FM)
-def _dot4_q8_0(w, base, rb, x, lut, n16):
-    """The four rows at bytes base, base + rb, ... of w · x."""
-    w0, w1 = w[base:base + rb], w[base + rb:base + 2 * rb]
-    w2, w3 = w[base + 2 * rb:base + 3 * rb], w[base + 3 * rb:base + 4 * rb]
-    q0, q1, q2, q3 = w0.view(np.int8), w1.view(np.int8), w2.view(np.int8), w3.view(np.int8)
-    s0 = np.float32(0.0)
-    s1 = np.float32(0.0)
-    s2 = np.float32(0.0)
-    s3 = np.float32(0.0)
-    for b in range(x.shape[0] // 32):
-        o = b * 34
-        a0, a1, a2, a3 = q0[o + 2:o + 34], q1[o + 2:o + 34], q2[o + 2:o + 34], q3[o + 2:o + 34]
-        xv = x[b * 32:b * 32 + 32]
-        b0 = np.float32(0.0)
-        b1 = np.float32(0.0)
-        b2 = np.float32(0.0)
-        b3 = np.float32(0.0)
-        for j in range(2 * n16):
-            xj = xv[j]
-            b0 += np.float32(a0[j]) * xj
-            b1 += np.float32(a1[j]) * xj
-            b2 += np.float32(a2[j]) * xj
-            b3 += np.float32(a3[j]) * xj
-        s0 += lut[_h(w0, o)] * b0
-        s1 += lut[_h(w1, o)] * b1
-        s2 += lut[_h(w2, o)] * b2
-        s3 += lut[_h(w3, o)] * b3
-    return s0, s1, s2, s3
+    return _v_sum(acc) - np.float32(8.0 if kind == 0 else 128.0) * off
 
 
 @njit(cache=True, inline="always")
@@ -592,7 +554,7 @@ def _q4k_block(typingctx, acc, row, o, x, xo, xs, so, d, dmin):
 def _dot_q4_k(w, base, x, xs, so, lut):
     """The Q4_K row at byte `base` of w · x; xs[so:] the 16-element sums of x (`_prep`). One
     accumulator (two, alternating super-blocks, spilled registers and measured 5% slower). No
-    prefetch: a 1 KiB one like `_dot_q4_0`'s, three lines per super-block, cost 20% from L3 and
+    prefetch: a 1 KiB one like `_dot_a8`'s, three lines per super-block, cost 20% from L3 and
     gained nothing measurable in decode."""
     a0 = _v_zero(8)
     for b in range(x.shape[0] // 256):
@@ -680,10 +642,10 @@ def _dot_q6_k(w, base, nb, xq, xo, lut):
 
 @njit(cache=True, inline="always")
 def _reads_prep(qt):
-    return qt == Q4_0 or qt == Q4_K or qt == Q6_K
+    return qt == Q4_0 or qt == Q8_0 or qt == Q4_K or qt == Q6_K
 
 
-# Q4_0 and the K-quants (the types that read xp) are compiled into one kernel that dots a range of
+# The quantized kinds (the types that read xp) are compiled into one kernel that dots a range of
 # rows, each addressed as a byte offset into the weight's flat bytes, x and xp as whole rows. The
 # earlier form took four row views per call (`w[r]` in a tuple, `xp[:k]` sliced per row), and
 # every view and array argument had its reference count touched (~14 NRT calls per four rows):
@@ -698,7 +660,9 @@ def _reads_prep(qt):
 def _row_prep(qt, w, base, x, xp, lut16):
     k = x.shape[0]
     if qt == Q4_0:
-        return _dot_q4_0(w, base, k // 32, xp, lut16)
+        return _dot_a8(w, base, k // 32, xp, lut16, 0)
+    if qt == Q8_0:
+        return _dot_a8(w, base, k // 32, xp, lut16, 1)
     if qt == Q4_K:
         return _dot_q4_k(w, base, x, xp, k, lut16)
     return _dot_q6_k(w, base, k // 256, xp, k + k // 16, lut16)
@@ -707,16 +671,14 @@ def _row_prep(qt, w, base, x, xp, lut16):
 @njit(cache=True, fastmath=FM)
 def _rows_prep(qt, w, rb, r0, r1, x, xp, lut16, out):
     """out[r − r0] = row r of w · x for r0 ≤ r < r1, w the rows' flat bytes (rb per row) of type
-    qt (Q4_0, Q4_K or Q6_K) and xp x as prepared by `_prep`."""
+    qt (Q4_0, Q8_0, Q4_K or Q6_K) and xp x as prepared by `_prep`."""
     for r in range(r0, r1):
         out[r - r0] = _row_prep(qt, w, r * rb, x, xp, lut16)
 
 
 @njit(cache=True)
-def _dot(qt, row, x, lut16, lutbf, n16):
-    """One row of type qt (Q8_0 or float) · x."""
-    if qt == Q8_0:
-        return _dot_q8_0(row, x, lut16, n16)
+def _dot(qt, row, x, lut16, lutbf):
+    """One row of a float type qt · x."""
     if qt == F16:
         return _dot_lut(row, x, lut16)
     if qt == BF16:
@@ -725,24 +687,14 @@ def _dot(qt, row, x, lut16, lutbf, n16):
 
 
 @njit(cache=True)
-def _row_range(qt, w, rb, r0, r1, x, xp, lut16, lutbf, n16, out):
+def _row_range(qt, w, rb, r0, r1, x, xp, lut16, lutbf, out):
     """out[r − r0] = row r of w · x for r0 ≤ r < r1, one token, any type; w the rows' flat bytes,
     rb per row, xp x as prepared by `_prepared`."""
     if _reads_prep(qt):
         _rows_prep(qt, w, rb, r0, r1, x, xp, lut16, out)
         return
-    r = r0
-    while r + 4 <= r1:
-        o = r * rb
-        if qt == Q8_0:
-            out[r - r0], out[r - r0 + 1], out[r - r0 + 2], out[r - r0 + 3] = _dot4_q8_0(w, o, rb, x, lut16, n16)
-        else:
-            for i in range(4):
-                out[r - r0 + i] = _dot(qt, w[o + i * rb:o + (i + 1) * rb], x, lut16, lutbf, n16)
-        r += 4
-    while r < r1:
-        out[r - r0] = _dot(qt, w[r * rb:(r + 1) * rb], x, lut16, lutbf, n16)
-        r += 1
+    for r in range(r0, r1):
+        out[r - r0] = _dot(qt, w[r * rb:(r + 1) * rb], x, lut16, lutbf)
 
 
 @njit(cache=True)
@@ -868,7 +820,7 @@ def _mm_rows(x, xp, w, qt, out, r0, r1, lut16, lutbf, n16):
     if t_count <= SMALL_T:
         wf = w.reshape(-1)
         for t in range(t_count):
-            _row_range(qt, wf, w.shape[1], r0, r1, x[t], xp[t], lut16, lutbf, n16, out[t, r0:r1])
+            _row_range(qt, wf, w.shape[1], r0, r1, x[t], xp[t], lut16, lutbf, out[t, r0:r1])
         return
     buf = np.empty((r1 - r0, x.shape[1]), np.float32)
     s4 = np.empty(4, np.float32)
@@ -1121,8 +1073,8 @@ def moe(x, addrs, rbytes, qts, widths, offs, toks, wts, lut16, lutbf, n16, out):
             for i in range(m):
                 tk = toks[offs[e] + i]
                 hv = h[hoff[e] + i * f + r0:hoff[e] + i * f + r1]
-                _row_range(qg, gate.reshape(-1), rbytes[e, 0], r0, r1, x[tk], xp[tk], lut16, lutbf, n16, hv)
-                _row_range(qu, up.reshape(-1), rbytes[e, 1], r0, r1, x[tk], xp[tk], lut16, lutbf, n16, ub)
+                _row_range(qg, gate.reshape(-1), rbytes[e, 0], r0, r1, x[tk], xp[tk], lut16, lutbf, hv)
+                _row_range(qu, up.reshape(-1), rbytes[e, 1], r0, r1, x[tk], xp[tk], lut16, lutbf, ub)
                 for j in range(r1 - r0):
                     hv[j] = _silu(hv[j]) * ub[j]
         else:
@@ -1169,7 +1121,7 @@ def moe(x, addrs, rbytes, qts, widths, offs, toks, wts, lut16, lutbf, n16, out):
                 for i in range(m):
                     hv = h[hoff[e] + i * f:hoff[e] + (i + 1) * f]
                     hpv = hp[hpoff[e] + i * fp:hpoff[e] + (i + 1) * fp]
-                    _row_range(qd, down.reshape(-1), rbytes[e, 2], r0, r1, hv, hpv, lut16, lutbf, n16, yb)
+                    _row_range(qd, down.reshape(-1), rbytes[e, 2], r0, r1, hv, hpv, lut16, lutbf, yb)
                     k = offs[e] + i
                     for j in range(r1 - r0):
                         out[toks[k], r0 + j] += yb[j] * wts[k]
