@@ -273,19 +273,6 @@ def _v_add(typingctx, a, b):
 
 
 @intrinsic
-def _v_scaled_add(typingctx, acc, d, t):
-    """acc + d·t, d a float32 scalar (broadcast)."""
-    if not isinstance(acc, _VecType) or acc != t or d != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        acc, d, t = args
-        return _add(builder, acc, _mul(builder, _splat(builder, d, signature.args[0].lanes), t))
-
-    return acc(acc, types.float32, acc), codegen
-
-
-@intrinsic
 def _v_sum(typingctx, v):
     """The sum of v's lanes: halves added until two lanes are left."""
     if not isinstance(v, _VecType):
