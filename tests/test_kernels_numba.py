@@ -1,18 +1,19 @@
 """NumbaBackend against the numpy ReferenceBackend: every op on random inputs, odd sizes, 1 and
 2 threads, and input validation.
 
-What is compared. A product of one or two tokens with Q4_0 or Q8_0 weights quantizes its
-activations to 8-bit blocks first, as the C kernels do; `MEANING` is the reference with that step (ggml's Q8_0
-round trip, from gguf.quants), and the products and the MoE are held to it. Every other product
-dequantizes weights in float32 exactly as dequant.py does (the row decoder is checked bit for bit
-below) and multiplies them into float32 activations, as the reference does.
+What is compared. A product of one or two tokens with Q4_0, Q8_0 or Q4_K weights quantizes its
+activations to 8-bit blocks first, as the C kernels do; `MEANING` is the reference with that step
+(a round trip through ggml's Q8_0 from gguf.quants, or for Q4_K through 256-blocks), and the
+products and the MoE are held to it. Every other product dequantizes weights in float32 exactly
+as dequant.py does (the row decoder is checked bit for bit below) and multiplies them into
+float32 activations, as the reference does.
 
 Tolerances. Only the order of float32 additions differs from `MEANING` (SIMD partial sums,
-factored block scales). Relative to the largest output magnitude the measured error is ≤ 7e-7 for most cases,
-so MoE is held to 1e-5; but where one row's terms cancel to a small output, float32 rounding of
-terms ~50x larger than it is 9e-6 of it on a Zen 3 and 1.1e-5 on an AVX-512 Xeon (Q4_0, T=1,
-one row), so matmul is held to 1e-6 of the largest sum of |x_i w_i| (the scale float32 rounding
-grows with; measured ≤ 4e-8 of it, where one wrong block would be ~1e-2). rope and silu_mul do
+factored block scales). Relative to the largest output magnitude the measured error is ≤ 7e-7
+for most cases, so MoE is held to 1e-5; but where one row's terms cancel to a small output,
+float32 rounding of terms ~50x larger than it is 9e-6 of it on a Zen 3 and 1.1e-5 on an AVX-512
+Xeon (Q4_0, T=1, one row), so matmul is held to 1e-6 of the largest sum of |x_i w_i| (the scale
+float32 rounding grows with; measured ≤ 4e-8 of it, where one wrong block would be ~1e-2). rope and silu_mul do
 the same float32 operations as the reference; rmsnorm/softmax/attention accumulate in a
 different order: all held to 1e-5.
 
@@ -40,19 +41,26 @@ from lite.kernels.dequant import dequantize
 from lite.kernels.numba_backend import NumbaBackend, set_threads
 from lite.kernels.reference import ReferenceBackend
 
-def a8(x: np.ndarray) -> np.ndarray:
-    """x as 8-bit blocks see it: ggml's Q8_0, quantized and dequantized."""
-    return dequantize(np.asarray(gq.quantize(x, QT.Q8_0)).view(np.uint8), QT.Q8_0).reshape(x.shape)
+def a8(x: np.ndarray, qt: QT) -> np.ndarray:
+    """x as the 8-bit blocks of a qt product see it, quantized and dequantized: ggml's Q8_0 for
+    Q4_0 and Q8_0 weights; for Q4_K 256-blocks with a float32 scale amax/127 and roundf(x/d)."""
+    if qt != QT.Q4_K:
+        return dequantize(np.asarray(gq.quantize(x, QT.Q8_0)).view(np.uint8), QT.Q8_0).reshape(x.shape)
+    b = x.reshape(-1, 256)
+    d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    return (gq.np_roundf(b * inv).astype(np.float32) * d).reshape(x.shape)
 
 
 class NumbaMeaning(ReferenceBackend):
-    """The reference with the numba backend's one choice of numerics: Q4_0 and Q8_0 products of one
-    or two tokens meet 8-bit activations, and the MoE takes each expert's tokens (from every slot) at
+    """The reference with the numba backend's one choice of numerics: Q4_0, Q8_0 and Q4_K products
+    of one or two tokens meet 8-bit activations, and the MoE takes each expert's tokens (from every slot) at
     once, as the numba kernel groups them."""
 
     def matmul(self, x: np.ndarray, w: QTensor) -> np.ndarray:
-        if w.qtype in (QT.Q4_0, QT.Q8_0) and 0 < x.shape[0] <= 2:
-            x = a8(x)
+        if w.qtype in (QT.Q4_0, QT.Q8_0, QT.Q4_K) and 0 < x.shape[0] <= 2:
+            x = a8(x, w.qtype)
         return super().matmul(x, w)
 
     def moe(self, x, ids, weights, experts, shared):
@@ -147,7 +155,7 @@ def test_matmul_real_row_lengths(qt, cols, t):
 
 
 def test_a8_vnni_and_portable_paths(tmp_path):
-    """The Q4_0 and Q8_0 dots form their integer sums with `vpdpbusd` where numba compiles for a
+    """The Q4_0, Q8_0 and Q4_K dots form their integer sums with `vpdpbusd` where numba compiles for a
     CPU with AVX-512 VNNI and in portable vector code elsewhere (another CPU, or NUMBA_CPU_NAME
     for a portable cache): whichever this machine uses ran above, and a child process compiled
     for a CPU without AVX-512 runs the portable one here too."""
@@ -160,8 +168,9 @@ import test_kernels_numba as t
 from lite.kernels import numba_kernels as nk
 rng = np.random.default_rng(7)
 err = []
-for qt in (QT.Q4_0, QT.Q8_0):
+for qt in (QT.Q4_0, QT.Q8_0, QT.Q4_K):
     for n, cols, tok in ((19, 1408, 1), (37, 512, 2), (5, 96, 2), (3, 32, 1)):
+        cols = cols if qt != QT.Q4_K else 256 * (1 + cols // 512)
         w = t.random_weight(rng, qt, n, cols)
         x = rng.standard_normal((tok, cols)).astype(np.float32)
         got, want = t.NB.matmul(x, w), t.MEANING.matmul(x, w)
@@ -181,7 +190,7 @@ print(json.dumps({"vnni": nk.A8_VNNI, "err": max(err)}))
 def test_a8_activations_are_ggml_q8_0():
     """The one- and two-token Q4_0 and Q8_0 paths quantize x as ggml's Q8_0 does, bit for bit (the
     C kernels' activations): int8 quants, float16-rounded scales, and each block's sum of quants;
-    zero, tiny and exact-half blocks included."""
+    zero, tiny and exact-half blocks included. Q4_K's 256-blocks as the C kernels' Q8_K."""
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((2, 256)) * 3).astype(np.float32)
     x[0, :32] = 0
@@ -194,6 +203,14 @@ def test_a8_activations_are_ggml_q8_0():
     np.testing.assert_array_equal(qs, ref[..., 2:].view(np.int8))
     np.testing.assert_array_equal(xp[:, 64:72], ref[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
     np.testing.assert_array_equal(xp[:, 72:80], qs.astype(np.float32).sum(axis=2))
+    # Q4_K's 256-blocks (as the C kernels' Q8_K): quants at float 80, then d, then sums per 32
+    d = np.abs(x).max(axis=1) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    q8k = gq.np_roundf(x * inv[:, None]).astype(np.int8)
+    np.testing.assert_array_equal(xp[:, 80:144].copy().view(np.int8), q8k)
+    np.testing.assert_array_equal(xp[:, 144], d)
+    np.testing.assert_array_equal(xp[:, 145:153], q8k.reshape(2, 8, 32).astype(np.float32).sum(axis=2))
 
 
 def test_matmul_f32_exactish_and_zero_tokens():

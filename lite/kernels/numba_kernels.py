@@ -5,13 +5,13 @@ and the one-call MoE layer.
 Nothing here validates its inputs: `numba_backend.py` checks every shape, dtype and byte count
 before calling in, so these loops may index without bounds checks.
 
-Numerics: a one- or two-token Q4_0 or Q8_0 product quantizes its activations to 8-bit blocks
-first, as the C kernels do (ggml's Q8_0: d = amax/127 rounded to float16, q = roundf(x/d)), and
-sums integer products, so it agrees with the C backend's A8 product (and with the reference to
-that quantization's error). Every other product dequantizes weights block by block in registers and
-multiplies them into float32 activations (Q6_K reads a copy of x permuted within 32-blocks, exact,
-and Q4_K its mins take off with sums of x over 16 elements), so it agrees with the numpy reference
-to float32 rounding. Reductions are compiled with fastmath flags `reassoc` and `contract` only,
+Numerics: a one- or two-token Q4_0, Q8_0 or Q4_K product quantizes its activations to 8-bit
+blocks first, as the C kernels do (Q4_0 and Q8_0: ggml's Q8_0, d = amax/127 rounded to float16
+per 32, q = roundf(x/d); Q4_K: d = amax/127 per 256), and sums integer products, so it agrees
+with the C backend's product (and with the reference to that quantization's error). Every other
+product dequantizes weights block by block in registers and multiplies them into float32
+activations (Q6_K reads a copy of x permuted within 32-blocks, exact), so it agrees with the numpy
+reference to float32 rounding. Reductions are compiled with fastmath flags `reassoc` and `contract` only,
 which lets LLVM keep several SIMD partial sums (and fuse multiply-adds); no flag that changes
 inf/nan/signed-zero semantics is used. Elementwise kernels use no fastmath at all.
 
@@ -93,15 +93,15 @@ def _dot_lut(row, x, lut):
 # weights' quants into them as integers (see `_a8_pair`) and each block's sum by d_w·d_x, taking
 # the offset (Q4_0's 8, Q8_0's bias of 128) off with the quants' sums.
 #
-# Q4_K takes its mins off with the sums of x over each 16 weights, which `_prep` appends to the
-# prepared row, so its loop multiplies bare quants; Q6_K reads a third part, x permuted within
-# each 32-block to meet its weights' lane order (see `_q6k_block`).
+# Q4_K reads x quantized to 256-blocks (the C kernels' Q8_K), its mins taken off with the sums of
+# quants over each 32 (see `_q4k_block`); Q6_K reads a second part, x permuted within each
+# 32-block to meet its weights' lane order (see `_q6k_block`).
 
 @njit(cache=True, inline="always")
 def _prep_width(k):
-    """The width of a prepared row of x `[K]`: K (Q4_0, of which K // 4 + K // 16 are used) + K // 16
-    (Q4_K) + K (Q6_K)."""
-    return 2 * k + k // 16
+    """The width of a prepared row of x `[K]`: K (the 8-bit forms, of which K // 4 + K // 16 are
+    Q4_0's and Q8_0's, then K // 4 + K // 256 + K // 32 Q4_K's) + K (Q6_K)."""
+    return 2 * k
 
 
 @njit(cache=True, inline="always")
@@ -111,37 +111,50 @@ def _roundf(v):
     return r if v >= 0 else -r
 
 
+@njit(cache=True, inline="always")
+def _quant_block(xv, xq, o):
+    """The block xv as int8 quants at xq[o:o + len(xv)] (d = amax/127, q = roundf(x/d), as C's
+    quantizer): its d and the sum of its quants."""
+    amax = np.float32(0.0)
+    for j in range(xv.shape[0]):
+        a = abs(xv[j])
+        amax = a if a > amax else amax
+    d = amax / np.float32(127.0)
+    inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+    total = 0
+    for j in range(xv.shape[0]):
+        q = int(_roundf(xv[j] * inv))
+        xq[o + j] = q
+        total += q
+    return d, total
+
+
 @njit(cache=True)
 def _prep(x, xp):
-    """x `[T, K]` → xp `[T, _prep_width(K)]`: x as 8-bit blocks (Q4_0: int8 quants, each block's
-    float16-rounded scale and its quants' sum; the quants bit for bit ggml's Q8_0), the sum of
-    every 16 elements of x (Q4_K), then x with element 4l + k of each 32-block at 8k + l (l 0..7,
+    """x `[T, K]` → xp `[T, _prep_width(K)]`: x as 8-bit blocks, bit for bit as the C kernels
+    quantize it: for Q4_0 and Q8_0 ggml's Q8_0 (int8 quants, each 32-block's float16-rounded
+    scale and its quants' sum), for Q4_K Q8_K (int8 quants, each 256-block's scale, the sums of
+    its quants over each 32); then x with element 4l + k of each 32-block at 8k + l (l 0..7,
     k 0..3; Q6_K)."""
     k = x.shape[1]
     nb = k // 32
+    q8k = k // 4 + k // 16
     for t in range(x.shape[0]):
-        xq = xp[t, :k // 4].view(np.int8)
+        xq = xp[t, :q8k + k // 4].view(np.int8)
         for b in range(nb):
-            xv = x[t, b * 32:b * 32 + 32]
-            amax = np.float32(0.0)
-            for j in range(32):
-                a = abs(xv[j])
-                amax = a if a > amax else amax
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-            total = 0
-            for j in range(32):
-                q = int(_roundf(xv[j] * inv))
-                xq[b * 32 + j] = q
-                total += q
+            d, total = _quant_block(x[t, b * 32:b * 32 + 32], xq, b * 32)
             xp[t, k // 4 + b] = _f16_round(d)
             xp[t, k // 4 + nb + b] = np.float32(total)
-        for g in range(k // 16):
-            a = np.float32(0.0)
-            for j in range(16):
-                a += x[t, 16 * g + j]
-            xp[t, k + g] = a
-        q6 = k + k // 16
+        if k % 256 == 0:
+            for b in range(k // 256):
+                d, _ = _quant_block(x[t, b * 256:b * 256 + 256], xq, 4 * q8k + b * 256)
+                xp[t, q8k + k // 4 + b] = d
+                for j in range(8):
+                    total = 0
+                    for i in range(32):
+                        total += xq[4 * q8k + b * 256 + 32 * j + i]
+                    xp[t, q8k + k // 4 + k // 256 + 8 * b + j] = np.float32(total)
+        q6 = k
         for b in range(k // 32):
             xv = x[t, b * 32:b * 32 + 32]
             pv = xp[t, q6 + b * 32:q6 + b * 32 + 32]
@@ -335,6 +348,28 @@ def _pair_scale(typingctx, a, b):
     return V16(types.float32, types.float32), codegen
 
 
+def _a8_lanes(builder, q, x):
+    """<16 x i32>: lane j = Σ q[4j + k]·x[4j + k] (k < 4), q 64 unsigned and x 64 signed bytes."""
+    v32 = ir.VectorType(_I32, 16)
+    if A8_VNNI:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32, [v32, v32, v32]),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [ir.Constant(v32, [0] * 16), builder.bitcast(q, v32), builder.bitcast(x, v32)])
+    p = builder.mul(builder.zext(q, ir.VectorType(_I32, 64)), builder.sext(x, ir.VectorType(_I32, 64)))
+    for n in (32, 16):   # adjacent pairs added twice
+        p = builder.add(builder.shuffle_vector(p, p, _vi(range(0, 2 * n, 2), n)),
+                        builder.shuffle_vector(p, p, _vi(range(1, 2 * n, 2), n)))
+    return p
+
+
+def _nibbles(builder, q, shifts):
+    """q (<64 x i8>) with each 16-bit word shifted right by shifts[word] (0 where the caller laid
+    out bytes for their low nibbles, 4 for their high ones), then masked to 4 bits."""
+    i8, i16 = ir.IntType(8), ir.IntType(16)
+    q = builder.lshr(builder.bitcast(q, ir.VectorType(i16, 32)), ir.Constant(ir.VectorType(i16, 32), shifts))
+    return builder.and_(builder.bitcast(q, ir.VectorType(i8, 64)), ir.Constant(ir.VectorType(i8, 64), [15] * 64))
+
+
 @intrinsic
 def _a8_pair(typingctx, row, o, xp, xo, scale, blocks, kind):
     """Two blocks at byte o of row (`blocks` 2; with 1, the first alone) times their 64 int8
@@ -355,7 +390,7 @@ def _a8_pair(typingctx, row, o, xp, xo, scale, blocks, kind):
         row, o, xp, xo, scale, _, _ = args
         rp = _data(context, builder, rowty, row)
         xb = builder.bitcast(_data(context, builder, xty, xp), ir.IntType(8).as_pointer())
-        i8, i16 = ir.IntType(8), ir.IntType(16)
+        i8 = ir.IntType(8)
         if q8:
             v32b = ir.VectorType(i8, 32)
             bias = ir.Constant(v32b, [0x80] * 32)
@@ -367,22 +402,8 @@ def _a8_pair(typingctx, row, o, xp, xo, scale, blocks, kind):
             q0 = _load(builder, rp, o, 2, v16b, 1)
             q1 = _load(builder, rp, o, 20, v16b, 1) if two else ir.Constant(v16b, [0] * 16)
             q = builder.shuffle_vector(q0, q1, _vi(list(range(16)) * 2 + list(range(16, 32)) * 2, 64))
-            # each 16-byte run shifted right by 0 (low nibbles) or 4 (high), then masked
-            q = builder.lshr(builder.bitcast(q, ir.VectorType(i16, 32)),
-                             ir.Constant(ir.VectorType(i16, 32), ([0] * 8 + [4] * 8) * 2))
-            q = builder.and_(builder.bitcast(q, ir.VectorType(i8, 64)), ir.Constant(ir.VectorType(i8, 64), [15] * 64))
-        x = _load(builder, xb, xo, 0, ir.VectorType(i8, 64), 1)
-        v32 = ir.VectorType(_I32, 16)
-        if A8_VNNI:
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32, [v32, v32, v32]),
-                                                "llvm.x86.avx512.vpdpbusd.512")
-            dot = builder.call(fn, [ir.Constant(v32, [0] * 16), builder.bitcast(q, v32), builder.bitcast(x, v32)])
-        else:
-            p = builder.mul(builder.zext(q, ir.VectorType(_I32, 64)), builder.sext(x, ir.VectorType(_I32, 64)))
-            for n in (32, 16):   # adjacent pairs added twice: lane j = products 4j..4j+3
-                p = builder.add(builder.shuffle_vector(p, p, _vi(range(0, 2 * n, 2), n)),
-                                builder.shuffle_vector(p, p, _vi(range(1, 2 * n, 2), n)))
-            dot = p
+            q = _nibbles(builder, q, ([0] * 8 + [4] * 8) * 2)   # runs: low, high, low, high nibbles
+        dot = _a8_lanes(builder, q, _load(builder, xb, xo, 0, ir.VectorType(i8, 64), 1))
         return _mul(builder, builder.sitofp(dot, ir.VectorType(ir.FloatType(), 16)), scale)
 
     return V16(row, types.int64, xp, types.int64, V16, blocks, kind), codegen
@@ -472,46 +493,35 @@ def _q4k_scale_min(row, o, j):
     return sc, mn
 
 
-# The K-quant dots vectorise across 8 positions l (0..7) of every 16- or 32-weight sub-block at
-# once: lane l sums the sub-block's weights l, l + 8, ... in its own partial, the partials are
-# scaled (broadcast scales) and added lane-wise, and one horizontal sum per super-block is left.
-# The earlier layout (one accumulator per sub-block, scales applied after the loop) needed a
-# horizontal sum per sub-block, 8 (Q4_K) or 16 (Q6_K) per super-block, and those plus the scalar
-# scale conversions cost about as much as the weights' decode. Through `matmul`, T=1: 1.1-1.3x
-# the earlier kernels on Q4_K 1408x2048, 1.3-1.4x on Q6_K 2816x2048 (noisy 2-core machine,
-# interleaved A/B).
+# Q6_K's dot vectorises across 8 positions l (0..7) of every 16-weight sub-block at once: lane
+# l sums the sub-block's weights l, l + 8, ... in its own partial, the partials are scaled
+# (broadcast scales) and added lane-wise, and one horizontal sum per super-block is left. The
+# earlier layout (one accumulator per sub-block, scales applied after the loop) needed 16
+# horizontal sums per super-block, which with the scalar scale conversions cost about as much as
+# the weights' decode: 1.3-1.4x on Q6_K 2816x2048 through `matmul`, T=1.
 #
-# Q4_K weight j of sub-block i (0..7) is d·sc_i·q − dmin·m_i: the loop multiplies bare quants
-# (high nibbles as byte & 0xF0, i.e. 16q, the 1/16 going into the scale) and the mins come off
-# as dmin·Σ m_i·(sum of x over sub-block i). Q4_K is now explicit 8-lane vectors like Q4_0
-# (`_q4k_block`: one super-block per call, one horizontal sum per row): one thread, Q4_K
-# 1408x2048, T=1, from L3: 4.2-4.4 → 5.4-5.7 GB/s (interleaved A/B). Q6_K followed (below).
+# Q4_K weight j of sub-block i (0..7) is d·sc_i·q − dmin·m_i. Its dot is integer, as Q4_0's: the
+# float form it replaced (8 lanes of bare quants times x, 1.1-1.3x the loop before it) decoded
+# the 8-layer q4_k_m file 1.09x slower (alternating in one process).
 
 @intrinsic
-def _q4k_block(typingctx, acc, row, o, x, xo, xs, so, d, dmin):
-    """acc + the Q4_K super-block at byte o of row · x[xo:xo + 256] as 8 lane sums, with
-    d = its fp16 d and dmin as float32 and xs[so:so + 16] the 16-element sums of that x.
-    The 6-bit scales and mins are unpacked as <8 x i32> (lane i: sub-block i) and scaled once
-    (d·sc, high-nibble sub-blocks times 1/16 more: exact); each sub-block pair is four 8-byte
-    zero-extending loads, masks 15 and 240, conversions and multiply-adds with x into a low and a
-    high lane sum, which the pair's broadcast scales add into the result; the mins come off as
-    the lanes dmin·m_i·(sum of x over sub-block i). No bounds checks."""
-    if not (isinstance(row, types.Array) and isinstance(x, types.Array) and isinstance(xs, types.Array)):
-        return None
-    if d != types.float32 or dmin != types.float32:
+def _q4k_block(typingctx, acc, row, o, xp, xo, so, ddx, mdx):
+    """acc + the Q4_K super-block at byte o of row · its 256 activations as `_prep` quantized them
+    (Q8_K: int8 quants at byte xo of xp, their sums over each 32 at xp[so:so + 8]), with ddx =
+    d·d_x and mdx = dmin·d_x. The 6-bit scales and mins are unpacked as <8 x i32> (lane i:
+    sub-block i); each 32-byte quant run is sub-blocks 2c (low nibbles) and 2c + 1 (high) against
+    64 activation bytes, its integer lane sums (`_a8_lanes`) times the sub-blocks' scales in
+    integers, as the C kernel's; the mins come off as dmin·d_x·Σ m_i·(sum of quants i), in lanes
+    0-7. No bounds checks."""
+    if not (acc == V16 and isinstance(row, types.Array) and isinstance(xp, types.Array)
+            and ddx == types.float32 and mdx == types.float32):
         return None
 
     def codegen(context, builder, signature, args):
-        _, rowty, _, xty, _, xsty, _, _, _ = signature.args
-        acc, row, o, x, xo, xs, so, d, dmin = args
-        rp, xp, sp = (_data(context, builder, t, a) for t, a in ((rowty, row), (xty, x), (xsty, xs)))
-
-        def add(a, b):
-            return _add(builder, a, b)
-
-        def mul(a, b):
-            return _mul(builder, a, b)
-
+        _, rowty, _, xty, _, _, _, _ = signature.args
+        acc, row, o, xp, xo, so, ddx, mdx = args
+        rp, xf = _data(context, builder, rowty, row), _data(context, builder, xty, xp)
+        xb = builder.bitcast(xf, ir.IntType(8).as_pointer())
         # Scales and mins: P = bytes 4..11 of the block, Q = bytes 8..15 (the 12 scale bytes).
         pb, qb = _bytes8(builder, rp, o, 4), _bytes8(builder, rp, o, 8)
         r = builder.shuffle_vector(pb, qb, _vi([0, 1, 2, 3, 12, 13, 14, 15]))
@@ -519,36 +529,39 @@ def _q4k_block(typingctx, acc, row, o, x, xo, xs, so, d, dmin):
         sc = builder.or_(builder.and_(r, _vi([63] * 4 + [15] * 4)), builder.lshr(builder.and_(sh, _vi(192)), _vi(2)))
         mn = builder.or_(builder.and_(builder.lshr(qb, _vi([0] * 4 + [4] * 4)), _vi([63] * 4 + [15] * 4)),
                          builder.lshr(builder.and_(pb, _vi([0] * 4 + [192] * 4)), _vi(2)))
-        scf = mul(builder.fmul(builder.sitofp(sc, _V8F), ir.Constant(_V8F, [1.0, 0.0625] * 4)), _splat(builder, d))
-        # sums of x over each 32-weight sub-block, lane i = sub-block i
-        s0, s1 = _floats8(builder, sp, so, 0), _floats8(builder, sp, so, 8)
-        x32 = add(builder.shuffle_vector(s0, s1, _vi(range(0, 16, 2))),
-                  builder.shuffle_vector(s0, s1, _vi(range(1, 16, 2))))
-        out = builder.fsub(acc, mul(mul(builder.sitofp(mn, _V8F), _splat(builder, dmin)), x32), flags=_FFLAGS)
+        v32b = ir.VectorType(ir.IntType(8), 32)
+        isum = ir.Constant(ir.VectorType(_I32, 16), [0] * 16)
         for c in range(4):
-            qs = [_bytes8(builder, rp, o, 16 + 32 * c + 8 * i) for i in range(4)]
-            lo = [mul(builder.sitofp(builder.and_(q, _vi(15)), _V8F), _floats8(builder, xp, xo, 64 * c + 8 * i))
-                  for i, q in enumerate(qs)]
-            hi = [mul(builder.sitofp(builder.and_(q, _vi(240)), _V8F), _floats8(builder, xp, xo, 64 * c + 32 + 8 * i))
-                  for i, q in enumerate(qs)]
-            out = add(mul(_lane(builder, scf, 2 * c), add(add(lo[0], lo[1]), add(lo[2], lo[3]))), out)
-            out = add(mul(_lane(builder, scf, 2 * c + 1), add(add(hi[0], hi[1]), add(hi[2], hi[3]))), out)
-        return out
+            q = _load(builder, rp, o, 16 + 32 * c, v32b, 1)
+            q = _nibbles(builder, builder.shuffle_vector(q, q, _vi(list(range(32)) * 2, 64)), [0] * 16 + [4] * 16)
+            dot = _a8_lanes(builder, q, _load(builder, xb, xo, 64 * c, ir.VectorType(ir.IntType(8), 64), 1))
+            isum = builder.add(isum, builder.mul(dot, builder.shuffle_vector(sc, sc, _vi([2 * c] * 8 + [2 * c + 1] * 8,
+                                                                                       16))))
+        v16f = ir.VectorType(ir.FloatType(), 16)
+        out = _add(builder, acc, _mul(builder, builder.sitofp(isum, v16f), _splat(builder, ddx, 16)))
+        mins = _mul(builder, builder.sitofp(mn, _V8F), _floats8(builder, xf, so, 0))
+        mins = builder.shuffle_vector(_mul(builder, mins, _splat(builder, mdx)), ir.Constant(_V8F, [0.0] * 8),
+                                      _vi(range(16), 16))
+        return builder.fsub(out, mins, flags=_FFLAGS)
 
-    return V8(V8, row, types.int64, x, types.int64, xs, types.int64, types.float32, types.float32), codegen
+    return V16(V16, row, types.int64, xp, types.int64, types.int64, types.float32, types.float32), codegen
 
 
 @njit(cache=True, inline="always")
-def _dot_q4_k(w, base, x, xs, so, lut):
-    """The Q4_K row at byte `base` of w · x; xs[so:] the 16-element sums of x (`_prep`). One
-    accumulator (two, alternating super-blocks, spilled registers and measured 5% slower). No
-    prefetch: a 1 KiB one like `_dot_a8`'s, three lines per super-block, cost 20% from L3 and
-    gained nothing measurable in decode."""
-    a0 = _v_zero(8)
-    for b in range(x.shape[0] // 256):
+def _dot_q4_k(w, base, nsb, xp, lut):
+    """The nsb-super-block Q4_K row at byte `base` of w · x as `_prep` quantized it (Q8_K, as the
+    C kernels do). No prefetch: a 1 KiB one, three lines per super-block, cost 20% from L3 and
+    gained nothing measurable in decode (measured on the float form this replaced)."""
+    k = nsb * 256
+    q8k = k // 4 + k // 16            # xp's floats: the Q8_K quants, then d per 256, then sums per 32
+    dk = q8k + k // 4
+    sk = dk + nsb
+    acc = _v_zero(16)
+    for b in range(nsb):
         o = base + b * 144
-        a0 = _q4k_block(a0, w, o, x, b * 256, xs, so + b * 16, lut[_h(w, o)], lut[_h(w, o + 2)])
-    return _v_sum(a0)
+        dx = _at(xp, dk + b)
+        acc = _q4k_block(acc, w, o, xp, 4 * q8k + 256 * b, sk + 8 * b, lut[_h(w, o)] * dx, lut[_h(w, o + 2)] * dx)
+    return _v_sum(acc)
 
 
 # Q6_K weight i (0..255) of a super-block is d·sc·(q − 32), sc the int8 scale of its 16 weights
@@ -652,8 +665,8 @@ def _row_prep(qt, w, base, x, xp, lut16):
     if qt == Q8_0:
         return _dot_a8(w, base, k // 32, xp, lut16, 1)
     if qt == Q4_K:
-        return _dot_q4_k(w, base, x, xp, k, lut16)
-    return _dot_q6_k(w, base, k // 256, xp, k + k // 16, lut16)
+        return _dot_q4_k(w, base, k // 256, xp, lut16)
+    return _dot_q6_k(w, base, k // 256, xp, k, lut16)
 
 
 @njit(cache=True, fastmath=FM)
