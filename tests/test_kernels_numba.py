@@ -1,12 +1,12 @@
 """NumbaBackend against the numpy ReferenceBackend: every op on random inputs, odd sizes, 1 and
 2 threads, and input validation.
 
-What is compared. A product of one or two tokens with Q4_0, Q8_0 or Q4_K weights quantizes its
-activations to 8-bit blocks first, as the C kernels do; `MEANING` is the reference with that step
-(a round trip through ggml's Q8_0 from gguf.quants, or for Q4_K through 256-blocks), and the
-products and the MoE are held to it. Every other product dequantizes weights in float32 exactly
-as dequant.py does (the row decoder is checked bit for bit below) and multiplies them into
-float32 activations, as the reference does.
+What is compared. A product of one or two tokens with quantized weights quantizes its
+activations to 8-bit blocks first, as the C kernels do; `MEANING` is the reference with that
+step (a round trip through ggml's Q8_0 from gguf.quants, or for the K-quants through
+256-blocks), and the products and the MoE are held to it. Every other product dequantizes
+weights in float32 exactly as dequant.py does (the row decoder is checked bit for bit below) and
+multiplies them into float32 activations, as the reference does.
 
 Tolerances. Only the order of float32 additions differs from `MEANING` (SIMD partial sums,
 factored block scales). Relative to the largest output magnitude the measured error is ≤ 7e-7
@@ -43,8 +43,9 @@ from lite.kernels.reference import ReferenceBackend
 
 def a8(x: np.ndarray, qt: QT) -> np.ndarray:
     """x as the 8-bit blocks of a qt product see it, quantized and dequantized: ggml's Q8_0 for
-    Q4_0 and Q8_0 weights; for Q4_K 256-blocks with a float32 scale amax/127 and roundf(x/d)."""
-    if qt != QT.Q4_K:
+    Q4_0 and Q8_0 weights; for the K-quants 256-blocks with a float32 scale amax/127 and
+    roundf(x/d)."""
+    if qt not in (QT.Q4_K, QT.Q6_K):
         return dequantize(np.asarray(gq.quantize(x, QT.Q8_0)).view(np.uint8), QT.Q8_0).reshape(x.shape)
     b = x.reshape(-1, 256)
     d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
@@ -54,12 +55,12 @@ def a8(x: np.ndarray, qt: QT) -> np.ndarray:
 
 
 class NumbaMeaning(ReferenceBackend):
-    """The reference with the numba backend's one choice of numerics: Q4_0, Q8_0 and Q4_K products
-    of one or two tokens meet 8-bit activations, and the MoE takes each expert's tokens (from every slot) at
+    """The reference with the numba backend's one choice of numerics: quantized products of one or
+    two tokens meet 8-bit activations, and the MoE takes each expert's tokens (from every slot) at
     once, as the numba kernel groups them."""
 
     def matmul(self, x: np.ndarray, w: QTensor) -> np.ndarray:
-        if w.qtype in (QT.Q4_0, QT.Q8_0, QT.Q4_K) and 0 < x.shape[0] <= 2:
+        if w.qtype in (QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q6_K) and 0 < x.shape[0] <= 2:
             x = a8(x, w.qtype)
         return super().matmul(x, w)
 
@@ -155,7 +156,7 @@ def test_matmul_real_row_lengths(qt, cols, t):
 
 
 def test_a8_vnni_and_portable_paths(tmp_path):
-    """The Q4_0, Q8_0 and Q4_K dots form their integer sums with `vpdpbusd` where numba compiles for a
+    """The quantized dots form their integer sums with `vpdpbusd` where numba compiles for a
     CPU with AVX-512 VNNI and in portable vector code elsewhere (another CPU, or NUMBA_CPU_NAME
     for a portable cache): whichever this machine uses ran above, and a child process compiled
     for a CPU without AVX-512 runs the portable one here too."""
@@ -168,9 +169,9 @@ import test_kernels_numba as t
 from lite.kernels import numba_kernels as nk
 rng = np.random.default_rng(7)
 err = []
-for qt in (QT.Q4_0, QT.Q8_0, QT.Q4_K):
+for qt in (QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q6_K):
     for n, cols, tok in ((19, 1408, 1), (37, 512, 2), (5, 96, 2), (3, 32, 1)):
-        cols = cols if qt != QT.Q4_K else 256 * (1 + cols // 512)
+        cols = cols if qt in (QT.Q4_0, QT.Q8_0) else 256 * (1 + cols // 512)
         w = t.random_weight(rng, qt, n, cols)
         x = rng.standard_normal((tok, cols)).astype(np.float32)
         got, want = t.NB.matmul(x, w), t.MEANING.matmul(x, w)
@@ -190,7 +191,7 @@ print(json.dumps({"vnni": nk.A8_VNNI, "err": max(err)}))
 def test_a8_activations_are_ggml_q8_0():
     """The one- and two-token Q4_0 and Q8_0 paths quantize x as ggml's Q8_0 does, bit for bit (the
     C kernels' activations): int8 quants, float16-rounded scales, and each block's sum of quants;
-    zero, tiny and exact-half blocks included. Q4_K's 256-blocks as the C kernels' Q8_K."""
+    zero, tiny and exact-half blocks included. The K-quants' 256-blocks as the C kernels' Q8_K."""
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((2, 256)) * 3).astype(np.float32)
     x[0, :32] = 0
@@ -211,6 +212,7 @@ def test_a8_activations_are_ggml_q8_0():
     np.testing.assert_array_equal(xp[:, 80:144].copy().view(np.int8), q8k)
     np.testing.assert_array_equal(xp[:, 144], d)
     np.testing.assert_array_equal(xp[:, 145:153], q8k.reshape(2, 8, 32).astype(np.float32).sum(axis=2))
+    np.testing.assert_array_equal(xp[:, 153:169], q8k.reshape(2, 16, 16).astype(np.float32).sum(axis=2))
 
 
 def test_matmul_f32_exactish_and_zero_tokens():

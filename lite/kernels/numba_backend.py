@@ -2,16 +2,17 @@
 (`parallel=True`, `cache=True`; threads across output rows, heads or expert rows).
 
 Every op has the meaning of `reference.py`, with one choice of numerics the C backend makes too:
-a product of one or two tokens with Q4_0, Q8_0 or Q4_K weights (decode's, the bulk of its bytes)
-quantizes the activations to 8-bit blocks (ggml's Q8_0; for Q4_K, 256-blocks as C's Q8_K) and
-sums integer products, with one `vpdpbusd` per 64 weights where numba compiles for AVX-512 VNNI.
-Against the float32 loops it replaced (weights dequantized in registers times float32 x): one
-thread, Q4_0 1408×2048 from L2, 8.4 → 14.5 GB/s; decode of a Q4_0 file 1.16x, and 1.09x more
-with a 2 KiB prefetch; of a q4_k_m file 1.09x for Q4_K (alternating in one process). Written as
-plain int32 loops an earlier try took 1.4x the float loops' time, which is why the integer path
-is written as explicit vectors. Every other product (Q6_K and float weights; more tokens)
-dequantizes weights block by block in registers and multiplies them into float32 activations, so
-it agrees with the reference to float32 rounding (only the order of additions differs). For T > 2
+a product of one or two tokens with quantized weights (decode's, the bulk of its bytes) quantizes
+the activations to 8-bit blocks (ggml's Q8_0 for Q4_0 and Q8_0; for the K-quants 256-blocks as
+C's Q8_K) and sums integer products, with one `vpdpbusd` per 64 weights where numba compiles for
+AVX-512 VNNI. Against the float32 loops it replaced (weights dequantized in registers times
+float32 x): one thread, Q4_0 1408×2048 from L2, 8.4 → 14.5 GB/s; decode of a Q4_0 file 1.16x,
+and 1.09x more with a 2 KiB prefetch; of a q4_k_m file 1.27x for Q4_K and Q6_K (alternating in
+one process). Written as plain int32 loops an earlier try took 1.4x the float loops' time, which
+is why the integer path is written as explicit vectors. Every other product (float weights; more
+tokens) dequantizes weights block by block in registers and multiplies them into float32
+activations, so it agrees with the reference to float32 rounding (only the order of additions
+differs). For T > 2
 tokens a tile of 8 weight rows is decoded once into a thread-local float buffer and reused for
 every token (4 rows per pass over x).
 

@@ -5,13 +5,13 @@ and the one-call MoE layer.
 Nothing here validates its inputs: `numba_backend.py` checks every shape, dtype and byte count
 before calling in, so these loops may index without bounds checks.
 
-Numerics: a one- or two-token Q4_0, Q8_0 or Q4_K product quantizes its activations to 8-bit
+Numerics: a one- or two-token product with quantized weights quantizes its activations to 8-bit
 blocks first, as the C kernels do (Q4_0 and Q8_0: ggml's Q8_0, d = amax/127 rounded to float16
-per 32, q = roundf(x/d); Q4_K: d = amax/127 per 256), and sums integer products, so it agrees
-with the C backend's product (and with the reference to that quantization's error). Every other
-product dequantizes weights block by block in registers and multiplies them into float32
-activations (Q6_K reads a copy of x permuted within 32-blocks, exact), so it agrees with the numpy
-reference to float32 rounding. Reductions are compiled with fastmath flags `reassoc` and `contract` only,
+per 32, q = roundf(x/d); Q4_K and Q6_K: d = amax/127 per 256), and sums integer products, so it
+agrees with the C backend's product (and with the reference to that quantization's error). Every
+other product (float weights; more tokens) dequantizes weights block by block in registers and
+multiplies them into float32 activations, so it agrees with the numpy reference to float32
+rounding. Reductions are compiled with fastmath flags `reassoc` and `contract` only,
 which lets LLVM keep several SIMD partial sums (and fuse multiply-adds); no flag that changes
 inf/nan/signed-zero semantics is used. Elementwise kernels use no fastmath at all.
 
@@ -93,15 +93,14 @@ def _dot_lut(row, x, lut):
 # weights' quants into them as integers (see `_a8_pair`) and each block's sum by d_w·d_x, taking
 # the offset (Q4_0's 8, Q8_0's bias of 128) off with the quants' sums.
 #
-# Q4_K reads x quantized to 256-blocks (the C kernels' Q8_K), its mins taken off with the sums of
-# quants over each 32 (see `_q4k_block`); Q6_K reads a second part, x permuted within each
-# 32-block to meet its weights' lane order (see `_q6k_block`).
+# Q4_K and Q6_K read x quantized to 256-blocks (the C kernels' Q8_K), with the sums of quants over
+# each 32 (Q4_K's mins) and each 16 (Q6_K's −32; see `_q4k_block`, `_q6k_block`).
 
 @njit(cache=True, inline="always")
 def _prep_width(k):
-    """The width of a prepared row of x `[K]`: K (the 8-bit forms, of which K // 4 + K // 16 are
-    Q4_0's and Q8_0's, then K // 4 + K // 256 + K // 32 Q4_K's) + K (Q6_K)."""
-    return 2 * k
+    """The width of a prepared row of x `[K]`: K // 4 + K // 16 floats of Q8_0 blocks (Q4_0,
+    Q8_0), then K // 4 + K // 256 + K // 32 + K // 16 of Q8_K blocks (Q4_K, Q6_K)."""
+    return k // 2 + k // 8 + k // 256 + k // 32
 
 
 @njit(cache=True, inline="always")
@@ -133,12 +132,13 @@ def _quant_block(xv, xq, o):
 def _prep(x, xp):
     """x `[T, K]` → xp `[T, _prep_width(K)]`: x as 8-bit blocks, bit for bit as the C kernels
     quantize it: for Q4_0 and Q8_0 ggml's Q8_0 (int8 quants, each 32-block's float16-rounded
-    scale and its quants' sum), for Q4_K Q8_K (int8 quants, each 256-block's scale, the sums of
-    its quants over each 32); then x with element 4l + k of each 32-block at 8k + l (l 0..7,
-    k 0..3; Q6_K)."""
+    scale and its quants' sum), for the K-quants Q8_K (int8 quants, each 256-block's scale, the
+    sums of its quants over each 32 and each 16)."""
     k = x.shape[1]
     nb = k // 32
     q8k = k // 4 + k // 16
+    s32 = q8k + k // 4 + k // 256
+    s16 = s32 + k // 32
     for t in range(x.shape[0]):
         xq = xp[t, :q8k + k // 4].view(np.int8)
         for b in range(nb):
@@ -149,18 +149,13 @@ def _prep(x, xp):
             for b in range(k // 256):
                 d, _ = _quant_block(x[t, b * 256:b * 256 + 256], xq, 4 * q8k + b * 256)
                 xp[t, q8k + k // 4 + b] = d
-                for j in range(8):
+                for j in range(16):
                     total = 0
-                    for i in range(32):
-                        total += xq[4 * q8k + b * 256 + 32 * j + i]
-                    xp[t, q8k + k // 4 + k // 256 + 8 * b + j] = np.float32(total)
-        q6 = k
-        for b in range(k // 32):
-            xv = x[t, b * 32:b * 32 + 32]
-            pv = xp[t, q6 + b * 32:q6 + b * 32 + 32]
-            for i in range(4):
+                    for i in range(16):
+                        total += xq[4 * q8k + b * 256 + 16 * j + i]
+                    xp[t, s16 + 16 * b + j] = np.float32(total)
                 for j in range(8):
-                    pv[8 * i + j] = xv[4 * j + i]
+                    xp[t, s32 + 8 * b + j] = xp[t, s16 + 16 * b + 2 * j] + xp[t, s16 + 16 * b + 2 * j + 1]
 
 
 # Explicit vectors (`V8` / `V16`, an LLVM <8 / 16 x float>, and intrinsics on them) for the dots
@@ -493,13 +488,6 @@ def _q4k_scale_min(row, o, j):
     return sc, mn
 
 
-# Q6_K's dot vectorises across 8 positions l (0..7) of every 16-weight sub-block at once: lane
-# l sums the sub-block's weights l, l + 8, ... in its own partial, the partials are scaled
-# (broadcast scales) and added lane-wise, and one horizontal sum per super-block is left. The
-# earlier layout (one accumulator per sub-block, scales applied after the loop) needed 16
-# horizontal sums per super-block, which with the scalar scale conversions cost about as much as
-# the weights' decode: 1.3-1.4x on Q6_K 2816x2048 through `matmul`, T=1.
-#
 # Q4_K weight j of sub-block i (0..7) is d·sc_i·q − dmin·m_i. Its dot is integer, as Q4_0's: the
 # float form it replaced (8 lanes of bare quants times x, 1.1-1.3x the loop before it) decoded
 # the 8-layer q4_k_m file 1.09x slower (alternating in one process).
@@ -567,78 +555,63 @@ def _dot_q4_k(w, base, nsb, xp, lut):
 # Q6_K weight i (0..255) of a super-block is d·sc·(q − 32), sc the int8 scale of its 16 weights
 # (byte 192 + i // 16) and q 4 bits of ql | 2 bits of qh << 4: in half h (128 weights), 32-weight
 # group g (0..3) takes the low (g < 2) or high nibbles of ql[64h + 32(g & 1) + j] and bits 2g,
-# 2g + 1 of qh[32h + j] (j 0..31; dequant.py). `_q6k_block` is explicit 8-lane vectors like
-# Q4_K: a group's 32 values q − 32 are built as bytes (each mask, shift, or and subtraction
-# covers 32 weights) and read as 8 int32 lanes of 4 bytes; byte k of lane l (weight 4l + k) goes
-# to the top byte of its lane (a shift or a byte shuffle, and a mask), which converts to
-# (q − 32)·2^24 exactly, and the scales times 2^-24 (exact) take the factor off again (partial
-# sums stay below 2^31·max|x|). The activations meet that order in the copy of x that `_prep`
-# permutes within each 32-block (x[4l + k] at 8k + l), so no weight is widened by a shuffle:
-# reading the bytes in natural order (sign extension of 8 bytes at a time, or a byte transpose
-# of every load) measured 1.2-1.4x slower. A lane's scale is its group's first (lanes 0-3) or
-# second sixteen's (lanes 4-7), from the block's 16 scales converted once. The −32 comes off in
-# the bytes, not with sums of x as before: faster, and no cancellation against 32·Σx.
-# Against the earlier loop form (interleaved A/B, noisy 2-core machine): through `matmul`, T=1,
-# Q6_K 2816x2048 from L3, one thread 4.5 → 6.9 GB/s, two 7.3 → 13.4 GB/s (best of 25; 1.5-1.8x
-# across runs); decode of the 8-layer q4_k_m file, 2 threads, matmul 43 → 29 ms/token.
+# 2g + 1 of qh[32h + j] (j 0..31; dequant.py). Its dot is integer, as Q4_K's: q (0..63) meets
+# the Q8_K activations, each 16 weights' integer sums times their scale, and the −32 comes off
+# as 32·Σ sc·(sum of those 16 quants).
 
 @intrinsic
-def _q6k_block(typingctx, acc, row, o, xq, xo, d):
-    """acc + d·(the Q6_K super-block at byte o of row · x) as 8 lane sums, xq[xo:xo + 256] being
-    that x as permuted by `_prep` and d the block's fp16 d as float32. No bounds checks."""
-    if not (isinstance(row, types.Array) and isinstance(xq, types.Array)) or d != types.float32:
+def _q6k_block(typingctx, acc, row, o, xp, xo, so, ddx):
+    """acc + the Q6_K super-block at byte o of row · its 256 activations as `_prep` quantized them
+    (Q8_K: int8 quants at byte xo of xp, their sums over each 16 at xp[so:so + 16]), ddx = d·d_x.
+    Per half, one 64-byte load of ql and the 32 qh bytes (twice, shifted per run) give weights
+    0-63 and 64-127 as bytes 0..63; their integer lane sums (`_a8_lanes`, 4 lanes per 16 weights)
+    times the 16 weights' scale. No bounds checks."""
+    if not (acc == V16 and isinstance(row, types.Array) and isinstance(xp, types.Array) and ddx == types.float32):
         return None
 
     def codegen(context, builder, signature, args):
-        _, rowty, _, xty, _, _ = signature.args
-        acc, row, o, xq, xo, d = args
-        rp, xp = _data(context, builder, rowty, row), _data(context, builder, xty, xq)
-        b32 = ir.VectorType(ir.IntType(8), 32)
-
-        def c8(v):
-            return ir.Constant(b32, [v] * 32)
-
-        def add(a, b):
-            return _add(builder, a, b)
-
-        def mul(a, b):
-            return _mul(builder, a, b)
-
-        i8x8 = ir.VectorType(ir.IntType(8), 8)
-        scales = [mul(builder.sitofp(builder.sext(_load(builder, rp, o, 192 + 8 * h, i8x8, 1), _V8I), _V8F),
-                      ir.Constant(_V8F, [2.0 ** -24] * 8)) for h in range(2)]
-        top = _vi(255 << 24)
-        halves = []
+        _, rowty, _, xty, _, _, _ = signature.args
+        acc, row, o, xp, xo, so, ddx = args
+        rp, xf = _data(context, builder, rowty, row), _data(context, builder, xty, xp)
+        xb = builder.bitcast(xf, ir.IntType(8).as_pointer())
+        i8, i16 = ir.IntType(8), ir.IntType(16)
+        v64b, v32w = ir.VectorType(i8, 64), ir.VectorType(i16, 32)
+        sc = builder.sext(_load(builder, rp, o, 192, ir.VectorType(i8, 16), 1), ir.VectorType(_I32, 16))
+        isum = ir.Constant(ir.VectorType(_I32, 16), [0] * 16)
         for h in range(2):
-            qa, qb, qh = (_load(builder, rp, o, off, b32, 1) for off in (64 * h, 64 * h + 32, 128 + 32 * h))
-            groups = (builder.or_(builder.and_(qa, c8(15)), builder.and_(builder.shl(qh, c8(4)), c8(48))),
-                      builder.or_(builder.and_(qb, c8(15)), builder.and_(builder.shl(qh, c8(2)), c8(48))),
-                      builder.or_(builder.lshr(qa, c8(4)), builder.and_(qh, c8(48))),
-                      builder.or_(builder.lshr(qb, c8(4)), builder.and_(builder.lshr(qh, c8(2)), c8(48))))
-            parts = []
-            for g, q in enumerate(groups):
-                v = builder.bitcast(builder.sub(q, c8(32)), _V8I)
-                w = (builder.shl(v, _vi(24)), builder.and_(builder.shl(v, _vi(16)), top),
-                     builder.and_(builder.shl(v, _vi(8)), top), builder.and_(v, top))
-                px = [mul(builder.sitofp(w[k], _V8F), _floats8(builder, xp, xo, 128 * h + 32 * g + 8 * k))
-                      for k in range(4)]
-                sv = builder.shuffle_vector(scales[h], scales[h], _vi([2 * g] * 4 + [2 * g + 1] * 4))
-                parts.append(mul(sv, add(add(px[0], px[1]), add(px[2], px[3]))))
-            halves.append(add(add(parts[0], parts[1]), add(parts[2], parts[3])))
-        return add(mul(_splat(builder, d), add(halves[0], halves[1])), acc)
+            ql = _load(builder, rp, o, 64 * h, v64b, 1)
+            qh = _load(builder, rp, o, 128 + 32 * h, ir.VectorType(i8, 32), 1)
+            qh = builder.bitcast(builder.shuffle_vector(qh, qh, _vi(list(range(32)) * 2, 64)), v32w)
+            for part in range(2):   # weights 0-63 (low nibbles, qh bits 0-3), 64-127 (high, bits 4-7)
+                hi = builder.lshr(qh, ir.Constant(v32w, [4 * part] * 16 + [4 * part + 2] * 16))
+                hi = builder.shl(builder.and_(hi, ir.Constant(v32w, [0x0303] * 32)), ir.Constant(v32w, [4] * 32))
+                q = builder.or_(_nibbles(builder, ql, [4 * part] * 32), builder.bitcast(hi, v64b))
+                dot = _a8_lanes(builder, q, _load(builder, xb, xo, 128 * h + 64 * part, v64b, 1))
+                s4 = 8 * h + 4 * part
+                isum = builder.add(isum, builder.mul(dot, builder.shuffle_vector(
+                    sc, sc, _vi([s4 + j // 4 for j in range(16)], 16))))
+        v16f = ir.VectorType(ir.FloatType(), 16)
+        bs = _load(builder, xf, so, 0, v16f, 4)
+        off = _mul(builder, builder.sitofp(sc, v16f), bs)   # lane k: sc_k · (sum of quants k)
+        total = builder.fsub(builder.sitofp(isum, v16f), _mul(builder, off, ir.Constant(v16f, [32.0] * 16)),
+                             flags=_FFLAGS)
+        return _add(builder, acc, _mul(builder, total, _splat(builder, ddx, 16)))
 
-    return V8(V8, row, types.int64, xq, types.int64, types.float32), codegen
+    return V16(V16, row, types.int64, xp, types.int64, types.int64, types.float32), codegen
 
 
 @njit(cache=True, inline="always")
-def _dot_q6_k(w, base, nb, xq, xo, lut):
-    """The nb-super-block Q6_K row at byte `base` of w · x, xq[xo:] being x as permuted by
-    `_prep`. One accumulator."""
-    a0 = _v_zero(8)
-    for b in range(nb):
+def _dot_q6_k(w, base, nsb, xp, lut):
+    """The nsb-super-block Q6_K row at byte `base` of w · x as `_prep` quantized it (Q8_K)."""
+    k = nsb * 256
+    q8k = k // 4 + k // 16
+    dk = q8k + k // 4
+    s16 = dk + nsb + k // 32          # the sums of quants over each 16
+    acc = _v_zero(16)
+    for b in range(nsb):
         o = base + b * 210
-        a0 = _q6k_block(a0, w, o, xq, xo + b * 256, lut[_h(w, o + 208)])
-    return _v_sum(a0)
+        acc = _q6k_block(acc, w, o, xp, 4 * q8k + 256 * b, s16 + 16 * b, lut[_h(w, o + 208)] * _at(xp, dk + b))
+    return _v_sum(acc)
 
 
 @njit(cache=True, inline="always")
@@ -666,7 +639,7 @@ def _row_prep(qt, w, base, x, xp, lut16):
         return _dot_a8(w, base, k // 32, xp, lut16, 1)
     if qt == Q4_K:
         return _dot_q4_k(w, base, k // 256, xp, lut16)
-    return _dot_q6_k(w, base, k // 256, xp, k, lut16)
+    return _dot_q6_k(w, base, k // 256, xp, lut16)
 
 
 @njit(cache=True, fastmath=FM)
