@@ -97,10 +97,23 @@ def _dot_lut(row, x, lut):
 # each 32 (Q4_K's mins) and each 16 (Q6_K's −32; see `_q4k_block`, `_q6k_block`).
 
 @njit(cache=True, inline="always")
+def _prep_layout(k):
+    """Where a prepared row of x `[K]` keeps each part, in floats: the Q8_0 blocks' scales and
+    sums of quants (their int8 quants are its first K bytes), then the Q8_K blocks' quants (K
+    bytes), scales, sums over 32 and sums over 16, and the row's width."""
+    a8_d = k // 4
+    a8_s = a8_d + k // 32
+    q8k = a8_s + k // 32
+    q8k_d = q8k + k // 4
+    q8k_s32 = q8k_d + k // 256
+    q8k_s16 = q8k_s32 + k // 32
+    return a8_d, a8_s, q8k, q8k_d, q8k_s32, q8k_s16, q8k_s16 + k // 16
+
+
+@njit(cache=True, inline="always")
 def _prep_width(k):
-    """The width of a prepared row of x `[K]`: K // 4 + K // 16 floats of Q8_0 blocks (Q4_0,
-    Q8_0), then K // 4 + K // 256 + K // 32 + K // 16 of Q8_K blocks (Q4_K, Q6_K)."""
-    return k // 2 + k // 8 + k // 256 + k // 32
+    """The width of a prepared row of x `[K]` (`_prep_layout`)."""
+    return _prep_layout(k)[6]
 
 
 @njit(cache=True, inline="always")
@@ -135,20 +148,17 @@ def _prep(x, xp):
     scale and its quants' sum), for the K-quants Q8_K (int8 quants, each 256-block's scale, the
     sums of its quants over each 32 and each 16)."""
     k = x.shape[1]
-    nb = k // 32
-    q8k = k // 4 + k // 16
-    s32 = q8k + k // 4 + k // 256
-    s16 = s32 + k // 32
+    a8_d, a8_s, q8k, q8k_d, s32, s16, _ = _prep_layout(k)
     for t in range(x.shape[0]):
-        xq = xp[t, :q8k + k // 4].view(np.int8)
-        for b in range(nb):
+        xq = xp[t, :q8k_d].view(np.int8)
+        for b in range(k // 32):
             d, total = _quant_block(x[t, b * 32:b * 32 + 32], xq, b * 32)
-            xp[t, k // 4 + b] = _f16_round(d)
-            xp[t, k // 4 + nb + b] = np.float32(total)
+            xp[t, a8_d + b] = _f16_round(d)
+            xp[t, a8_s + b] = np.float32(total)
         if k % 256 == 0:
             for b in range(k // 256):
                 d, _ = _quant_block(x[t, b * 256:b * 256 + 256], xq, 4 * q8k + b * 256)
-                xp[t, q8k + k // 4 + b] = d
+                xp[t, q8k_d + b] = d
                 for j in range(16):
                     total = 0
                     for i in range(16):
@@ -158,7 +168,7 @@ def _prep(x, xp):
                     xp[t, s32 + 8 * b + j] = xp[t, s16 + 16 * b + 2 * j] + xp[t, s16 + 16 * b + 2 * j + 1]
 
 
-# Explicit vectors (`V8` / `V16`, an LLVM <8 / 16 x float>, and intrinsics on them) for the dots
+# Explicit vectors (`V16`, an LLVM <16 x float>, and intrinsics on them) for the dots
 # of the quantized kinds. Written as numba loops, LLVM kept a row's lane sums in a vector for
 # four blocks at most (a horizontal sum, slice bounds and scale loads per four blocks) and
 # vectorised parts of it across blocks with byte gathers; here each block's work is a few vector
@@ -172,8 +182,7 @@ class _VecType(types.Type):
         super().__init__(name=f"V{lanes}f32")
 
 
-V8, V16 = _VecType(8), _VecType(16)
-_VEC = {8: V8, 16: V16}     # by lane count, for intrinsics typed by a constant width
+V16 = _VecType(16)
 _V8F = ir.VectorType(ir.FloatType(), 8)
 _V8I = ir.VectorType(ir.IntType(32), 8)
 _I32 = ir.IntType(32)
@@ -257,16 +266,13 @@ def _h(typingctx, row, o):
 
 
 @intrinsic
-def _v_zero(typingctx, lanes):
-    """A vector of `lanes` (a constant: 8 or 16) zeros."""
-    if not isinstance(lanes, types.IntegerLiteral) or lanes.literal_value not in _VEC:
-        return None
-    vt = _VEC[lanes.literal_value]
+def _v_zero(typingctx):
+    """A V16 of zeros."""
 
     def codegen(context, builder, signature, args):
-        return ir.Constant(ir.VectorType(ir.FloatType(), vt.lanes), [0.0] * vt.lanes)
+        return ir.Constant(ir.VectorType(ir.FloatType(), 16), [0.0] * 16)
 
-    return vt(lanes), codegen
+    return V16(), codegen
 
 
 @intrinsic
@@ -454,9 +460,8 @@ def _dot_a8(w, base, nb, xp, lut, kind):
     (the block's sum of quants). One thread, Q4_0 1408x2048 from L2: 8.4 → 14.5 GB/s against the
     float32 dot it replaced (16 lanes of dequantized weights times x)."""
     bs = 18 if kind == 0 else 34
-    sd = nb * 8            # xp's floats: quants (nb * 32 bytes), then scales, then sums of quants
-    ss = sd + nb
-    acc = _v_zero(16)
+    sd, ss = _prep_layout(nb * 32)[:2]
+    acc = _v_zero()
     off = np.float32(0.0)
     b = 0
     while b + 2 <= nb:
@@ -540,11 +545,8 @@ def _dot_q4_k(w, base, nsb, xp, lut):
     """The nsb-super-block Q4_K row at byte `base` of w · x as `_prep` quantized it (Q8_K, as the
     C kernels do). No prefetch: a 1 KiB one, three lines per super-block, cost 20% from L3 and
     gained nothing measurable in decode (measured on the float form this replaced)."""
-    k = nsb * 256
-    q8k = k // 4 + k // 16            # xp's floats: the Q8_K quants, then d per 256, then sums per 32
-    dk = q8k + k // 4
-    sk = dk + nsb
-    acc = _v_zero(16)
+    q8k, dk, sk = _prep_layout(nsb * 256)[2:5]
+    acc = _v_zero()
     for b in range(nsb):
         o = base + b * 144
         dx = _at(xp, dk + b)
@@ -603,11 +605,8 @@ def _q6k_block(typingctx, acc, row, o, xp, xo, so, ddx):
 @njit(cache=True, inline="always")
 def _dot_q6_k(w, base, nsb, xp, lut):
     """The nsb-super-block Q6_K row at byte `base` of w · x as `_prep` quantized it (Q8_K)."""
-    k = nsb * 256
-    q8k = k // 4 + k // 16
-    dk = q8k + k // 4
-    s16 = dk + nsb + k // 32          # the sums of quants over each 16
-    acc = _v_zero(16)
+    q8k, dk, _, s16 = _prep_layout(nsb * 256)[2:6]
+    acc = _v_zero()
     for b in range(nsb):
         o = base + b * 210
         acc = _q6k_block(acc, w, o, xp, 4 * q8k + 256 * b, s16 + 16 * b, lut[_h(w, o + 208)] * _at(xp, dk + b))
