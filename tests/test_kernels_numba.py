@@ -41,17 +41,22 @@ from lite.kernels.dequant import dequantize
 from lite.kernels.numba_backend import NumbaBackend, set_threads
 from lite.kernels.reference import ReferenceBackend
 
-def a8(x: np.ndarray, qt: QT) -> np.ndarray:
-    """x as the 8-bit blocks of a qt product see it, quantized and dequantized: ggml's Q8_0 for
-    Q4_0 and Q8_0 weights; for the K-quants 256-blocks with a float32 scale amax/127 and
-    roundf(x/d)."""
-    if qt not in (QT.Q4_K, QT.Q6_K):
-        return dequantize(np.asarray(gq.quantize(x, QT.Q8_0)).view(np.uint8), QT.Q8_0).reshape(x.shape)
+def q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x's 256-blocks as the C kernels' Q8_K: int8 quants roundf(x/d) and float32 d = amax/127."""
     b = x.reshape(-1, 256)
     d = np.abs(b).max(axis=1, keepdims=True) / np.float32(127)
     with np.errstate(divide="ignore"):
         inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-    return (gq.np_roundf(b * inv).astype(np.float32) * d).reshape(x.shape)
+    return gq.np_roundf(b * inv).astype(np.int8), d
+
+
+def a8(x: np.ndarray, qt: QT) -> np.ndarray:
+    """x as the 8-bit blocks of a qt product see it, quantized and dequantized: ggml's Q8_0 for
+    Q4_0 and Q8_0 weights, Q8_K for the K-quants."""
+    if qt not in (QT.Q4_K, QT.Q6_K):
+        return dequantize(np.asarray(gq.quantize(x, QT.Q8_0)).view(np.uint8), QT.Q8_0).reshape(x.shape)
+    q, d = q8_k(x)
+    return (q.astype(np.float32) * d).reshape(x.shape)
 
 
 class NumbaMeaning(ReferenceBackend):
@@ -204,13 +209,10 @@ def test_a8_activations_are_ggml_q8_0():
     np.testing.assert_array_equal(qs, ref[..., 2:].view(np.int8))
     np.testing.assert_array_equal(xp[:, 64:72], ref[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))
     np.testing.assert_array_equal(xp[:, 72:80], qs.astype(np.float32).sum(axis=2))
-    # Q4_K's 256-blocks (as the C kernels' Q8_K): quants at float 80, then d, then sums per 32
-    d = np.abs(x).max(axis=1) / np.float32(127)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-    q8k = gq.np_roundf(x * inv[:, None]).astype(np.int8)
+    # the K-quants' 256-blocks (Q8_K): quants at float 80, then d, then sums per 32 and per 16
+    q8k, d = q8_k(x)
     np.testing.assert_array_equal(xp[:, 80:144].copy().view(np.int8), q8k)
-    np.testing.assert_array_equal(xp[:, 144], d)
+    np.testing.assert_array_equal(xp[:, 144], d[:, 0])
     np.testing.assert_array_equal(xp[:, 145:153], q8k.reshape(2, 8, 32).astype(np.float32).sum(axis=2))
     np.testing.assert_array_equal(xp[:, 153:169], q8k.reshape(2, 16, 16).astype(np.float32).sum(axis=2))
 
