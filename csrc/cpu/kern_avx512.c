@@ -42,6 +42,28 @@ INLINE __m512 r16_scales(const uint8_t *p, int64_t ws) {
     return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d));
 }
 
+/* Word permutes whose indices are made once (word_index) and used many times (permute_words):
+ * with VBMI one byte permute, one micro-op where the word permute takes two. */
+#ifdef __AVX512VBMI__
+INLINE __m512i word_index(__m512i i) {   /* word w: bytes 2w, 2w + 1 */
+    return _mm512_add_epi16(_mm512_mullo_epi16(i, _mm512_set1_epi16(0x0202)), _mm512_set1_epi16(0x0100));
+}
+INLINE __m512i permute_words(__m512i i, __m512i v) { return _mm512_permutexvar_epi8(i, v); }
+#else
+INLINE __m512i word_index(__m512i i) { return i; }
+INLINE __m512i permute_words(__m512i i, __m512i v) { return _mm512_permutexvar_epi16(i, v); }
+#endif
+
+/* Each byte's high nibble, shifted down: with GFNI (level 3) one affine byte transform, whose
+ * bit matrix's row i (byte 7 - i) picks bit 4 + i, where a shift and a mask take two. */
+INLINE __m512i high_nibbles(__m512i v) {
+#ifdef __GFNI__
+    return _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x1020408000000000LL), 0);
+#else
+    return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
+#endif
+}
+
 /* Blocks [b0, b0 + n) of rows w[0..15] -> dst (8 vectors a block) and their scales -> dws[16 n].
  * Q4_0: vector 2j the low nibbles of quant bytes 4j..4j+3 of each row, 2j+1 their high nibbles.
  * Q8_0: vector v weights 4v..4v+3 of each row, plus 128. */
@@ -60,7 +82,7 @@ INLINE void r16_repack(const int KIND, __m512i *dst, float *dws, const uint8_t *
         }
         for (int j = 0; j < 4; j++) {
             dst[8 * k + 2 * j] = _mm512_and_si512(g[j], m4);
-            dst[8 * k + 2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(g[j], 4), m4);
+            dst[8 * k + 2 * j + 1] = high_nibbles(g[j]);
         }
     }
 }
@@ -292,28 +314,6 @@ DEF_ROWS16(rows8_q4_0, K_Q4_0)
 DEF_ROWS16(rows8_q8_0, K_Q8_0)
 DEF_ROWS16(rows8_q4_k, K_Q4_K)
 DEF_ROWS16(rows8_q6_k, K_Q6_K)
-
-/* Word permutes whose indices are made once (word_index) and used many times (permute_words):
- * with VBMI one byte permute, one micro-op where the word permute takes two. */
-#ifdef __AVX512VBMI__
-INLINE __m512i word_index(__m512i i) {   /* word w: bytes 2w, 2w + 1 */
-    return _mm512_add_epi16(_mm512_mullo_epi16(i, _mm512_set1_epi16(0x0202)), _mm512_set1_epi16(0x0100));
-}
-INLINE __m512i permute_words(__m512i i, __m512i v) { return _mm512_permutexvar_epi8(i, v); }
-#else
-INLINE __m512i word_index(__m512i i) { return i; }
-INLINE __m512i permute_words(__m512i i, __m512i v) { return _mm512_permutexvar_epi16(i, v); }
-#endif
-
-/* Each byte's high nibble, shifted down: with GFNI (level 3) one affine byte transform, whose
- * bit matrix's row i (byte 7 - i) picks bit 4 + i, where a shift and a mask take two. */
-INLINE __m512i high_nibbles(__m512i v) {
-#ifdef __GFNI__
-    return _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(0x1020408000000000LL), 0);
-#else
-    return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15));
-#endif
-}
 
 /* ---- Q4_0, one token ------------------------------------------------------------------------- */
 /* Decode streams each row once; per 4 blocks (72 bytes) one two-source permute lays their quant
