@@ -199,6 +199,7 @@ def run_bench(model_path: str | os.PathLike[str], prompt: int = 256, gen: int = 
     res: dict[str, Any] = {
         "model": str(m.path), "model_name": m.name, "file_bytes": m.file.file_size,
         "backend": be.name, "threads": getattr(be, "threads", threads), "isa": getattr(be, "isa", None),
+        "prefetch": getattr(be, "prefetch", None),
         "prompt_tokens": prompt, "gen_tokens": gen, "repeats": repeats,
         "load_s": load_s,
         "prefill_tok_s": prompt / statistics.median(prefill_s),
@@ -241,7 +242,7 @@ def format_table(r: dict[str, Any]) -> str:
     roof = r["roofline_decode_tok_s"]
     lines = [
         f"model        {r['model']} ({r['file_bytes'] / 2**30:.2f} GiB)",
-        f"backend      {r['backend']}" + (f" ({r['isa']}, {r['threads']} threads)" if r.get("isa") else ""),
+        f"backend      {r['backend']}" + (f" ({r['isa']}, prefetch to {r['prefetch']}, {r['threads']} threads)" if r.get("isa") else ""),
         f"load         {r['load_s']:.2f} s",
         f"prefill      {r['prefill_tok_s']:.2f} tok/s ({r['prompt_tokens']} tokens; time to first token {r['ttft_s']:.2f} s)",
         f"decode       {r['decode_tok_s']:.2f} tok/s ({r['gen_tokens']} tokens, greedy)"

@@ -2,6 +2,9 @@
 (scalar, AVX2, AVX-512), 1 and 2 threads; activation quantization bit-exact; bad input refused."""
 from __future__ import annotations
 
+import os
+import platform
+
 import numpy as np
 import pytest
 import gguf.quants as gq
@@ -124,6 +127,56 @@ def test_isa_from_environment(monkeypatch):
                 CBackend()
     finally:
         CB.set_isa(LEVELS[-1])
+
+
+def test_prefetch_target_default_and_environment(monkeypatch):
+    """The decode kernels prefetch into L2 on AMD CPUs and into L1 elsewhere (what each measured
+    faster); LITE_PREFETCH chooses, and a name it does not know is refused by name."""
+    vendor = next((line.split(":")[1].strip() for line in open("/proc/cpuinfo") if line.startswith("vendor_id")),
+                  None) if os.path.exists("/proc/cpuinfo") else None
+    if vendor is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the default is chosen by the x86 vendor, which /proc/cpuinfo tells")
+    old = CB.prefetch
+    try:
+        monkeypatch.delenv("LITE_PREFETCH", raising=False)
+        assert old == ("l2" if vendor == "AuthenticAMD" else "l1")
+        for target in ("l1", "l2"):
+            monkeypatch.setenv("LITE_PREFETCH", target)
+            assert CBackend().prefetch == target
+        monkeypatch.setenv("LITE_PREFETCH", "l3")
+        with pytest.raises(BackendError, match="LITE_PREFETCH='l3': expected one of l1, l2"):
+            CBackend()
+        assert CB.lib.lite_set_prefetch(2) == -1
+    finally:
+        CB.set_prefetch(old)
+
+
+@pytest.mark.parametrize("qtype", QUANT, ids=lambda q: q.name)
+def test_prefetch_targets_same_bits(cb, qtype):
+    """Each one-token kernel is built once per prefetch target: both give the same bits, and the
+    right products, through the one- and four-stream kernels; MLA attention over 21 chunks, each
+    prefetching the next, likewise."""
+    k = qtype in (QType.Q4_K, QType.Q6_K)
+    cols = 1280 if k else 1440
+    w = make_weight(qtype, 150, cols, seed=70)
+    x = rng(71).standard_normal((1, cols)).astype(np.float32)
+    g = rng(72)
+    att = (g.standard_normal((1, 16, 512)).astype(np.float32), g.standard_normal((1, 16, 64)).astype(np.float32),
+           g.standard_normal((1000, 512)).astype(np.float32), g.standard_normal((1000, 64)).astype(np.float32),
+           1 / 24, 999)
+    old = cb.prefetch
+    got = {}
+    try:
+        for target in ("l1", "l2"):
+            cb.set_prefetch(target)
+            got[target] = cb.matmul(x, w), cb.mla_attention(*att)
+    finally:
+        cb.set_prefetch(old)
+    np.testing.assert_array_equal(got["l1"][0], got["l2"][0])
+    np.testing.assert_array_equal(got["l1"][1], got["l2"][1])
+    tight = quant_act(x, qtype).astype(np.float64) @ dequantize(w.data, qtype).astype(np.float64).T
+    assert rel(got["l2"][0], tight) < 1e-5
+    assert rel(got["l2"][1], REF.mla_attention(*att)) < 1e-5
 
 
 def test_abi_and_controls():

@@ -1,4 +1,5 @@
-/* Library state: ABI version, ISA dispatch (scalar / AVX2 / AVX-512), thread count, type table. */
+/* Library state: ABI version, ISA dispatch (scalar / AVX2 / AVX-512), prefetch target, thread count,
+ * type table. */
 #include "internal.h"
 #ifdef _OPENMP
 #include <omp.h>
@@ -10,6 +11,7 @@ static kernel_table g_tables[4];
 static int g_ready = 0;
 static int g_isa = -1;
 static int g_threads = 1;
+int lite_prefetch_l2 = 0;
 
 static int cpu_isa(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -48,6 +50,9 @@ static void init(void) {
     lite_kernels_avx512_vbmi(&g_tables[3]);
 #endif
     g_isa = cpu_isa();
+#if defined(__x86_64__) || defined(__i386__)
+    lite_prefetch_l2 = __builtin_cpu_is("amd");
+#endif
 #ifdef _OPENMP
     g_threads = omp_get_max_threads();
 #endif
@@ -62,6 +67,15 @@ int lite_set_isa(int level) {
     if (level < LITE_ISA_SCALAR || level > LITE_ISA_AVX512_VBMI) return LITE_ERR_ARG;
     if (level > cpu_isa()) return LITE_ERR_ISA;
     g_isa = level;
+    return LITE_OK;
+}
+
+int lite_get_prefetch(void) { init(); return lite_prefetch_l2 ? LITE_PREFETCH_L2 : LITE_PREFETCH_L1; }
+
+int lite_set_prefetch(int target) {
+    init();
+    if (target != LITE_PREFETCH_L1 && target != LITE_PREFETCH_L2) return LITE_ERR_ARG;
+    lite_prefetch_l2 = target == LITE_PREFETCH_L2;
     return LITE_OK;
 }
 

@@ -161,6 +161,9 @@ void lite_kernels_avx2(kernel_table *t);
 void lite_kernels_avx512(kernel_table *t);
 void lite_kernels_avx512_vbmi(kernel_table *t);   /* kern_avx512.c built with VBMI */
 
+/* Nonzero: the one-token and MLA decode kernels prefetch into L2, else into L1 (lite_set_prefetch). */
+extern int lite_prefetch_l2;
+
 /* Currently selected table (set by lite_set_isa). */
 const kernel_table *lite_active_kernels(void);
 

@@ -87,11 +87,11 @@ INLINE void pair_group(const uint8_t *g, const uint8_t *pq, __m256 dw, __m256 *a
 /* G (8 or 4) consecutive blocks of one row, starting at block b, into acc[t] for NT tokens (one
  * token alternates acc[0] / acc1 to hide the FMA latency). pq: a lone Q4_0 token's paired
  * activations (`pair_activations`), or NULL. */
-INLINE void q8_group(const int KIND, const int NT, const int G, const uint8_t *g, int64_t b, const uint8_t *a,
-                     int64_t as, const uint8_t *pq, const float *const *dy, const float *const *sy, __m256 *acc,
-                     __m256 *acc1) {
+INLINE void q8_group(const int KIND, const int NT, const int G, const int L2, const uint8_t *g, int64_t b,
+                     const uint8_t *a, int64_t as, const uint8_t *pq, const float *const *dy, const float *const *sy,
+                     __m256 *acc, __m256 *acc1) {
     const int64_t s = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
-    prefetch_block(g, G * s);
+    prefetch_block(L2, g, G * s);
     __m128i h = G == 8 ? _mm_setr_epi16(rd16(g), rd16(g + s), rd16(g + 2 * s), rd16(g + 3 * s), rd16(g + 4 * s),
                                         rd16(g + 5 * s), rd16(g + 6 * s), rd16(g + 7 * s))
                        : _mm_setr_epi16(rd16(g), rd16(g + s), rd16(g + 2 * s), rd16(g + 3 * s), 0, 0, 0, 0);
@@ -126,8 +126,8 @@ INLINE void q8_group(const int KIND, const int NT, const int G, const uint8_t *g
 /* out[t * ldo + r + k * gap] = dot(weight row r + k * gap, activation row t) for r < nr, t < NT,
  * k < S: S streams in lockstep group by group (see mv4_fn; S > 1 only for a lone token). A row's
  * steps are the same for any S. */
-INLINE void q8_rows(const int KIND, const int NT, const int S, float *out, int64_t ldo, const uint8_t *w, int64_t ws,
-                    int64_t nr, const uint8_t *a, int64_t as, const uint8_t *pq, int64_t cols, int64_t gap) {
+INLINE void q8_rows(const int KIND, const int NT, const int S, const int L2, float *out, int64_t ldo, const uint8_t *w,
+                    int64_t ws, int64_t nr, const uint8_t *a, int64_t as, const uint8_t *pq, int64_t cols, int64_t gap) {
     const int64_t nb = cols / QK, s = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
     const float *dy[4], *sy[4];
     for (int t = 0; t < NT; t++) {
@@ -143,10 +143,10 @@ INLINE void q8_rows(const int KIND, const int NT, const int S, float *out, int64
         int64_t b = 0;
         for (; b + 8 <= nb; b += 8)
             for (int k = 0; k < S; k++)
-                q8_group(KIND, NT, 8, w + (r + k * gap) * ws + b * s, b, a, as, pq, dy, sy, acc[k], &acc1[k]);
+                q8_group(KIND, NT, 8, L2, w + (r + k * gap) * ws + b * s, b, a, as, pq, dy, sy, acc[k], &acc1[k]);
         if (b + 4 <= nb) {
             for (int k = 0; k < S; k++)
-                q8_group(KIND, NT, 4, w + (r + k * gap) * ws + b * s, b, a, as, pq, dy, sy, acc[k], &acc1[k]);
+                q8_group(KIND, NT, 4, L2, w + (r + k * gap) * ws + b * s, b, a, as, pq, dy, sy, acc[k], &acc1[k]);
             b += 4;
         }
         for (int k = 0; k < S; k++) {
@@ -173,20 +173,20 @@ INLINE void q8_rows(const int KIND, const int NT, const int S, float *out, int64
     static void TILE(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int nr, const uint8_t *a, \
                      int64_t as, int nt, int64_t cols) {                                            \
         switch (nt) {                                                                               \
-        case 4: q8_rows(KIND, 4, 1, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;             \
-        case 3: q8_rows(KIND, 3, 1, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;             \
-        case 2: q8_rows(KIND, 2, 1, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;             \
-        default: q8_rows(KIND, 1, 1, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;            \
+        case 4: q8_rows(KIND, 4, 1, 0, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;             \
+        case 3: q8_rows(KIND, 3, 1, 0, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;             \
+        case 2: q8_rows(KIND, 2, 1, 0, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;             \
+        default: q8_rows(KIND, 1, 1, 0, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;            \
         }                                                                                           \
     }                                                                                               \
-    INLINE void MV##_streams(const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, \
-                             int64_t cols, int64_t gap) {                                           \
+    INLINE void MV##_streams(const int L2, const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr,    \
+                             const uint8_t *a, int64_t cols, int64_t gap) {                         \
         if (KIND == K_Q4_0) {                                                                       \
             _Alignas(32) uint8_t pq[MV_MAX_COLS];                                                   \
             pair_activations(pq, a, cols / QK);                                                     \
-            q8_rows(KIND, 1, S, out, 0, w, ws, nr, a, 0, pq, cols, gap);                            \
+            q8_rows(KIND, 1, S, L2, out, 0, w, ws, nr, a, 0, pq, cols, gap);                        \
         } else                                                                                      \
-            q8_rows(KIND, 1, S, out, 0, w, ws, nr, a, 0, NULL, cols, gap);                          \
+            q8_rows(KIND, 1, S, L2, out, 0, w, ws, nr, a, 0, NULL, cols, gap);                      \
     }                                                                                               \
     DEF_MV_STREAMS(MV, MV4, MV##_streams)
 
@@ -491,7 +491,8 @@ INLINE __m256i pick16(const int lo, const int hi) {
                             2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1, 2 * hi, 2 * hi + 1);
 }
 
-static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+INLINE void mv_q4_k_rows(const int L2, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
+                         int64_t cols) {
     const int64_t nb = cols / QKK;
     const int16_t *bs = (const int16_t *)(a + nb * QKK);
     const float *dx = (const float *)(a + nb * (QKK + 32));
@@ -503,7 +504,7 @@ static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const 
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = row + b * Q4_K_BYTES;
             const uint8_t *y = a + b * QKK;
-            prefetch_block(blk, Q4_K_BYTES);
+            prefetch_block(L2, blk, Q4_K_BYTES);
             __m128i sc, mn;
             q4_k_scales_mins(blk, &sc, &mn);
             const __m256i scv = _mm256_broadcastsi128_si256(sc);
@@ -526,10 +527,15 @@ static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const 
     }
 }
 
+static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) {
+    WITH_PREFETCH(mv_q4_k_rows, out, w, ws, nr, a, cols);
+}
+
 /* One Q6_K block of a row times the A8K activations y (its bs16 sums, scale dxb) into acc. */
-INLINE __m256 q6_k_block(__m256 acc, const uint8_t *blk, const uint8_t *y, const int16_t *bs16, float dxb) {
+INLINE __m256 q6_k_block(const int L2, __m256 acc, const uint8_t *blk, const uint8_t *y, const int16_t *bs16,
+                         float dxb) {
     const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
-    prefetch_block(blk, Q6_K_BYTES);
+    prefetch_block(L2, blk, Q6_K_BYTES);
     /* the 16 int8 scales widened; halves [0..7] and [8..15] each in both 128-bit lanes */
     const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
     const __m256i sa = _mm256_permute2x128_si256(sc16, sc16, 0x00);
@@ -558,8 +564,8 @@ INLINE __m256 q6_k_block(__m256 acc, const uint8_t *blk, const uint8_t *y, const
 
 /* Rows r + s*gap (s < S) for r < nr, the S streams in lockstep block by block (see mv4_fn); each
  * row's steps are the same for any S. */
-INLINE void mv_q6_k_streams(const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                            int64_t cols, int64_t gap) {
+INLINE void mv_q6_k_streams(const int L2, const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr,
+                            const uint8_t *a, int64_t cols, int64_t gap) {
     const int64_t nb = cols / QKK;
     const int16_t *bs = (const int16_t *)(a + nb * QKK);
     const float *dx = (const float *)(a + nb * (QKK + 32));
@@ -568,7 +574,8 @@ INLINE void mv_q6_k_streams(const int S, float *out, const uint8_t *w, int64_t w
         for (int s = 0; s < S; s++) acc[s] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++)
             for (int s = 0; s < S; s++)
-                acc[s] = q6_k_block(acc[s], w + (r + s * gap) * ws + b * Q6_K_BYTES, a + b * QKK, bs + 16 * b, dx[b]);
+                acc[s] = q6_k_block(L2, acc[s], w + (r + s * gap) * ws + b * Q6_K_BYTES, a + b * QKK, bs + 16 * b,
+                                    dx[b]);
         for (int s = 0; s < S; s++) out[r + s * gap] = hsum8(acc[s]);
     }
 }

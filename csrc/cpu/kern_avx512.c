@@ -380,8 +380,8 @@ static void q4_0_token_prep(q4_0_token *p, const uint8_t *a, int64_t nb) {
 
 /* Rows r + s*gap (s < S) for r < nr, S in lockstep sharing each step's activation loads; one
  * stream (S = 1) is mv_q4_0, four are mv4_q4_0, and a row's steps are the same either way. */
-INLINE void mv_q4_0_streams(const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                            int64_t cols, int64_t gap) {
+INLINE void mv_q4_0_streams(const int L2, const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr,
+                            const uint8_t *a, int64_t cols, int64_t gap) {
     const int64_t nb = cols / QK, nq = nb & ~(int64_t)3;
     _Alignas(64) uint8_t pq[MV_MAX_COLS];
     _Alignas(64) float pd[MV_MAX_COLS / QK * 4], ps[MV_MAX_COLS / QK * 4];
@@ -418,7 +418,7 @@ INLINE void mv_q4_0_streams(const int S, float *out, const uint8_t *w, int64_t w
         const __m512 xd = _mm512_load_ps(pd + 4 * (b)), xs = _mm512_load_ps(ps + 4 * (b));         \
         for (int s = 0; s < S; s++) {                                                              \
             const uint8_t *g = w + (r + s * gap) * ws + (b) * Q4_0_BYTES;                          \
-            prefetch_block(g, 4 * Q4_0_BYTES);                                                     \
+            prefetch_block(L2, g, 4 * Q4_0_BYTES);                                                 \
             __m512i lo = _mm512_loadu_si512(g), hi = _mm512_maskz_loadu_epi8(0xff, g + 64);        \
             __asm__("" : "+v"(lo));                                                                \
             __m512i q = Q4_0_PERMUTE(lo, quants, hi);                                              \
@@ -491,8 +491,8 @@ static void q4_k_token_prep(uint8_t *yp, const uint8_t *a, int64_t nb) {
 }
 
 /* Rows r + s*gap (s < S) for r < nr, the S streams in lockstep block by block (see mv4_fn). */
-INLINE void mv_q4_k_streams(const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                            int64_t cols, int64_t gap) {
+INLINE void mv_q4_k_streams(const int L2, const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr,
+                            const uint8_t *a, int64_t cols, int64_t gap) {
     const int64_t nb = cols / QKK;
     const int16_t *bs = (const int16_t *)(a + nb * QKK);
     const float *dx = (const float *)(a + nb * (QKK + 32));
@@ -517,7 +517,7 @@ INLINE void mv_q4_k_streams(const int S, float *out, const uint8_t *w, int64_t w
             const uint8_t *y = yp + b * QKK;
             for (int s = 0; s < S; s++) {
                 const uint8_t *blk = w + (r + s * gap) * ws + b * Q4_K_BYTES;
-                prefetch_block(blk, Q4_K_BYTES);
+                prefetch_block(L2, blk, Q4_K_BYTES);
                 __m128i sc, mn;
                 q4_k_scales_mins(blk, &sc, &mn);
                 const __m512i scv = _mm512_broadcast_i32x4(sc);
@@ -547,8 +547,8 @@ DEF_MV_STREAMS(mv_q4_k, mv4_q4_k, mv_q4_k_streams)
  * AVX2 kernel's. About half its instructions a block; sums as its, float lanes other, so results
  * agree with it to float rounding. Level 3 spreads the scales and takes the high nibbles as
  * Q4_K's does: 1.075x one thread from L2, the same bits. */
-INLINE void mv_q6_k_streams(const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a,
-                            int64_t cols, int64_t gap) {
+INLINE void mv_q6_k_streams(const int L2, const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr,
+                            const uint8_t *a, int64_t cols, int64_t gap) {
     const int64_t nb = cols / QKK;
     const int16_t *bs = (const int16_t *)(a + nb * QKK);
     const float *dx = (const float *)(a + nb * (QKK + 32));
@@ -570,7 +570,7 @@ INLINE void mv_q6_k_streams(const int S, float *out, const uint8_t *w, int64_t w
             const uint8_t *y = a + b * QKK;
             for (int s = 0; s < S; s++) {
                 const uint8_t *blk = w + (r + s * gap) * ws + b * Q6_K_BYTES;
-                prefetch_block(blk, Q6_K_BYTES);
+                prefetch_block(L2, blk, Q6_K_BYTES);
                 const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
                 const __m512i scz = _mm512_castsi256_si512(sc16);
                 /* the -32 offset: 32 * sum_i sc_i * bsum_i, in the low 8 lanes */

@@ -17,19 +17,29 @@
 
 INLINE float fp16(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
 
-/* The one-token kernels' prefetch: every line of the `bytes` at blk, MV_PREFETCH ahead. */
-INLINE void prefetch_block(const uint8_t *blk, int64_t bytes) {
-    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)blk + MV_PREFETCH + o, _MM_HINT_T0);
+/* One line ahead into L2 (L2 != 0) or L1. The hint is part of the instruction, so the kernels
+ * take L2 as a constant and are built once for each target (WITH_PREFETCH). */
+INLINE void prefetch_line(const int L2, const char *p) {
+    if (L2) _mm_prefetch(p, _MM_HINT_T2);
+    else _mm_prefetch(p, _MM_HINT_T0);
 }
+
+/* The one-token kernels' prefetch: every line of the `bytes` at blk, MV_PREFETCH ahead. */
+INLINE void prefetch_block(const int L2, const uint8_t *blk, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) prefetch_line(L2, (const char *)blk + MV_PREFETCH + o);
+}
+
+/* F(L2, ...) for the prefetch target in use (lite_set_prefetch). */
+#define WITH_PREFETCH(F, ...) (lite_prefetch_l2 ? F(1, __VA_ARGS__) : F(0, __VA_ARGS__))
 
 /* A kind's one- and four-stream one-token kernels (mv_fn, mv4_fn) from its body over S streams. */
 #define DEF_MV_STREAMS(MV, MV4, BODY)                                                              \
     static void MV(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) { \
-        BODY(1, out, w, ws, nr, a, cols, 0);                                                       \
+        WITH_PREFETCH(BODY, 1, out, w, ws, nr, a, cols, 0);                                        \
     }                                                                                              \
     static void MV4(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols, \
                     int64_t gap) {                                                                 \
-        BODY(4, out, w, ws, nr, a, cols, gap);                                                     \
+        WITH_PREFETCH(BODY, 4, out, w, ws, nr, a, cols, gap);                                      \
     }
 
 /* The next chunk's weights (`len` bytes from byte `off` of `rows` rows `ws` apart), prefetched a few
@@ -129,14 +139,14 @@ INLINE __m256 exp_neg(__m256 x) {
  * over the current chunk. Spread over all the passes, the reads overlap the arithmetic; issued
  * within one pass, they filled the core's miss buffers and stalled it until memory answered
  * (the kernel ran at half its in-cache speed with the cache in DRAM). */
-typedef struct { const char *p, *end, *p2, *end2; } mla_prefetch;
+typedef struct { const char *p, *end, *p2, *end2; int l2; } mla_prefetch;
 
 INLINE void mla_prefetch_step(mla_prefetch *pf) {
     if (pf->p < pf->end) {
-        _mm_prefetch(pf->p, _MM_HINT_T0);
+        prefetch_line(pf->l2, pf->p);
         pf->p += 64;
     } else if (pf->p2 < pf->end2) {
-        _mm_prefetch(pf->p2, _MM_HINT_T0);
+        prefetch_line(pf->l2, pf->p2);
         pf->p2 += 64;
     }
 }
@@ -289,7 +299,8 @@ INLINE void mla_heads_by(const int GH, mla_scores_fn scores, mla_accumulate_fn a
         const float *kc = ckv + s0 * c_dim, *kp = r_dim ? kpe + s0 * r_dim : NULL;
         int64_t nn = n_vis - s0 - ns < MLA_CHUNK ? n_vis - s0 - ns : MLA_CHUNK;   /* next chunk */
         mla_prefetch pf = {(const char *)(kc + ns * c_dim), (const char *)(kc + (ns + nn) * c_dim),
-                           kp ? (const char *)(kp + ns * r_dim) : NULL, kp ? (const char *)(kp + (ns + nn) * r_dim) : NULL};
+                           kp ? (const char *)(kp + ns * r_dim) : NULL, kp ? (const char *)(kp + (ns + nn) * r_dim) : NULL,
+                           lite_prefetch_l2};
         for (int g = 0; g < nh; g += GH)
             scores(nh - g < GH ? nh - g : GH, &p[g][0], MLA_CHUNK, ql + g * c_dim, qp + g * r_dim, kc, kp, ns, c_dim,
                    r_dim, scale, &pf);

@@ -30,6 +30,7 @@ from .base import (DecodeLayer, FFNWeights, MLAWeights, MLPLayout, QTensor, QTyp
                    check_route_args, check_weight, mla_dims)
 
 ISA_NAMES = {0: "scalar", 1: "avx2", 2: "avx512", 3: "avx512vbmi"}
+PREFETCH_TARGETS = {"l1": 0, "l2": 1}     # LITE_PREFETCH_L1, LITE_PREFETCH_L2
 _STATUS = {-1: "invalid argument", -2: "unsupported block type", -3: "NULL pointer",
            -4: "buffer too small for the shapes", -5: "row length not a multiple of the block size",
            -6: "instruction set not supported"}
@@ -71,6 +72,8 @@ class CBackend:
         self.set_threads(n)
         if os.environ.get("LITE_ISA"):
             self._cap_isa(os.environ["LITE_ISA"])
+        if os.environ.get("LITE_PREFETCH"):
+            self.set_prefetch(os.environ["LITE_PREFETCH"])
         self._local = threading.local()
         # Validated weights, keyed by id(QTensor) (a weak reference tells a reused id from a hit):
         # (ref, what `_weight` returns).
@@ -109,6 +112,18 @@ class CBackend:
     @property
     def isa(self) -> str:
         return ISA_NAMES[int(self.lib.lite_get_isa())]
+
+    def set_prefetch(self, target: str) -> None:
+        """`l1` or `l2` (also `LITE_PREFETCH`): the cache the decode kernels prefetch the weights
+        and the latent cache into. The default is the better of the two as measured on the CPU
+        family (l2 on AMD, l1 elsewhere); results are the same bits either way."""
+        if target not in PREFETCH_TARGETS:
+            raise BackendError(f"LITE_PREFETCH={target!r}: expected one of {', '.join(PREFETCH_TARGETS)}")
+        self._check(self.lib.lite_set_prefetch(PREFETCH_TARGETS[target]), "set_prefetch", f"target={target}")
+
+    @property
+    def prefetch(self) -> str:
+        return {v: k for k, v in PREFETCH_TARGETS.items()}[int(self.lib.lite_get_prefetch())]
 
     # ---- helpers ------------------------------------------------------------------------------
     @staticmethod
