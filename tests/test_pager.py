@@ -41,6 +41,33 @@ def test_bit_identical_across_modes_and_budgets(name, backend, converted, refere
         m.close()
 
 
+def test_expert_views_reused_while_resident(converted):
+    """A resident expert is handed out as the same view (the layout the MoE checked and cached on
+    it included) rather than rebuilt at every hit; evicted and read into another slot, it gets a
+    view of that slot, holding its own bytes."""
+    m = lite.load(converted("lite-tiny", "q8_0"))
+    probe = ExpertPager(m.file, 10**12)
+    p = ExpertPager(m.file, probe.resident_bytes + probe.K * probe.slot_bytes)   # one layer's K slots
+    probe.close()
+    layer, k, n = p.layers[0], p.K, m.config.n_expert
+    gate = m.file.tensors[f"blk.{layer}.ffn_gate_exps.weight"].data
+    seen, moved, kept = {}, 0, 0
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        got = p.experts(layer, rng.choice(n, k, replace=False))
+        for e, ffn in got.items():
+            assert np.array_equal(ffn.gate.data, gate[e]), e
+            if e in seen:
+                same_slot = ffn.gate.data.ctypes.data == seen[e].gate.data.ctypes.data
+                assert (ffn is seen[e]) == same_slot, e
+                moved += not same_slot
+                kept += same_slot
+            seen[e] = ffn
+    assert moved and kept
+    p.close()
+    m.close()
+
+
 def test_budget_refused_with_minimum(converted):
     path = converted("lite-tiny", "q8_0")
     low = minimum_budget(path)
