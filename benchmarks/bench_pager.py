@@ -224,7 +224,7 @@ def main() -> int:
     log(f"O_DIRECT read, 4 threads, expert-sized random blocks: {bws[0] / 1e9:.2f} GB/s")
 
     # Compute time per token with every expert in the pool: a 256-token prefill routes to all of
-    # them (each of 64 is missed by 256 tokens' top-6 with odds (58/64)^256 ~ 1e-11), and only the
+    # them (random routing misses one of 64 with 256 tokens' top-6 at odds (58/64)^256 ~ 1e-11); only the
     # decode after it is timed. Without that prefill a 2x16-token run was still reading experts
     # in its second half, and its "compute" time was 4x the real one.
     log("warm run (every expert in the pool) for the compute time per token")

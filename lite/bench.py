@@ -242,7 +242,8 @@ def format_table(r: dict[str, Any]) -> str:
     roof = r["roofline_decode_tok_s"]
     lines = [
         f"model        {r['model']} ({r['file_bytes'] / 2**30:.2f} GiB)",
-        f"backend      {r['backend']}" + (f" ({r['isa']}, prefetch to {r['prefetch']}, {r['threads']} threads)" if r.get("isa") else ""),
+        f"backend      {r['backend']}"
+        + (f" ({r['isa']}, prefetch to {r['prefetch']}, {r['threads']} threads)" if r.get("isa") else ""),
         f"load         {r['load_s']:.2f} s",
         f"prefill      {r['prefill_tok_s']:.2f} tok/s ({r['prompt_tokens']} tokens; time to first token {r['ttft_s']:.2f} s)",
         f"decode       {r['decode_tok_s']:.2f} tok/s ({r['gen_tokens']} tokens, greedy)"

@@ -173,13 +173,13 @@ INLINE void q8_rows(const int KIND, const int NT, const int S, const int L2, flo
     static void TILE(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int nr, const uint8_t *a, \
                      int64_t as, int nt, int64_t cols) {                                            \
         switch (nt) {                                                                               \
-        case 4: q8_rows(KIND, 4, 1, 0, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;             \
-        case 3: q8_rows(KIND, 3, 1, 0, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;             \
-        case 2: q8_rows(KIND, 2, 1, 0, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;             \
-        default: q8_rows(KIND, 1, 1, 0, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;            \
+        case 4: q8_rows(KIND, 4, 1, 0, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;           \
+        case 3: q8_rows(KIND, 3, 1, 0, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;           \
+        case 2: q8_rows(KIND, 2, 1, 0, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;           \
+        default: q8_rows(KIND, 1, 1, 0, out, ldo, w, ws, nr, a, as, NULL, cols, 0); break;          \
         }                                                                                           \
     }                                                                                               \
-    INLINE void MV##_streams(const int L2, const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr,    \
+    INLINE void MV##_streams(const int L2, const int S, float *out, const uint8_t *w, int64_t ws, int64_t nr, \
                              const uint8_t *a, int64_t cols, int64_t gap) {                         \
         if (KIND == K_Q4_0) {                                                                       \
             _Alignas(32) uint8_t pq[MV_MAX_COLS];                                                   \

@@ -17,8 +17,9 @@
 
 INLINE float fp16(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
 
-/* One line ahead into L2 (L2 != 0) or L1. The hint is part of the instruction, so the kernels
- * take L2 as a constant and are built once for each target (WITH_PREFETCH). */
+/* One line ahead into L2 (L2 != 0) or L1. The hint is part of the instruction, so the one-token
+ * kernels take L2 as a constant and are built once for each target (WITH_PREFETCH); MLA's
+ * prefetch, a line per 16-32 positions, tests it as it goes. */
 INLINE void prefetch_line(const int L2, const char *p) {
     if (L2) _mm_prefetch(p, _MM_HINT_T2);
     else _mm_prefetch(p, _MM_HINT_T0);
@@ -32,7 +33,8 @@ INLINE void prefetch_block(const int L2, const uint8_t *blk, int64_t bytes) {
 /* F(L2, ...) for the prefetch target in use (lite_set_prefetch). */
 #define WITH_PREFETCH(F, ...) (lite_prefetch_l2 ? F(1, __VA_ARGS__) : F(0, __VA_ARGS__))
 
-/* A kind's one- and four-stream one-token kernels (mv_fn, mv4_fn) from its body over S streams. */
+/* A kind's one- and four-stream one-token kernels (mv_fn, mv4_fn) from its body over S streams,
+ * each with the body built for both prefetch targets. */
 #define DEF_MV_STREAMS(MV, MV4, BODY)                                                              \
     static void MV(float *out, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, int64_t cols) { \
         WITH_PREFETCH(BODY, 1, out, w, ws, nr, a, cols, 0);                                        \
