@@ -119,6 +119,27 @@ def test_victims_of_each_policy():
         make_policy("mru", [0], 6, 2)
 
 
+def test_estimates_worked_out_late_are_the_eager_ones():
+    """What a visit and a guess teach is worked out only when a score reads it: worked out after
+    every step instead, the chances come out the same, with counts halved (a short period) in
+    between. (Scores themselves are compared only now and then, alike for both: the recency table
+    they read is rebuilt when a score finds it old, so scoring more often changes it.)"""
+    steps, guesses = cycle_trace(5, 16, 4, 200, sticky=0.5, seed=3)
+    eager, lazy = (LayerCycle(list(range(5)), 16, 4, period=64) for _ in range(2))
+    every = [(layer, e) for layer in range(5) for e in range(16)]
+    checked = 0
+    for i, (keys, guess) in enumerate(zip(steps, guesses)):
+        for policy in (eager, lazy):
+            for key in keys:
+                policy.touch(key)
+            policy.hint((keys[0][0] + 1) % 5, [e for lg, e in guess if lg == keys[0][0]])
+        eager._work_out()
+        if i % 37 == 0:
+            np.testing.assert_array_equal(lazy._score(every)[0], eager._score(every)[0])
+            checked += 1
+    assert checked > 20
+
+
 def test_guess_accuracy():
     acc = GuessAccuracy(prior=0.5, memory=0.5)
     assert acc[3] == 0.5

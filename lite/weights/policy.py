@@ -182,6 +182,13 @@ class LayerCycle:
         self._has_after = np.zeros(self._n, bool)
         self._guessed = np.zeros((self._n, n_expert))   # per layer: P(e | pending guess), by _hit
         self._has_guess = np.zeros(self._n, bool)
+        # Rows of _after / _guessed not yet worked out (layer position -> the experts they come
+        # from), until a score reads them: most visits of a pool that holds what it needs evict
+        # nothing. The counts they come from keep their ratios until then (the layer's own next
+        # visit, which replaces the row, is the only update besides halving both), so the rows
+        # are the bits an eager update gives.
+        self._after_due: dict[int, list[int]] = {}
+        self._guess_due: dict[int, list[int]] = {}
 
     def _id(self, key: Key) -> int:
         return self._pos[key[0]] * self._E + key[1]
@@ -194,6 +201,7 @@ class LayerCycle:
             self._visits[pos] += 1
             self._current = pos
             self._has_guess[pos] = False                # the guess was for this visit, not the next
+            self._guess_due.pop(pos, None)
             settled = [j for j in self._expecting if j // self._E == pos]   # this visit settles them
             self._expected[settled] = 0.0
             self._expecting.difference_update(settled)
@@ -234,9 +242,11 @@ class LayerCycle:
         used, prev, guess = self._visit_keys, self._prev[pos], self._guess[pos]
         self._visit_keys, self._guess[pos] = [], []
         self._has_guess[pos] = False
+        self._guess_due.pop(pos, None)
         if len(used) > self._n_used:                   # a prefill chunk: not a decode step
             self._prev[pos] = []
             self._has_after[pos] = False
+            self._after_due.pop(pos, None)
             return
         row = np.zeros(self._E)
         row[used] = 1.0
@@ -247,7 +257,7 @@ class LayerCycle:
             self._hit[pos, guess] += row
             self._hit_n[pos, guess] += 1.0
         self._prev[pos] = used
-        self._after[pos] = self._follows(pos, used)
+        self._after_due[pos] = used
         self._has_after[pos] = True
 
     def _follows(self, pos: int, used: Sequence[int]) -> np.ndarray:
@@ -259,7 +269,7 @@ class LayerCycle:
         if pos == self._current or not ids or len(ids) > self._n_used:
             return                                      # (a prefill's guess covers many tokens)
         self._guess[pos] = ids
-        self._guessed[pos] = (self._hit[pos, ids] / self._hit_n[pos, ids, None]).mean(axis=0)
+        self._guess_due[pos] = ids
         self._has_guess[pos] = True
 
     def _hazards(self) -> np.ndarray:
@@ -277,8 +287,18 @@ class LayerCycle:
             self._table = table
         return self._table
 
+    def _work_out(self) -> None:
+        """The rows of _after and _guessed still due."""
+        for q, used in self._after_due.items():
+            self._after[q] = self._follows(q, used)
+        for q, ids in self._guess_due.items():
+            self._guessed[q] = (self._hit[q, ids] / self._hit_n[q, ids, None]).mean(axis=0)
+        self._after_due.clear()
+        self._guess_due.clear()
+
     def _score(self, candidates: Sequence[Key]) -> tuple[np.ndarray, np.ndarray]:
         """(p, p per slot-step) of each candidate."""
+        self._work_out()
         pos, E = self._pos, self._E
         ids = np.fromiter((pos[layer] * E + e for layer, e in candidates), np.int64, len(candidates))
         lp = ids // E
