@@ -189,6 +189,10 @@ class LayerCycle:
         # are the bits an eager update gives.
         self._after_due: dict[int, list[int]] = {}
         self._guess_due: dict[int, list[int]] = {}
+        # Visits whose counts (_follow, _hit) are not yet added, in order: (pos, previous
+        # visit's experts, guessed experts, used experts). Added in bulk before anything reads
+        # or halves the counts, or every 64 visits.
+        self._uncounted: list[tuple[int, list[int], list[int], list[int]]] = []
 
     def _id(self, key: Key) -> int:
         return self._pos[key[0]] * self._E + key[1]
@@ -233,6 +237,7 @@ class LayerCycle:
         self._class[i] = c
         self._touches += 1
         if self._touches % self.period == 0:
+            self._count()
             for counts in (self._uses, self._tail_tries, self._follow, self._follow_n, self._hit, self._hit_n):
                 counts *= 0.5
 
@@ -248,14 +253,9 @@ class LayerCycle:
             self._has_after[pos] = False
             self._after_due.pop(pos, None)
             return
-        row = np.zeros(self._E)
-        row[used] = 1.0
-        if prev:
-            self._follow[pos, prev] += row
-            self._follow_n[pos, prev] += 1.0
-        if guess:
-            self._hit[pos, guess] += row
-            self._hit_n[pos, guess] += 1.0
+        self._uncounted.append((pos, prev, list(dict.fromkeys(guess)), used))
+        if len(self._uncounted) >= 64:
+            self._count()
         self._prev[pos] = used
         self._after_due[pos] = used
         self._has_after[pos] = True
@@ -287,8 +287,31 @@ class LayerCycle:
             self._table = table
         return self._table
 
+    def _count(self) -> None:
+        """Add the counts of the visits in _uncounted: 1 to _follow[pos, f, e] for each f of the
+        visit before and each e used, and to _follow_n[pos, f]; _hit and _hit_n likewise for each
+        guessed g. np.add.at adds repeated indices one by one in order, as the visits one at a
+        time did (a guess's repeats count once, as its fancy-indexed += did)."""
+        cells: tuple[list[int], ...] = ([], [], [], [], [], [])    # follow p, f, e; hit p, g, e
+        rows: tuple[list[int], ...] = ([], [], [], [])            # follow_n p, f; hit_n p, g
+        for pos, prev, guess, used in self._uncounted:
+            for k, given in ((0, prev), (1, guess)):
+                for f in given:
+                    cells[3 * k].extend([pos] * len(used))
+                    cells[3 * k + 1].extend([f] * len(used))
+                    cells[3 * k + 2].extend(used)
+                    rows[2 * k].append(pos)
+                    rows[2 * k + 1].append(f)
+        self._uncounted = []
+        for k, (counts, totals) in enumerate(((self._follow, self._follow_n), (self._hit, self._hit_n))):
+            if cells[3 * k]:
+                np.add.at(counts, (cells[3 * k], cells[3 * k + 1], cells[3 * k + 2]), 1.0)
+            if rows[2 * k]:
+                np.add.at(totals, (rows[2 * k], rows[2 * k + 1]), 1.0)
+
     def _work_out(self) -> None:
         """The rows of _after and _guessed still due."""
+        self._count()
         for q, used in self._after_due.items():
             self._after[q] = self._follows(q, used)
         for q, ids in self._guess_due.items():
