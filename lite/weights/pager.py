@@ -338,8 +338,9 @@ class ExpertPager:
             size = self._src[layer][j][1]
             raw = self._pool[base + self._part_off[j]: base + self._part_off[j] + size]
             out.append(QTensor(f"{t.name}[{e}]", t.qtype, t.shape[1:], raw.reshape(t.data.shape[1:])))
-        ffn = self._views[(layer, e)] = (slot, FFNWeights(*out))
-        return ffn[1]
+        view = FFNWeights(*out)
+        self._views[(layer, e)] = (slot, view)
+        return view
 
     @property
     def pool_bytes(self) -> int:

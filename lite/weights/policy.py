@@ -292,22 +292,25 @@ class LayerCycle:
         visit before and each e used, and to _follow_n[pos, f]; _hit and _hit_n likewise for each
         guessed g. np.add.at adds repeated indices one by one in order, as the visits one at a
         time did (a guess's repeats count once, as its fancy-indexed += did)."""
-        cells: tuple[list[int], ...] = ([], [], [], [], [], [])    # follow p, f, e; hit p, g, e
-        rows: tuple[list[int], ...] = ([], [], [], [])            # follow_n p, f; hit_n p, g
-        for pos, prev, guess, used in self._uncounted:
-            for k, given in ((0, prev), (1, guess)):
-                for f in given:
-                    cells[3 * k].extend([pos] * len(used))
-                    cells[3 * k + 1].extend([f] * len(used))
-                    cells[3 * k + 2].extend(used)
-                    rows[2 * k].append(pos)
-                    rows[2 * k + 1].append(f)
+        for k, counts, totals in ((1, self._follow, self._follow_n), (2, self._hit, self._hit_n)):
+            p: list[int] = []
+            f: list[int] = []
+            e: list[int] = []
+            tp: list[int] = []
+            tf: list[int] = []
+            for visit in self._uncounted:
+                pos, used = visit[0], visit[3]
+                for g in visit[k]:                      # the visit before's experts, or the guess
+                    p += [pos] * len(used)
+                    f += [g] * len(used)
+                    e += used
+                    tp.append(pos)
+                    tf.append(g)
+            if p:
+                np.add.at(counts, (p, f, e), 1.0)
+            if tp:
+                np.add.at(totals, (tp, tf), 1.0)
         self._uncounted = []
-        for k, (counts, totals) in enumerate(((self._follow, self._follow_n), (self._hit, self._hit_n))):
-            if cells[3 * k]:
-                np.add.at(counts, (cells[3 * k], cells[3 * k + 1], cells[3 * k + 2]), 1.0)
-            if rows[2 * k]:
-                np.add.at(totals, (rows[2 * k], rows[2 * k + 1]), 1.0)
 
     def _work_out(self) -> None:
         """The rows of _after and _guessed still due."""
