@@ -58,3 +58,28 @@ def test_prefill_then_decode_equals_full_forward(name, converted, reference_outp
     steps = [m.forward(ids[:split], cache, all_logits=True)]
     steps += [m.forward([int(t)], cache) for t in ids[split:]]
     np.testing.assert_allclose(np.concatenate(steps), full, atol=2e-5, rtol=0)
+    m.close()
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_prefill_runs_the_last_ffn_for_the_last_position_only(name, backend, converted, reference_outputs):
+    """A prefill that wants only the last logits runs the last layer's FFN for that position
+    alone, yet gives the full forward's logits there and a cache that decode continues from."""
+    ids = reference_outputs(name)[0]["input_ids"][1]
+    m = lite.load(converted(name), backend=backend)
+    full = m.logits(ids)
+    be, seen = m._net.backend, []
+    moe = be.moe
+    be.moe = lambda h, *a: seen.append(h.shape[0]) or moe(h, *a)
+    try:
+        cache = m.new_cache()
+        split = len(ids) - 3
+        got = [m.forward(ids[:split], cache)]
+        last_layer_rows = seen[-1]
+        got += [m.forward([int(t)], cache) for t in ids[split:]]
+    finally:
+        del be.moe
+    assert last_layer_rows == 1 and max(seen) > 1
+    np.testing.assert_allclose(np.concatenate(got), full[split - 1:], atol=1e-4, rtol=0)
+    m.close()

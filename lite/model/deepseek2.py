@@ -68,7 +68,10 @@ class DeepSeek2:
             delta = be.decode_layers(x, pack, [cache.layer(i) for i in range(cfg.n_layer)], cos, sin, start,
                                      cfg.softmax_scale, LATENT_NORM_EPS, cfg.rms_eps, *route_options(cfg))[0]
         else:
-            delta = self._layers(x, cache, start, cos, sin, observe)
+            # Only the last position's logits wanted and nobody watching the layers: the last
+            # layer's FFN runs for that position alone (nothing reads the others' outputs).
+            last_only = not all_logits and observe is None and self.route_hook is None
+            delta = self._layers(x, cache, start, cos, sin, observe, last_only)
         cache.length = start + len(ids)
         if not all_logits:
             x, delta = x[-1:], delta[-1:]
@@ -94,9 +97,9 @@ class DeepSeek2:
         return self._pack
 
     def _layers(self, x: np.ndarray, cache: LatentCache, start: int, cos: np.ndarray, sin: np.ndarray,
-                observe: Observer | None) -> np.ndarray:
+                observe: Observer | None, last_only: bool = False) -> np.ndarray:
         """Every layer, op by op: x `[T, D]` updated in place up to the last layer's FFN output,
-        which is returned."""
+        which is returned (`[1, D]`, for the last position, if `last_only`)."""
         be, cfg = self.backend, self.cfg
         # guess[i]: the experts predicted for layer i one layer early (for prefetch accuracy).
         guess: dict[int, np.ndarray] = {}
@@ -116,17 +119,22 @@ class DeepSeek2:
         # The residual stream x is updated in place: each sublayer's output `delta` is added by
         # the (fused) op that also normalises x for the next sublayer (observers get copies).
         delta = None
+        last = cfg.n_layer - 1
         for i in range(cfg.n_layer):
             a = mla(be, cfg, self.attn[i], x, delta, i, cache, start, cos, sin)
             if observe is not None:     # not `note`: the names would be formatted for nothing
                 observe(f"attn_out_layer{i}", a)
-            h, routing = ffn_input(be, cfg, self.ffn[i], x, a, self.ffn_norm[i])
+            # Every position's latents are in the cache now; past this point, with last_only,
+            # the last layer serves the last position alone (x[-1:] is a view: updated in place).
+            xs, a = (x[-1:], a[-1:]) if last_only and i == last else (x, a)
+            h, routing = ffn_input(be, cfg, self.ffn[i], xs, a, self.ffn_norm[i])
             nxt = self.ffn[i + 1] if i + 1 < cfg.n_layer else None
             # The source says when a guess would go unused (all resident, or nothing worth
             # displacing): that spares the router pass.
             if self.prefetch_next and nxt is not None and nxt.router is not None and self.experts.wants_guess(i + 1):
                 # Start reading layer i+1's likely experts while layer i's FFN computes.
-                guess[i + 1] = predict(be, cfg, nxt, self.ffn_norm[i + 1], x)
+                ahead = x[-1:] if last_only and i + 1 == last else x
+                guess[i + 1] = predict(be, cfg, nxt, self.ffn_norm[i + 1], ahead)
                 self.experts.prefetch(i + 1, guess[i + 1])
             delta = ffn(be, cfg, self.ffn[i], h, self.experts, on_route, routing)
             if observe is not None:
