@@ -4,9 +4,9 @@
     m = lite.load("model.gguf")
     m.logits([100000, 1, 2])          # float32 [T, vocab]
 """
-from .errors import BackendError, FormatError, LiteError, UnsupportedError
+from .errors import BackendError, Cancelled, FormatError, LiteError, UnsupportedError
 from .api import Model, Stream, load
 from .generate import Generation, Piece
 
-__all__ = ["BackendError", "FormatError", "Generation", "LiteError", "Model", "Piece", "Stream",
+__all__ = ["BackendError", "Cancelled", "FormatError", "Generation", "LiteError", "Model", "Piece", "Stream",
            "UnsupportedError", "load"]

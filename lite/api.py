@@ -128,9 +128,11 @@ class Model:
         """Float32 logits `[T, vocab]` for every position of a fresh sequence (cache untouched)."""
         return self._net.forward(self._ids(token_ids), self.new_cache(), 0, observe)
 
-    def forward(self, token_ids: Sequence[int] | np.ndarray, cache: LatentCache, all_logits: bool = False) -> np.ndarray:
-        """Extend `cache` with `token_ids` and return the logits (last position unless all_logits)."""
-        return self._net.forward(self._ids(token_ids), cache, cache.length, all_logits=all_logits)
+    def forward(self, token_ids: Sequence[int] | np.ndarray, cache: LatentCache, all_logits: bool = False,
+                cancel: threading.Event | None = None) -> np.ndarray:
+        """Extend `cache` with `token_ids` and return the logits (last position unless all_logits).
+        Raises `Cancelled`, with `cache` unchanged, if `cancel` is set before the last layer."""
+        return self._net.forward(self._ids(token_ids), cache, cache.length, all_logits=all_logits, cancel=cancel)
 
     # -- generation --
 

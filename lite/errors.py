@@ -16,3 +16,8 @@ class UnsupportedError(LiteError):
 
 class BackendError(LiteError):
     """A compute backend rejected its inputs or failed."""
+
+
+class Cancelled(LiteError):
+    """A forward step stopped between layers because its cancel event was set; the cache holds
+    what it held before the step."""

@@ -9,14 +9,18 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generator, Sequence
 
-from .errors import LiteError
+from .errors import Cancelled, LiteError
 from .model.cache import ContextOverflow, LatentCache
 from .sampling import Sampler, SamplingParams
 
 if TYPE_CHECKING:
     from .api import Model
 
-PREFILL_CHUNK = 256
+# Tokens a prefill step takes at once: each step reads every expert its tokens route to, so larger
+# steps read the weights fewer times and repack them for more tokens at a time (a 2048-token
+# prompt on the 27-layer Lite file: 1.12x faster at 512, 1.23x at 1024, 1.19x at 2048 than at
+# 256; the same logits). Cancellation is checked between layers, not only between steps.
+PREFILL_CHUNK = 1024
 PENALTY_WINDOW = 64   # prompt tokens that count for the repetition penalty, as llama.cpp's repeat_last_n
 
 
@@ -105,11 +109,12 @@ def run(model: "Model", prompt: Sequence[int], max_tokens: int, sampling: Sampli
     pos = gen.cached_tokens
     logits = None
     while pos < len(prompt):
-        if cancelled():
+        chunk = prompt[pos:pos + PREFILL_CHUNK]
+        try:
+            logits = model.forward(chunk, cache, cancel=cancel)
+        except Cancelled:
             gen.finish_reason = "cancelled"
             return _finish(gen, t0, t0)
-        chunk = prompt[pos:pos + PREFILL_CHUNK]
-        logits = model.forward(chunk, cache)
         cache.token_ids.extend(int(t) for t in chunk)
         pos += len(chunk)
     t_first = time.perf_counter()

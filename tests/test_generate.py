@@ -70,6 +70,38 @@ def test_cancel_from_another_thread(model):
     assert s.result.finish_reason == "cancelled" and len(s.result.token_ids) < 200
 
 
+def test_cancel_stops_a_prefill_between_layers_and_keeps_the_cache(model):
+    """A cancel set while a prompt's step runs stops it before the next layer: the step raises
+    Cancelled, the cache is as before it, and a generation ends "cancelled" without waiting for
+    the rest of the prompt."""
+    prompt = model.tokenize("def add(a, b):\n    return a + b\n")
+    cache = model.new_cache()
+    model.forward(prompt[:5], cache)
+    want = model.forward(prompt[5:], cache)
+    cache = model.new_cache()
+    model.forward(prompt[:5], cache)
+    cancel, be, calls = threading.Event(), model._net.backend, []
+    mla_step = be.mla_step
+
+    def set_after_first(*a, **k):       # the first layer's attention sets the event
+        calls.append(1)
+        cancel.set()
+        return mla_step(*a, **k)
+
+    be.mla_step = set_after_first
+    try:
+        with pytest.raises(lite.Cancelled, match="layer 1 of"):
+            model.forward(prompt[5:], cache, cancel=cancel)
+        assert len(calls) == 1 and cache.length == 5
+        cancel.clear()
+        model.reset()
+        g = model.generate(prompt, max_tokens=8, cancel=cancel)
+        assert g.finish_reason == "cancelled" and g.token_ids == [] and len(calls) == 2
+    finally:
+        del be.mla_step
+    np.testing.assert_array_equal(model.forward(prompt[5:], cache), want)
+
+
 def test_context_limits(model):
     with pytest.raises(lite.LiteError, match="context holds 256"):
         model.generate(list(range(3, 300)), max_tokens=4)

@@ -3,11 +3,12 @@ final norm and output projection. Token ids `[T]` at positions start..start+T-1 
 `[T, vocab]`, with the latent cache updated for those positions."""
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import numpy as np
 
-from ..errors import BackendError, LiteError
+from ..errors import BackendError, Cancelled, LiteError
 from ..kernels.base import Backend, DecodeLayer
 from ..kernels.composed import fused
 from ..kernels.dequant import dequantize
@@ -48,10 +49,11 @@ class DeepSeek2:
             raise LiteError(f"token id out of range 0..{self.cfg.vocab_size - 1}")
         return dequantize(self.embed.data[ids], self.embed.qtype)
 
-    def forward(self, ids: np.ndarray, cache: LatentCache, start: int,
-                observe: Observer | None = None, all_logits: bool = True) -> np.ndarray:
+    def forward(self, ids: np.ndarray, cache: LatentCache, start: int, observe: Observer | None = None,
+                all_logits: bool = True, cancel: threading.Event | None = None) -> np.ndarray:
         """Run tokens `ids` at positions start.. and return logits for every position (or only
-        the last one when `all_logits` is false, which saves the vocab projection in prefill)."""
+        the last one when `all_logits` is false, which saves the vocab projection in prefill).
+        With `cancel` set, a multi-token step raises `Cancelled` before its next layer."""
         be, cfg = self.backend, self.cfg
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         cache.reserve(start + len(ids))
@@ -71,7 +73,7 @@ class DeepSeek2:
             # Only the last position's logits wanted and nobody watching the layers: the last
             # layer's FFN runs for that position alone (nothing reads the others' outputs).
             last_only = not all_logits and observe is None and self.route_hook is None
-            delta = self._layers(x, cache, start, cos, sin, observe, last_only)
+            delta = self._layers(x, cache, start, cos, sin, observe, last_only, cancel)
         cache.length = start + len(ids)
         if not all_logits:
             x, delta = x[-1:], delta[-1:]
@@ -97,9 +99,12 @@ class DeepSeek2:
         return self._pack
 
     def _layers(self, x: np.ndarray, cache: LatentCache, start: int, cos: np.ndarray, sin: np.ndarray,
-                observe: Observer | None, last_only: bool = False) -> np.ndarray:
+                observe: Observer | None, last_only: bool = False,
+                cancel: threading.Event | None = None) -> np.ndarray:
         """Every layer, op by op: x `[T, D]` updated in place up to the last layer's FFN output,
-        which is returned (`[1, D]`, for the last position, if `last_only`)."""
+        which is returned (`[1, D]`, for the last position, if `last_only`). A set `cancel`
+        stops it before the next layer: `cache.length` moves only once all layers are done, so
+        the positions written so far are past the cache's end and nothing reads them."""
         be, cfg = self.backend, self.cfg
         # guess[i]: the experts predicted for layer i one layer early (for prefetch accuracy).
         guess: dict[int, np.ndarray] = {}
@@ -121,6 +126,8 @@ class DeepSeek2:
         delta = None
         last = cfg.n_layer - 1
         for i in range(cfg.n_layer):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled at layer {i} of {cfg.n_layer}")
             a = mla(be, cfg, self.attn[i], x, delta, i, cache, start, cos, sin)
             if observe is not None:     # not `note`: the names would be formatted for nothing
                 observe(f"attn_out_layer{i}", a)
