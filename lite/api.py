@@ -131,7 +131,8 @@ class Model:
     def forward(self, token_ids: Sequence[int] | np.ndarray, cache: LatentCache, all_logits: bool = False,
                 cancel: threading.Event | None = None) -> np.ndarray:
         """Extend `cache` with `token_ids` and return the logits (last position unless all_logits).
-        Raises `Cancelled`, with `cache` unchanged, if `cancel` is set before the last layer."""
+        A step of several tokens raises `Cancelled`, with `cache` unchanged, once `cancel` is set
+        (checked before each layer)."""
         return self._net.forward(self._ids(token_ids), cache, cache.length, all_logits=all_logits, cancel=cancel)
 
     # -- generation --

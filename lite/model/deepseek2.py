@@ -53,7 +53,8 @@ class DeepSeek2:
                 all_logits: bool = True, cancel: threading.Event | None = None) -> np.ndarray:
         """Run tokens `ids` at positions start.. and return logits for every position (or only
         the last one when `all_logits` is false, which saves the vocab projection in prefill).
-        With `cancel` set, a multi-token step raises `Cancelled` before its next layer."""
+        A step run layer by layer (every multi-token one) raises `Cancelled` before its next
+        layer once `cancel` is set."""
         be, cfg = self.backend, self.cfg
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         cache.reserve(start + len(ids))
