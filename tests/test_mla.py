@@ -15,7 +15,7 @@ def expanded_attention(q_nope, q_pe, ckv, kpe, w_uk, w_uv, scale, start):
     q_nope [T,H,N], q_pe [T,H,R], ckv [S,C], kpe [S,R], w_uk [H,N,C], w_uv [H,V,C] → [T,H,V]."""
     k_nope = np.einsum("hnc,sc->shn", w_uk, ckv)
     v = np.einsum("hvc,sc->shv", w_uv, ckv)
-    T, S = q_nope.shape[0], ckv.shape[0]
+    T = q_nope.shape[0]
     out = np.zeros((T, q_nope.shape[1], w_uv.shape[1]), np.float64)
     for t in range(T):
         end = start + t + 1
