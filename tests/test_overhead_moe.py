@@ -33,18 +33,22 @@ def mlp(rng: np.random.Generator, name: str, width: int = F) -> FFNWeights:
 
 
 class Experts:
-    """An ExpertSource over a dict, recording the chunks asked for."""
+    """An ExpertSource over a dict, recording the chunks asked for; `whole`: it holds every
+    expert at once, as a memory map does."""
 
-    def __init__(self, table: dict[int, FFNWeights]) -> None:
-        self.table, self.asked = table, []
+    def __init__(self, weights: dict[int, FFNWeights], whole: bool = False) -> None:
+        self.weights, self.whole, self.asked = weights, whole, []
 
     def experts(self, layer, ids):
         ids = [int(e) for e in ids]
         self.asked.append(ids)
-        return {e: self.table[e] for e in ids}
+        return {e: self.weights[e] for e in ids}
 
     def prefetch(self, layer, ids):
         pass
+
+    def table(self, layer):
+        return tuple(self.weights[e] for e in sorted(self.weights)) if self.whole else None
 
 
 def spec(be, c, f: FFNLayer, h: np.ndarray, src: Experts) -> np.ndarray:
@@ -66,22 +70,26 @@ def spec(be, c, f: FFNLayer, h: np.ndarray, src: Experts) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", backends())
-@pytest.mark.parametrize("case", ["decode", "same-route", "prefill"])
+@pytest.mark.parametrize("case", ["decode", "same-route", "prefill", "prefill, every expert at hand"])
 def test_ffn_matches_canonical_partition_bit_for_bit(name, case):
+    """Chunk by chunk from a pool, or all chunks in one call where the source holds every expert:
+    the canonical partition's bits either way."""
     be = get_backend(name)
     rng = np.random.default_rng(3)
     layer = FFNLayer(1, QTensor.from_float("router", rng.standard_normal((E, D)).astype(np.float32)),
                      mlp(rng, "shared", 2 * F))
-    src = Experts({e: mlp(rng, f"e{e}") for e in range(E)})
-    h = rng.standard_normal({"decode": (1, D), "same-route": (1, D), "prefill": (6, D)}[case]).astype(np.float32)
+    src = Experts({e: mlp(rng, f"e{e}") for e in range(E)}, whole=case.endswith("at hand"))
+    h = rng.standard_normal((1, D) if case in ("decode", "same-route") else (6, D)).astype(np.float32)
     if case == "same-route":      # T > 1 with every pair in one chunk: the shortcut, not only decode
         h = np.repeat(h, 3, axis=0)
     got = ffn(be, cfg(), layer, h, src)
-    chunks = src.asked
+    asked = src.asked
     src.asked = []
     want = spec(be, cfg(), layer, h, src)
-    assert chunks == src.asked                   # the same chunks, in the same order
-    assert (len(chunks) == 1) == (case != "prefill")
+    if src.whole:                                # one request for every chunk's experts, in order
+        assert asked == [sum(src.asked, [])] and len(src.asked) > 1
+    else:                                        # the same chunks, in the same order
+        assert asked == src.asked and (len(asked) == 1) == (case != "prefill")
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
