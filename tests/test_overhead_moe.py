@@ -1,6 +1,7 @@
-"""The decode fast paths of the MoE layer give exactly the canonical partition's results: the
-single-chunk shortcut of `ffn`, the cheaper gather in `route`, and the C backend's per-object MLP
-validation cache (validated once, never stale, bad input still refused)."""
+"""The fast paths of the MoE layer give exactly the canonical partition's results: `ffn`'s
+decode call, its one call for every chunk where the source holds every expert, the cheaper
+gather in `route`, and the C backend's per-object MLP validation cache (validated once, never
+stale, bad input still refused)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -80,7 +81,7 @@ def test_ffn_matches_canonical_partition_bit_for_bit(name, case):
                      mlp(rng, "shared", 2 * F))
     src = Experts({e: mlp(rng, f"e{e}") for e in range(E)}, whole=case.endswith("at hand"))
     h = rng.standard_normal((1, D) if case in ("decode", "same-route") else (6, D)).astype(np.float32)
-    if case == "same-route":      # T > 1 with every pair in one chunk: the shortcut, not only decode
+    if case == "same-route":      # T > 1 with every pair in one chunk
         h = np.repeat(h, 3, axis=0)
     got = ffn(be, cfg(), layer, h, src)
     asked = src.asked

@@ -105,17 +105,8 @@ def ffn(be: Backend, cfg: ModelConfig, f: FFNLayer, h: np.ndarray, experts: Expe
         # terms shared first, then slot by slot: the order below.
         return be.moe(h, ids, w, experts.experts(f.layer, uniq), f.always)
     out = always_on(be, f, h)
-    if len(uniq) <= K:
-        # One chunk holds every (token, slot) pair (tokens routed alike). In the row-major
-        # order the partition below would produce, the pairs' rows are each token K times and
-        # their results add slot by slot to every token at once: no index arithmetic needed.
-        y = be.moe(h.repeat(K, axis=0), ids.reshape(-1, 1), w.reshape(-1, 1),
-                   experts.experts(f.layer, uniq), None).reshape(T, K, h.shape[1])
-        for k in range(K):
-            out += y[:, k]
-        return out
-    # Every (token, slot) pair, row-major within its chunk, chunk by chunk; chunk c's pairs are
-    # [first[c], first[c + 1]).
+    # Every (token, slot) pair, chunk by chunk and row-major within a chunk: chunk c's pairs are
+    # [first[c], first[c + 1]) of `rows`, `slots` and the results y.
     n_chunks = (len(uniq) + K - 1) // K
     chunk_of = np.zeros(uniq[-1] + 1, np.int64)
     chunk_of[uniq] = np.arange(len(uniq)) // K
@@ -123,21 +114,23 @@ def ffn(be: Backend, cfg: ModelConfig, f: FFNLayer, h: np.ndarray, experts: Expe
     order = np.argsort(pair_chunk, kind="stable")
     rows, slots = np.divmod(order, K)
     first = np.searchsorted(pair_chunk[order], np.arange(n_chunks + 1))
-    whole = experts.table(f.layer) is not None
-    calls = [(0, n_chunks)] if whole else [(c, c + 1) for c in range(n_chunks)]
+    calls = [(0, n_chunks)] if experts.table(f.layer) is not None else [(c, c + 1) for c in range(n_chunks)]
+    ys = []
     for i, (c0, c1) in enumerate(calls):
         weights = experts.experts(f.layer, uniq[c0 * K:c1 * K])
         if i + 1 < len(calls):
             experts.prefetch(f.layer, uniq[c1 * K:(c1 + 1) * K])
-        a, b = first[c0], first[c1]
-        r, s = rows[a:b], slots[a:b]
-        y = be.moe(np.ascontiguousarray(h[r]), ids[r, s][:, None], np.ascontiguousarray(w[r, s][:, None]),
-                   weights, None)
-        for c in range(c0, c1):
-            span, yc = slice(first[c], first[c + 1]), y[first[c] - a:first[c + 1] - a]
-            for k in range(K):
-                sel = slots[span] == k
-                out[rows[span][sel]] += yc[sel]
+        r, s = rows[first[c0]:first[c1]], slots[first[c0]:first[c1]]
+        ys.append(be.moe(np.ascontiguousarray(h[r]), ids[r, s][:, None], np.ascontiguousarray(w[r, s][:, None]),
+                         weights, None))
+    y = ys[0] if len(ys) == 1 else np.concatenate(ys)
+    # Each token has K pairs; sorted by their place in y they are in (chunk, slot) order, the
+    # order their results add in: the j-th of every token at once.
+    place = np.empty(len(order), np.int64)
+    place[order] = np.arange(len(order))
+    place = np.sort(place.reshape(T, K), axis=1)
+    for j in range(K):
+        out += y[place[:, j]]
     return out
 
 
