@@ -70,16 +70,28 @@ def spec(be, c, f: FFNLayer, h: np.ndarray, src: Experts) -> np.ndarray:
     return out
 
 
+class Streaming:
+    """A backend that declares it copies moe's weights to a device per call."""
+    moe_streams_weights = True
+
+    def __init__(self, be) -> None:
+        self._be = be
+
+    def __getattr__(self, name):
+        return getattr(self._be, name)
+
+
 @pytest.mark.parametrize("name", backends())
-@pytest.mark.parametrize("case", ["decode", "same-route", "prefill", "prefill, every expert at hand"])
+@pytest.mark.parametrize("case", ["decode", "same-route", "prefill", "prefill, every expert at hand",
+                                  "prefill, every expert at hand, weights streamed"])
 def test_ffn_matches_canonical_partition_bit_for_bit(name, case):
-    """Chunk by chunk from a pool, or all chunks in one call where the source holds every expert:
-    the canonical partition's bits either way."""
-    be = get_backend(name)
+    """Chunk by chunk from a pool (or to a backend that streams weights), or all chunks in one
+    call where the source holds every expert: the canonical partition's bits either way."""
+    be = Streaming(get_backend(name)) if case.endswith("streamed") else get_backend(name)
     rng = np.random.default_rng(3)
     layer = FFNLayer(1, QTensor.from_float("router", rng.standard_normal((E, D)).astype(np.float32)),
                      mlp(rng, "shared", 2 * F))
-    src = Experts({e: mlp(rng, f"e{e}") for e in range(E)}, whole=case.endswith("at hand"))
+    src = Experts({e: mlp(rng, f"e{e}") for e in range(E)}, whole="at hand" in case)
     h = rng.standard_normal((1, D) if case in ("decode", "same-route") else (6, D)).astype(np.float32)
     if case == "same-route":      # T > 1 with every pair in one chunk
         h = np.repeat(h, 3, axis=0)
@@ -87,10 +99,10 @@ def test_ffn_matches_canonical_partition_bit_for_bit(name, case):
     asked = src.asked
     src.asked = []
     want = spec(be, cfg(), layer, h, src)
-    if src.whole:                                # one request for every chunk's experts, in order
+    if case.endswith("at hand"):                 # one request for every chunk's experts, in order
         assert asked == [sum(src.asked, [])] and len(src.asked) > 1
     else:                                        # the same chunks, in the same order
-        assert asked == src.asked and (len(asked) == 1) == (case != "prefill")
+        assert asked == src.asked and (len(asked) == 1) == (case in ("decode", "same-route"))
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 

@@ -378,6 +378,9 @@ class CudaBackend:
     serialised by a lock); one device."""
 
     name = "cuda"
+    # Experts not in the device cache are uploaded into a per-call arena: a whole layer's in one
+    # call (160 of the full model's: 2 GB) could exhaust a small budget, so moe.ffn sends chunks.
+    moe_streams_weights = True
 
     def __init__(self, device: int = 0, vram_budget: int | str | None = None,
                  miss_policy: str | None = None) -> None:
