@@ -117,15 +117,19 @@ def ffn(be: Backend, cfg: ModelConfig, f: FFNLayer, h: np.ndarray, experts: Expe
     first = np.searchsorted(pair_chunk[order], np.arange(n_chunks + 1))
     whole = experts.table(f.layer) is not None and not getattr(be, "moe_streams_weights", False)
     calls = [(0, n_chunks)] if whole else [(c, c + 1) for c in range(n_chunks)]
-    ys = []
+    # The results of every pair (one call's, or filled in call by call: one chunk's at a time on top).
+    y = np.empty((len(order), h.shape[1]), np.float32) if len(calls) > 1 else None
     for i, (c0, c1) in enumerate(calls):
         weights = experts.experts(f.layer, uniq[c0 * K:c1 * K])
         if i + 1 < len(calls):
             experts.prefetch(f.layer, uniq[c1 * K:(c1 + 1) * K])
         r, s = rows[first[c0]:first[c1]], slots[first[c0]:first[c1]]
-        ys.append(be.moe(np.ascontiguousarray(h[r]), ids[r, s][:, None], np.ascontiguousarray(w[r, s][:, None]),
-                         weights, None))
-    y = ys[0] if len(ys) == 1 else np.concatenate(ys)
+        part = be.moe(np.ascontiguousarray(h[r]), ids[r, s][:, None], np.ascontiguousarray(w[r, s][:, None]),
+                      weights, None)
+        if y is None:
+            y = part
+        else:
+            y[first[c0]:first[c1]] = part
     # Each token has K pairs; sorted by their place in y they are in (chunk, slot) order, the
     # order their results add in: the j-th of every token at once.
     place = np.empty(len(order), np.int64)
