@@ -190,7 +190,7 @@ static void head_product(float *out, const float *x, const uint8_t *w, int64_t r
         a = act;
     }
     int64_t n_items = lite_product_items(kind, n_rows, 1, cols);
-    for (int64_t it = 0; it < n_items; it++) lite_product_item(out, 0, w, rb, n_rows, kind, a, 0, 1, cols, it);
+    for (int64_t it = 0; it < n_items; it++) lite_product_item(out, 0, w, rb, n_rows, kind, a, 0, 1, cols, it, NULL);
 }
 
 int lite_mla_plan(lite_mla_call *M) {

@@ -34,11 +34,11 @@ static void rows_one_token(float *out, const uint8_t *w, int64_t row_bytes, int6
  * panel's rows come from L2, however many tokens there are (the 256- and 1024-token prefills
  * measured the same as the former row-tile-outer order in 64-token chunks). */
 static void gemm_panel(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t nr, int kind,
-                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols) {
+                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols, const lite_rows_ahead *ahead) {
     const kernel_table *kt = lite_active_kernels();
     int64_t r8 = kt->rows8[kind] ? nr & ~(int64_t)7 : 0;
     if (r8) {
-        kt->rows8[kind](out, ldo, w, row_bytes, r8, act, astride, n_tok, cols);
+        kt->rows8[kind](out, ldo, w, row_bytes, r8, act, astride, n_tok, cols, ahead);
         out += r8, w += r8 * row_bytes, nr -= r8;
     }
     tile_fn f = kt->tile[kind];
@@ -62,12 +62,18 @@ int64_t lite_product_items(int kind, int64_t n_rows, int64_t n_tok, int64_t cols
     return q / MV_ROWS + (n_rows - 4 * q + MV_ROWS - 1) / MV_ROWS;
 }
 
+lite_rows_ahead lite_product_item_rows(const uint8_t *w, int64_t row_bytes, int64_t n_rows, int64_t item) {
+    const int64_t r0 = item * PANEL_R;
+    return (lite_rows_ahead){w + r0 * row_bytes, row_bytes, n_rows - r0 < PANEL_R ? n_rows - r0 : PANEL_R};
+}
+
 void lite_product_item(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t n_rows, int kind,
-                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols, int64_t item) {
+                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols, int64_t item,
+                       const lite_rows_ahead *ahead) {
     if (n_tok != 1) {
-        int64_t r0 = item * PANEL_R;
-        gemm_panel(out + r0, ldo, w + r0 * row_bytes, row_bytes, n_rows - r0 < PANEL_R ? n_rows - r0 : PANEL_R, kind,
-                   act, astride, n_tok, cols);
+        const lite_rows_ahead p = lite_product_item_rows(w, row_bytes, n_rows, item);
+        const int64_t r0 = item * PANEL_R;
+        gemm_panel(out + r0, ldo, p.w, row_bytes, p.n_rows, kind, act, astride, n_tok, cols, ahead);
         return;
     }
     int64_t q = mv_quarter(kind, n_rows, cols), n4 = q / MV_ROWS;
@@ -150,7 +156,7 @@ void lite_products_run(const lite_products *P) {
         int i = 0;
         while (P->first[i + 1] <= it) i++;
         lite_product_item(P->out[i], P->n_rows[i], P->w[i], P->rb[i], P->n_rows[i], P->kind[i], P->act, P->astride,
-                          P->n_tok, P->cols, it - P->first[i]);
+                          P->n_tok, P->cols, it - P->first[i], NULL);
     }
 }
 
@@ -264,7 +270,7 @@ int lite_matmul_heads(float *out, int64_t out_len, const float *x, int64_t n_tok
             int64_t h = it / n_runs;
             lite_product_item(out + h * n_rows, ldo, w + h * n_rows * rb, rb, n_rows, kind,
                               quant ? scratch + h * n_tok * astride : (const uint8_t *)(x + h * cols), tstride,
-                              n_tok, cols, it % n_runs);
+                              n_tok, cols, it % n_runs, NULL);
         }
     }
     return LITE_OK;

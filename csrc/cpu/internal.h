@@ -117,10 +117,14 @@ typedef void (*mv_fn)(float *out, const uint8_t *w, int64_t wstride, int64_t nr,
  * AVX-512 Xeon). Each row's result is bit for bit the mv kernel's. NULL where an ISA has none. */
 typedef void (*mv4_fn)(float *out, const uint8_t *w, int64_t wstride, int64_t nr, const uint8_t *a, int64_t cols,
                        int64_t gap);
+/* The rows a thread multiplies after the current call, where its caller knows them (else NULL):
+ * n_rows rows row_bytes apart from w. */
+typedef struct { const uint8_t *w; int64_t row_bytes, n_rows; } lite_rows_ahead;
 /* Many-token kernel over whole groups of 8 rows: out[t*ldo + r] = dot(weight row r, activation
- * row t) for r < nr (a multiple of 8), t < n_tok. NULL where an ISA has none: tiles serve. */
+ * row t) for r < nr (a multiple of 8), t < n_tok. Its chunks prefetch the next chunk's weights,
+ * and its last chunk the first of `ahead`'s. NULL where an ISA has none: tiles serve. */
 typedef void (*rows8_fn)(float *out, int64_t ldo, const uint8_t *w, int64_t wstride, int64_t nr, const uint8_t *a,
-                         int64_t astride, int64_t n_tok, int64_t cols);
+                         int64_t astride, int64_t n_tok, int64_t cols, const lite_rows_ahead *ahead);
 #define MV_MAX_COLS 32768
 /* Rows per work item when one token streams through a matrix: long enough runs for the prefetch,
  * short enough to share rows evenly between threads. */
@@ -207,10 +211,14 @@ int lite_matmul_many(int n, float *const *out, const int64_t *out_len, const flo
  * share them between threads (each item single-threaded): panels of PANEL_R rows for many tokens;
  * for one token runs of MV_ROWS rows, each item taking a run at each quarter of the matrix at
  * once where the ISA has a four-stream kernel for the kind (the rows a quarter's items leave
- * over are runs of their own). Items may go to threads in any grouping. */
+ * over are runs of their own). Items may go to threads in any grouping; a caller that knows which
+ * item a thread takes next passes its rows (lite_product_item_rows) as `ahead`, else NULL. */
 int64_t lite_product_items(int kind, int64_t n_rows, int64_t n_tok, int64_t cols);
 void lite_product_item(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t n_rows, int kind,
-                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols, int64_t item);
+                       const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols, int64_t item,
+                       const lite_rows_ahead *ahead);
+/* The weight rows of a multi-token product's item. */
+lite_rows_ahead lite_product_item_rows(const uint8_t *w, int64_t row_bytes, int64_t n_rows, int64_t item);
 /* Scratch bytes for the activations of n_tok rows (0 for float weights). */
 int64_t lite_act_stride(int kind, int64_t cols);
 
@@ -310,12 +318,13 @@ typedef struct {
      * ng[e]: how many of its gate-up items are gate's; kg/ku/kd: its kinds */
     int64_t off[MOE_MAX_ENTRIES + 1], iu[MOE_MAX_ENTRIES + 1], idn[MOE_MAX_ENTRIES + 1], ng[MOE_MAX_ENTRIES];
     int kg[MOE_MAX_ENTRIES], ku[MOE_MAX_ENTRIES], kd[MOE_MAX_ENTRIES];
+    _Atomic int64_t taken[2];   /* a prefill's gate-up and down items handed out so far */
 } lite_moe_run;
 int lite_moe_plan(lite_moe_run *M, float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t dim,
                   const int32_t *slot, const float *weight, int64_t k, int64_t n_exp, const uint8_t **gate,
                   const uint8_t **up, const uint8_t **down, const int32_t *types, const int64_t *nbytes,
                   const int64_t *ffn, int64_t shared, uint8_t *scratch, int64_t scratch_bytes);
-void lite_moe_team(const lite_moe_run *M, lite_team *t);
+void lite_moe_team(lite_moe_run *M, lite_team *t);
 
 /* Heads per work item of MLA attention for n_tok queries on nth threads: as many as possible
  * (up to MLA_HEAD_GROUP) while still giving every thread work. */

@@ -294,7 +294,7 @@ INLINE void r8_tokens(const int KIND, const int G, const int NT, float *out, int
 
 /* Rows [r, r + 8G) of the rows-in-lanes kernels, a chunk of blocks at a time. */
 INLINE void r8_rows(const int KIND, const int G, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t r,
-                    int64_t nr, const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb) {
+                    int64_t nr, const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb, const lite_rows_ahead *ahead) {
     const int64_t bs = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
     _Alignas(32) __m256i rep[2 * 8 * R8_CHUNK];
     _Alignas(32) float dws[2 * 8 * R8_CHUNK];
@@ -302,7 +302,7 @@ INLINE void r8_rows(const int KIND, const int G, float *out, int64_t ldo, const 
         int n = (int)(nb - b0 < R8_CHUNK ? nb - b0 : R8_CHUNK);
         for (int g = 0; g < G; g++)
             r8_repack(KIND, rep + g * 8 * R8_CHUNK, dws + g * 8 * R8_CHUNK, w + (r + 8 * g) * ws, ws, b0, n);
-        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 8 * G, b0, R8_CHUNK, nb, bs, n_tok, R8_NT, n);
+        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 8 * G, b0, R8_CHUNK, nb, bs, n_tok, R8_NT, n, ahead);
         int64_t t = 0;
         for (; t + R8_NT <= n_tok; t += R8_NT) {
             r8_tokens(KIND, G, R8_NT, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf);
@@ -422,7 +422,7 @@ INLINE void kq_tokens(const int KIND, const int G, const int NT, float *out, int
 /* Rows [r, r + 8G) of the K-quant rows-in-lanes kernels, R8K_CHUNK super-blocks repacked at a
  * time, R8_NT tokens a pass (for Q6_K too, whose half sums then spill: 1.1x two tokens). */
 INLINE void kq_rows(const int KIND, const int G, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t r,
-                    int64_t nr, const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb) {
+                    int64_t nr, const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb, const lite_rows_ahead *ahead) {
     const int NT = R8_NT;
     const int64_t bs = KIND == K_Q4_K ? Q4_K_BYTES : Q6_K_BYTES;
     _Alignas(32) __m256i rep[2 * RK_REP];
@@ -436,7 +436,7 @@ INLINE void kq_rows(const int KIND, const int G, float *out, int64_t ldo, const 
                 r8_repack_q4k(rep + g * RK_REP, sc + g * RK_SC, mn + g * RK_MN, dd + g * RK_D, dm + g * RK_D, wg, ws, b0, n);
             else r8_repack_q6k(rep + g * RK_REP, sc + g * RK_SC, dd + g * RK_D, wg, ws, b0, n);
         }
-        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 8 * G, b0, R8K_CHUNK, nb, bs, n_tok, NT, n);
+        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 8 * G, b0, R8K_CHUNK, nb, bs, n_tok, NT, n, ahead);
         int64_t t = 0;
         for (; t + NT <= n_tok; t += NT) {
             kq_tokens(KIND, G, NT, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n, &pf);
@@ -452,24 +452,24 @@ INLINE void kq_rows(const int KIND, const int G, float *out, int64_t ldo, const 
 /* The rows-in-lanes kernels of every kind: 16 rows (two groups of 8) at a time, a last group of
  * 8 alone. */
 INLINE void rows_in_lanes(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr,
-                          const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols) {
+                          const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols, const lite_rows_ahead *ahead) {
     const int q8 = KIND == K_Q4_0 || KIND == K_Q8_0;
     const int64_t nb = cols / (q8 ? QK : QKK);
     int64_t r = 0;
     for (; r + 16 <= nr; r += 16) {
-        if (q8) r8_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
-        else kq_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+        if (q8) r8_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb, ahead);
+        else kq_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb, ahead);
     }
     if (r < nr) {
-        if (q8) r8_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
-        else kq_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+        if (q8) r8_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb, ahead);
+        else kq_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb, ahead);
     }
 }
 
 #define DEF_ROWS8(NAME, KIND)                                                                      \
     static void NAME(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, \
-                     int64_t as, int64_t n_tok, int64_t cols) {                                  \
-        rows_in_lanes(KIND, out, ldo, w, ws, nr, a, as, n_tok, cols);                             \
+                     int64_t as, int64_t n_tok, int64_t cols, const lite_rows_ahead *ahead) {    \
+        rows_in_lanes(KIND, out, ldo, w, ws, nr, a, as, n_tok, cols, ahead);                      \
     }
 DEF_ROWS8(rows8_q4_0, K_Q4_0)
 DEF_ROWS8(rows8_q8_0, K_Q8_0)

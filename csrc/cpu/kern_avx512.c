@@ -134,7 +134,7 @@ INLINE void r16_tokens(const int KIND, const int G, const int NT, float *out, in
 
 /* Rows [r, r + 16G), a chunk of blocks at a time, R16_NT tokens a pass. */
 INLINE void r16_rows(const int KIND, const int G, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t r,
-                     int64_t nr, const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb) {
+                     int64_t nr, const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb, const lite_rows_ahead *ahead) {
     _Alignas(64) __m512i rep[2 * 8 * R16_CHUNK];
     _Alignas(64) float dws[2 * 16 * R16_CHUNK];
     for (int64_t b0 = 0; b0 < nb; b0 += R16_CHUNK) {
@@ -142,7 +142,7 @@ INLINE void r16_rows(const int KIND, const int G, float *out, int64_t ldo, const
         for (int g = 0; g < G; g++)
             r16_repack(KIND, rep + g * 8 * R16_CHUNK, dws + g * 16 * R16_CHUNK, w + (r + 16 * g) * ws, ws, b0, n);
         r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 16 * G, b0, R16_CHUNK, nb, KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES,
-                                       n_tok, R16_NT, n);
+                                       n_tok, R16_NT, n, ahead);
         int64_t t = 0;
         for (; t + R16_NT <= n_tok; t += R16_NT)
             r16_tokens(KIND, G, R16_NT, out + t * ldo + r, ldo, rep, dws, a + t * as, as, nb, b0, n, &pf);
@@ -262,7 +262,7 @@ INLINE void k16_tokens(const int KIND, const int G, const int NT, float *out, in
 
 /* Rows [r, r + 16G), K16_CHUNK super-blocks repacked at a time, R16_NT tokens a pass. */
 INLINE void k16_rows(const int KIND, const int G, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t r,
-                     int64_t nr, const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb) {
+                     int64_t nr, const uint8_t *a, int64_t as, int64_t n_tok, int64_t nb, const lite_rows_ahead *ahead) {
     const int64_t bs = KIND == K_Q4_K ? Q4_K_BYTES : Q6_K_BYTES;
     _Alignas(64) __m512i rep[2 * K16_REP];
     _Alignas(64) int32_t sc[2 * K16_SC], mn[2 * K16_MN];
@@ -272,7 +272,7 @@ INLINE void k16_rows(const int KIND, const int G, float *out, int64_t ldo, const
         for (int g = 0; g < G; g++)
             k16_repack(KIND, rep + g * K16_REP, sc + g * K16_SC, mn + g * K16_MN, dd + g * K16_D, dm + g * K16_D,
                        w + (r + 16 * g) * ws, ws, b0, n);
-        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 16 * G, b0, K16_CHUNK, nb, bs, n_tok, R16_NT, n);
+        r8_prefetch pf = r8_next_chunk(w, ws, r, nr, 16 * G, b0, K16_CHUNK, nb, bs, n_tok, R16_NT, n, ahead);
         int64_t t = 0;
         for (; t + R16_NT <= n_tok; t += R16_NT)
             k16_tokens(KIND, G, R16_NT, out + t * ldo + r, ldo, rep, sc, mn, dd, dm, a + t * as, as, nb, b0, n, &pf);
@@ -287,28 +287,28 @@ INLINE void k16_rows(const int KIND, const int G, float *out, int64_t ldo, const
 /* ---- rows-in-lanes entry points ----------------------------------------------------------- */
 /* 32-row passes, a 16-row one, and a last 8 rows to the AVX2 kernel. */
 INLINE void rows16(const int KIND, float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr,
-                   const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols) {
+                   const uint8_t *a, int64_t as, int64_t n_tok, int64_t cols, const lite_rows_ahead *ahead) {
     const int q8 = KIND == K_Q4_0 || KIND == K_Q8_0;
     const int64_t nb = cols / (q8 ? QK : QKK);
     /* rows for 16-lane passes: none where the scale gather's int32 offsets (15 rows) would overflow */
     const int64_t n16 = ws <= INT32_MAX / 16 ? nr : 0;
     int64_t r = 0;
     for (; r + 32 <= n16; r += 32) {
-        if (q8) r16_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
-        else k16_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+        if (q8) r16_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb, ahead);
+        else k16_rows(KIND, 2, out, ldo, w, ws, r, nr, a, as, n_tok, nb, ahead);
     }
     if (r + 16 <= n16) {
-        if (q8) r16_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
-        else k16_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb);
+        if (q8) r16_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb, ahead);
+        else k16_rows(KIND, 1, out, ldo, w, ws, r, nr, a, as, n_tok, nb, ahead);
         r += 16;
     }
-    if (r < nr) avx2_rows8[KIND](out + r, ldo, w + r * ws, ws, nr - r, a, as, n_tok, cols);
+    if (r < nr) avx2_rows8[KIND](out + r, ldo, w + r * ws, ws, nr - r, a, as, n_tok, cols, ahead);
 }
 
 #define DEF_ROWS16(NAME, KIND)                                                                     \
     static void NAME(float *out, int64_t ldo, const uint8_t *w, int64_t ws, int64_t nr, const uint8_t *a, \
-                     int64_t as, int64_t n_tok, int64_t cols) {                                  \
-        rows16(KIND, out, ldo, w, ws, nr, a, as, n_tok, cols);                                    \
+                     int64_t as, int64_t n_tok, int64_t cols, const lite_rows_ahead *ahead) {    \
+        rows16(KIND, out, ldo, w, ws, nr, a, as, n_tok, cols, ahead);                             \
     }
 DEF_ROWS16(rows8_q4_0, K_Q4_0)
 DEF_ROWS16(rows8_q8_0, K_Q8_0)
