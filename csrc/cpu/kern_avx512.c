@@ -717,6 +717,40 @@ static void mla_heads(float *out, const float *ql, const float *qp, const float 
     mla_heads_by(MLA_HEAD_GROUP, mla16_scores_group, mla16_accumulate_group, out, ql, qp, ckv, kpe, n_vis, nh, c_dim, r_dim, scale);
 }
 
+/* ---- activation quantization ------------------------------------------------------------------ */
+/* The scalar definition's steps a block of 32 at a time in two vectors (bit for bit: roundf as
+ * floor(|s|) + (|s| - floor >= 0.5) with s's sign, as the AVX2 kernel), and the block's sum of
+ * quants taken from the int32 lanes before they narrow, where the AVX2 kernel adds the bytes up
+ * again afterwards (a prefill's MoE quantizes each of its ~1500 pair rows a layer). */
+static void quant_a8(uint8_t *a, int64_t astride, const float *x, int64_t n_rows, int64_t cols) {
+    const int64_t nb = cols / QK;
+    const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    const __m512i sign = _mm512_set1_epi32(INT32_MIN);
+    for (int64_t t = 0; t < n_rows; t++) {
+        int8_t *qs = (int8_t *)(a + t * astride);
+        float *d = (float *)(a + t * astride + nb * QK), *s = d + nb;
+        const float *xr = x + t * cols;
+        for (int64_t b = 0; b < nb; b++) {
+            const __m512 x0 = _mm512_loadu_ps(xr + b * QK), x1 = _mm512_loadu_ps(xr + b * QK + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+            const float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+            __m512i sum = _mm512_setzero_si512();
+            for (int h = 0; h < 2; h++) {
+                const __m512 v = _mm512_mul_ps(h ? x1 : x0, _mm512_set1_ps(id)), ab = _mm512_abs_ps(v);
+                const __m512 fl = _mm512_roundscale_ps(ab, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+                const __m512 r = _mm512_mask_add_ps(fl, _mm512_cmp_ps_mask(_mm512_sub_ps(ab, fl), half, _CMP_GE_OQ),
+                                                    fl, one);
+                const __m512i q = _mm512_cvttps_epi32(_mm512_castsi512_ps(_mm512_or_si512(
+                    _mm512_castps_si512(r), _mm512_and_si512(_mm512_castps_si512(v), sign))));
+                _mm_storeu_si128((__m128i *)(qs + b * QK + 16 * h), _mm512_cvtsepi32_epi8(q));
+                sum = _mm512_add_epi32(sum, q);
+            }
+            d[b] = _cvtsh_ss(_cvtss_sh(db, _MM_FROUND_TO_NEAREST_INT));
+            s[b] = 8.0f * (d[b] * (float)_mm512_reduce_add_epi32(sum));
+        }
+    }
+}
+
 static uint64_t read_xor(const uint8_t *p, int64_t n) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0;
     int64_t i = 0;
@@ -753,4 +787,5 @@ void lite_kernels_avx512(kernel_table *t) {
     avx2_mla = t->mla;
     t->mla = mla_heads;
     t->read_xor = read_xor;
+    t->quant_a8 = quant_a8;
 }

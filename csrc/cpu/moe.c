@@ -57,7 +57,8 @@ static int64_t entry_of(const int64_t *first, int64_t n_exp, int64_t it) {
  * by static division, one to each of the region's threads. */
 static void gather(const lite_moe_run *M, int part, int parts) {
     const int64_t dim = M->dim, n_out = M->n_tok * dim, arow = M->arow;
-    for (int64_t i = n_out * part / parts; i < n_out * (part + 1) / parts; i++) M->out[i] = 0.0f;
+    const int64_t o0 = n_out * part / parts, o1 = n_out * (part + 1) / parts;
+    memset(M->out + o0, 0, sizeof(float) * (o1 - o0));
     const int64_t a0 = M->n_assign * part / parts, a1 = M->n_assign * (part + 1) / parts;
     for (int64_t a = a0; a < a1; a++) {
         const int64_t e = entry_of(M->off, M->n_exp, a);
