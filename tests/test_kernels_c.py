@@ -512,6 +512,28 @@ def test_moe_many_tokens(cb):
     assert rel(got, moe_tight(x, ids, weights, experts, shared)) < 1e-4
 
 
+def test_moe_adds_each_tokens_terms_in_slot_order(cb):
+    """`moe_slot_order`: every token's terms add shared first, then slot by slot, each rounded,
+    however the tokens' experts are ordered in the table: the sum built here term by term, bit for
+    bit. Token 1's slots list the experts in the reverse of token 0's. Every expert takes all
+    three tokens, so each product has the shape it has in the call under test."""
+    types, d, f = (QType.Q4_0, QType.Q4_0, QType.Q4_0), 256, 96
+    g = rng(12)
+    experts = {e: ffn(types, d, f, 400 + 3 * e) for e in (3, 8, 9)}
+    shared = ffn(types, d, 2 * f, 902)
+    ids = np.array([[3, 8, 9], [9, 8, 3], [8, 3, 9]], np.int32)
+    weights = (g.random(ids.shape) * 3).astype(np.float32)
+    x = g.standard_normal((3, d)).astype(np.float32)
+    one = np.ones((3, 1), np.float32)
+    y = {e: cb.moe(x, np.full((3, 1), e, np.int32), one, experts, None) for e in experts}
+    want = cb.moe(x, np.zeros((3, 0), np.int32), np.zeros((3, 0), np.float32), {}, shared)
+    for j in range(3):
+        for t in range(3):
+            want[t] += weights[t, j] * y[int(ids[t, j])][t]
+    assert type(cb).moe_slot_order
+    np.testing.assert_array_equal(cb.moe(x, ids, weights, experts, shared).view(np.uint32), want.view(np.uint32))
+
+
 def test_moe_dense(cb):
     """K = 0: a dense MLP passed as `shared`."""
     d, f, t = 256, 352, 3

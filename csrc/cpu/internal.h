@@ -312,8 +312,10 @@ typedef struct {
     const int32_t *types;
     const int64_t *ffn;
     float *xg, *g, *u, *y, *wt;
-    uint8_t *act, *act2;
-    int32_t *idx;
+    uint8_t *act, *act2, *tq;
+    int classes;          /* bit c: some gate or up reads activation class c (0: A8, 1: A8K) */
+    int32_t *idx, *ord;   /* token of each assignment; token t's n_per assignments in term order */
+    int64_t n_per;
     /* off[e]: entry e's first assignment; iu[e] / idn[e]: its first gate-up / down work item;
      * ng[e]: how many of its gate-up items are gate's; kg/ku/kd: its kinds */
     int64_t off[MOE_MAX_ENTRIES + 1], iu[MOE_MAX_ENTRIES + 1], idn[MOE_MAX_ENTRIES + 1], ng[MOE_MAX_ENTRIES];

@@ -16,7 +16,7 @@ static int64_t act_row_max(int64_t cols) {
 
 /* Scratch regions, one row per assignment (a (token, entry) pair; at most T*(K+1) with a shared
  * entry). `y` reuses `xg`: the gathered inputs are dead once gate/up are done. */
-typedef struct { int64_t arow, xg, act, act2, g, u, idx, wt, total; } moe_layout;
+typedef struct { int64_t arow, xg, act, act2, g, u, idx, wt, ord, tq, total; } moe_layout;
 
 static moe_layout layout(int64_t n_tok, int64_t dim, int64_t k, int64_t max_ffn) {
     moe_layout L;
@@ -29,7 +29,9 @@ static moe_layout layout(int64_t n_tok, int64_t dim, int64_t k, int64_t max_ffn)
     L.u = L.g + align64(n_assign * max_ffn * 4);          /* up: A x F_max */
     L.idx = L.u + align64(n_assign * max_ffn * 4);        /* token of each assignment */
     L.wt = L.idx + align64(n_assign * 4);                 /* weight of each assignment */
-    L.total = L.wt + align64(n_assign * 4) + 64;          /* + 64: alignment slack */
+    L.ord = L.wt + align64(n_assign * 4);                 /* each token's assignments in term order */
+    L.tq = L.ord + align64(n_assign * 4);                 /* each token quantized, per class: 2 x T rows */
+    L.total = L.tq + align64(2 * n_tok * L.arow) + 64;    /* + 64: alignment slack */
     return L;
 }
 
@@ -52,35 +54,49 @@ static int64_t entry_of(const int64_t *first, int64_t n_exp, int64_t it) {
     return lo;
 }
 
-/* Phase 1 of lite_moe: zero the output; gather each assignment's input row and quantize it for
- * gate (and for up when up needs another activation class). Part `part` of `parts` equal shares,
- * by static division, one to each of the region's threads. */
-static void gather(const lite_moe_run *M, int part, int parts) {
+/* Phase 1a of lite_moe: zero the output, and quantize each token once for each activation class
+ * a gate or up reads (a token has K + 1 assignments). Part `part` of `parts` equal shares, by
+ * static division, one to each of the region's threads. */
+static void quantize_tokens(const lite_moe_run *M, int part, int parts) {
     const int64_t dim = M->dim, n_out = M->n_tok * dim, arow = M->arow;
     const int64_t o0 = n_out * part / parts, o1 = n_out * (part + 1) / parts;
     memset(M->out + o0, 0, sizeof(float) * (o1 - o0));
+    const int64_t t0 = M->n_tok * part / parts, t1 = M->n_tok * (part + 1) / parts;
+    for (int c = 0; c < 2; c++)
+        if (M->classes & (1 << c))
+            lite_quant_of(c ? K_Q4_K : K_Q4_0)(M->tq + (c * M->n_tok + t0) * arow, arow, M->x + t0 * dim, t1 - t0,
+                                               dim);
+}
+
+/* Phase 1b: each assignment's input row, quantized for gate (and for up when up needs another
+ * activation class), or as floats where a gate or up takes floats. Shared as `quantize_tokens`. */
+static void gather(const lite_moe_run *M, int part, int parts) {
+    const int64_t dim = M->dim, arow = M->arow;
     const int64_t a0 = M->n_assign * part / parts, a1 = M->n_assign * (part + 1) / parts;
     for (int64_t a = a0; a < a1; a++) {
-        const int64_t e = entry_of(M->off, M->n_exp, a);
-        float *xa = M->xg + a * dim;
-        memcpy(xa, M->x + (int64_t)M->idx[a] * dim, sizeof(float) * dim);
-        int cg = lite_act_class(M->kg[e]), cu = lite_act_class(M->ku[e]);
-        if (cg < 2) lite_quant_of(M->kg[e])(M->act + a * arow, arow, xa, 1, dim);
-        if (cu < 2 && cu != cg) lite_quant_of(M->ku[e])(M->act2 + a * arow, arow, xa, 1, dim);
+        const int64_t e = entry_of(M->off, M->n_exp, a), t = M->idx[a];
+        const int cg = lite_act_class(M->kg[e]), cu = lite_act_class(M->ku[e]);
+        if (cg == 2 || cu == 2) memcpy(M->xg + a * dim, M->x + t * dim, sizeof(float) * dim);
+        if (cg < 2) memcpy(M->act + a * arow, M->tq + (cg * M->n_tok + t) * arow, arow);
+        if (cu < 2 && cu != cg) memcpy(M->act2 + a * arow, M->tq + (cu * M->n_tok + t) * arow, arow);
     }
 }
 
 /* Phase 5: scale each assignment's output y and add it into out, by column ranges (no two threads
- * share an element), assignments in entry order. Shared as `gather`. */
+ * share an element), each token's terms in its order: shared first, then slot by slot. Shared
+ * as `gather`. */
 static void scatter(const lite_moe_run *M, int part, int parts) {
-    const int64_t dim = M->dim, n_chunk = (dim + 63) / 64;
+    const int64_t dim = M->dim, n_chunk = (dim + 63) / 64, n_per = M->n_per;
     for (int64_t ch = n_chunk * part / parts; ch < n_chunk * (part + 1) / parts; ch++) {
         int64_t c0 = ch * 64, c1 = c0 + 64 < dim ? c0 + 64 : dim;
-        for (int64_t a = 0; a < M->n_assign; a++) {
-            float *o = M->out + (int64_t)M->idx[a] * dim;
-            const float *ya = M->y + a * dim;
-            float wa = M->wt[a];
-            for (int64_t c = c0; c < c1; c++) o[c] += wa * ya[c];
+        for (int64_t t = 0; t < M->n_tok; t++) {
+            float *o = M->out + t * dim;
+            for (int64_t i = 0; i < n_per; i++) {
+                const int64_t a = M->ord[t * n_per + i];
+                const float *ya = M->y + a * dim;
+                const float wa = M->wt[a];
+                for (int64_t c = c0; c < c1; c++) o[c] += wa * ya[c];
+            }
         }
     }
 }
@@ -133,6 +149,9 @@ int lite_moe_plan(lite_moe_run *M, float *out, int64_t out_len, const float *x, 
     M->act = base + L.act, M->act2 = base + L.act2, M->arow = L.arow;
     M->idx = (int32_t *)(base + L.idx);
     M->wt = (float *)(base + L.wt);
+    M->ord = (int32_t *)(base + L.ord);
+    M->tq = base + L.tq;
+    M->n_per = k + (shared >= 0);
 
     /* Counting sort of assignments by entry (the shared entry gets every token, weight 1). */
     int64_t *off = M->off;
@@ -143,13 +162,16 @@ int lite_moe_plan(lite_moe_run *M, float *out, int64_t out_len, const float *x, 
     {
         int64_t fill[MOE_MAX_ENTRIES];
         memcpy(fill, off, sizeof(int64_t) * n_exp);
+        int32_t *ord = M->ord;
         for (int64_t t = 0; t < n_tok; t++) {
             if (shared >= 0) {
+                *ord++ = (int32_t)fill[shared];
                 M->idx[fill[shared]] = (int32_t)t;
                 M->wt[fill[shared]++] = 1.0f;
             }
             for (int64_t j = 0; j < k; j++) {
                 int32_t e = slot[t * k + j];
+                *ord++ = (int32_t)fill[e];
                 M->idx[fill[e]] = (int32_t)t;
                 M->wt[fill[e]++] = weight[t * k + j];
             }
@@ -164,11 +186,16 @@ int lite_moe_plan(lite_moe_run *M, float *out, int64_t out_len, const float *x, 
     M->iu[0] = M->idn[0] = 0;
     atomic_init(&M->taken[0], 0);
     atomic_init(&M->taken[1], 0);
+    M->classes = 0;
     for (int64_t e = 0; e < n_exp; e++) {
         int64_t n = off[e + 1] - off[e];
         M->kg[e] = lite_kind_of(types[3 * e]);
         M->ku[e] = lite_kind_of(types[3 * e + 1]);
         M->kd[e] = lite_kind_of(types[3 * e + 2]);
+        for (int j = 0; j < 2 && n; j++) {
+            const int c = lite_act_class(j ? M->ku[e] : M->kg[e]);
+            if (c < 2) M->classes |= 1 << c;
+        }
         M->ng[e] = n ? lite_product_items(M->kg[e], ffn[e], n, dim) : 0;
         M->iu[e + 1] = M->iu[e] + (n ? M->ng[e] + lite_product_items(M->ku[e], ffn[e], n, dim) : 0);
         M->idn[e + 1] = M->idn[e] + (n ? lite_product_items(M->kd[e], dim, n, ffn[e]) : 0);
@@ -251,6 +278,8 @@ void lite_moe_team(lite_moe_run *M, lite_team *t) {
 #else
     const int me = 0, nth = 1;
 #endif
+    quantize_tokens(M, me, nth);
+    lite_team_sync(t);
     gather(M, me, nth);
     lite_team_sync(t);
     run_phase(M, &M->taken[0], M->iu[M->n_exp], gate_up_item);

@@ -117,7 +117,8 @@ int lite_mla_attention(float *out, const float *q_lat, const float *q_pe, const 
  * slot [T, K] indexes the table (0 <= slot < n_exp) and weight [T, K] scales each expert's output.
  * `shared` is an entry index run for every token with weight 1 (a shared expert, or a dense MLP
  * with K = 0), or -1 for none. out [T, D] = sum_k weight[t,k] * FFN_slot[t,k](x[t]) + FFN_shared(x[t]).
- * Tokens are grouped by entry so each expert's weights are read once per call. */
+ * Tokens are grouped by entry so each expert's weights are read once per call. Each token's terms
+ * add into zero in the order shared, then k ascending, each term rounded before it adds. */
 int lite_moe_scratch_bytes(int64_t *out, int64_t n_tok, int64_t dim, int64_t k, int64_t max_ffn);
 int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t dim,
              const int32_t *slot, const float *weight, int64_t k,

@@ -189,10 +189,12 @@ class Backend(Protocol):
         `experts` maps every id present in `ids` to its weights. K may be 0 (a dense MLP passed
         as `shared`). Implementations group tokens by expert so each expert is read once. For one
         token the terms are added in the order shared, then k ascending (decode in moe.ffn relies
-        on it to match the canonical partition bit for bit), and a row's result does not depend
-        on the other rows of the call (prefill there hands a layer's pairs over in one call or
-        chunk by chunk). A backend that copies the weights it is given into device memory for
-        each call sets `moe_streams_weights = True`: callers then pass a few experts a call."""
+        on it to match the canonical partition bit for bit); a backend that does so for every
+        token, each term rounded before it adds, sets `moe_slot_order = True` (prefill then hands
+        a layer's tokens over in one call). A row's result does not depend on the other rows of
+        the call (prefill hands a layer's pairs over in one call or chunk by chunk). A backend
+        that copies the weights it is given into device memory for each call sets
+        `moe_streams_weights = True`: callers then pass a few experts a call."""
         ...
 
     # Fused ops: optional; `composed.fused(be, name)` gives the backend's own, else the composition.

@@ -65,6 +65,7 @@ class CBackend:
     """Backend protocol on the C library. One instance may be shared; scratch is per thread."""
 
     name = "c"
+    moe_slot_order = True
 
     def __init__(self, threads: int | None = None) -> None:
         self.ffi, self.lib = _ffi, _lib
@@ -424,8 +425,9 @@ class CBackend:
             raise BackendError(f"moe: ids {ids.shape} / weights {weights.shape} do not fit input {x.shape}")
         k = ids.shape[1]
         # The table: the shared MLP, then the distinct routed ids in order of first appearance
-        # (the kernel adds entry by entry: one token's terms go shared first, then slot by slot);
-        # `slots` index it per (token, k). Python dicts beat np.unique by far at decode sizes.
+        # (the kernel adds each token's terms shared first, then slot by slot, whatever the
+        # order); `slots` index it per (token, k). Python dicts beat np.unique by far at decode
+        # sizes.
         table: list[MLPLayout] = []
         shared_idx = -1
         if shared is not None:

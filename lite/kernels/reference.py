@@ -24,6 +24,7 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 class ReferenceBackend:
     name = "reference"
+    moe_slot_order = True
 
     def matmul(self, x: np.ndarray, w: QTensor) -> np.ndarray:
         x = check_f32("matmul input", x, 2)
@@ -76,12 +77,19 @@ class ReferenceBackend:
         if ids.shape != weights.shape or ids.ndim != 2 or ids.shape[0] != x.shape[0]:
             raise BackendError(f"moe: ids {ids.shape} / weights {weights.shape} do not fit input {x.shape}")
         out = self.ffn(x, shared) if shared is not None else np.zeros_like(x)
-        for k in range(ids.shape[1]):           # per token: shared, then slot by slot
+        # Each expert once over all of its tokens, so that a row's result does not depend on how
+        # rows are split between calls (BLAS rounds by the shape it is given) ...
+        ys = {}
+        for e in np.unique(ids):
+            if int(e) not in experts:
+                raise BackendError(f"moe: expert {int(e)} was routed to but not supplied")
+            rows = np.nonzero((ids == e).any(axis=1))[0]
+            ys[int(e)] = rows, self.ffn(x[rows], experts[int(e)])
+        for k in range(ids.shape[1]):           # ... then per token: shared, then slot by slot
             for e in np.unique(ids[:, k]):
-                if int(e) not in experts:
-                    raise BackendError(f"moe: expert {int(e)} was routed to but not supplied")
+                rows_e, y = ys[int(e)]
                 rows = np.nonzero(ids[:, k] == e)[0]
-                out[rows] += self.ffn(x[rows], experts[int(e)]) * weights[rows, k][:, None]
+                out[rows] += y[np.searchsorted(rows_e, rows)] * weights[rows, k][:, None]
         return out
 
     # The fused ops: their compositions of the ops above are what they mean.
