@@ -5,8 +5,9 @@ divided by the bytes one decode token must read.
     r = run_bench("model.gguf", prompt=256, gen=32, depths=(1024,), repeats=3)
 
 Token ids are random (no tokenizer needed, so synthetic models work). Every timing is the median
-of `repeats` runs on a fresh cache. Progress goes to stderr; the table (or, with `json_out`, one
-JSON object) to stdout.
+of `repeats` runs on a fresh cache, after one untimed warm-up run (prompt and two decode steps) as
+llama-bench does: the first touches of scratch memory are not what each prompt costs. Progress
+goes to stderr; the table (or, with `json_out`, one JSON object) to stdout.
 
 Active bytes per decode token: every non-expert tensor (attention, norms, routers, shared experts,
 the dense layers, the output projection) in full, one row of the embedding table, and K routed
@@ -114,6 +115,14 @@ def _fill_cache(model: Any, cache: Any, depth: int, rng: np.random.Generator, ro
     cache.token_ids = [0] * depth
 
 
+def _prefill(model: Any, cache: Any, ids: np.ndarray) -> np.ndarray:
+    """The prompt in the steps `generate` takes; the last step's logits."""
+    from .generate import PREFILL_CHUNK
+    for s in range(0, len(ids), PREFILL_CHUNK):
+        logits = model.forward(ids[s:s + PREFILL_CHUNK], cache)
+    return logits
+
+
 def _decode(model: Any, cache: Any, first: int, n: int) -> float:
     """Greedy decode `n` tokens one at a time after `first`; seconds."""
     tok = first
@@ -142,12 +151,12 @@ def run_bench(model_path: str | os.PathLike[str], prompt: int = 256, gen: int = 
               repeats: int = 3, bandwidth: bool = True, out: Any = None,
               bandwidth_bytes: int = BANDWIDTH_BYTES, ram_budget: str | int | None = None,
               trace: str | os.PathLike[str] | None = None,
-              vram_budget: str | int | None = None) -> dict[str, Any]:
+              vram_budget: str | int | None = None, warmup: bool = True) -> dict[str, Any]:
     """Benchmark a model file; print the table or JSON to `out` (stdout) and return the results.
     With `ram_budget` the expert pager's statistics are included; with `trace` every MoE layer's
-    routing choices are written to that file (JSON lines, see lite.trace)."""
+    routing choices are written to that file (JSON lines, see lite.trace; not the warm-up's). The
+    pager's statistics count the warm-up run too."""
     from . import load
-    from .generate import PREFILL_CHUNK
 
     if prompt < 1 or gen < 1 or repeats < 1 or any(d < 1 for d in depths):
         raise ValueError("prompt, gen, repeats and depths must be positive")
@@ -157,22 +166,25 @@ def run_bench(model_path: str | os.PathLike[str], prompt: int = 256, gen: int = 
     t0 = time.perf_counter()
     m = load(model_path, backend=backend, n_ctx=n_ctx, ram_budget=ram_budget, vram_budget=vram_budget)
     load_s = time.perf_counter() - t0
-    recorder = RoutingTrace() if trace is not None else None
-    m.record_routing(recorder)
     be = m.backend
     _set_threads(be, threads)
     cfg = m.config
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, prompt)
 
+    if warmup:
+        cache = m.new_cache()
+        _decode(m, cache, int(np.argmax(_prefill(m, cache, ids)[-1])), 2)
+        _log("warm-up run done")
+    recorder = RoutingTrace() if trace is not None else None
+    m.record_routing(recorder)
     prefill_s, ttft_s, decode_s, bw_runs = [], [], [], []
     bw_threads = threads or getattr(be, "threads", None)
     for r in range(repeats):
         cache = m.new_cache()
         cache.reserve(prompt + gen)
         t0 = time.perf_counter()
-        for s in range(0, prompt, PREFILL_CHUNK):
-            logits = m.forward(ids[s:s + PREFILL_CHUNK], cache)
+        logits = _prefill(m, cache, ids)
         t1 = time.perf_counter()
         first = int(np.argmax(logits[-1]))
         ttft_s.append(time.perf_counter() - t0)
@@ -289,6 +301,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time decode with D positions already cached (repeatable)")
     p.add_argument("--repeats", type=int, default=3, help="runs per measurement; medians are reported (default 3)")
     p.add_argument("--no-bandwidth", action="store_true", help="skip the memory bandwidth probe")
+    p.add_argument("--no-warmup", action="store_true", help="time the first run too (default: one untimed run first)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--ram-budget", default=None, help="RAM budget for the expert pager, e.g. 4GB (default: mmap)")
     p.add_argument("--vram-budget", default=None,
@@ -301,7 +314,7 @@ def main(args: argparse.Namespace) -> int:
     run_bench(args.model, prompt=args.prompt, gen=args.gen, threads=args.threads, backend=args.backend,
               depths=tuple(args.depth), json_out=args.json, repeats=args.repeats,
               bandwidth=not args.no_bandwidth, ram_budget=args.ram_budget, trace=args.trace,
-              vram_budget=args.vram_budget)
+              vram_budget=args.vram_budget, warmup=not args.no_warmup)
     return 0
 
 

@@ -180,14 +180,38 @@ def test_bench_json(tiny_model):
     assert active_bytes_per_token(m) == j["active_bytes_per_token"] == want
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_bench_warms_up_untimed(tiny_model, monkeypatch, warmup):
+    """One untimed prompt and two decode steps come first (unless --no-warmup), and the routing
+    trace starts after them."""
+    import lite
+    from lite import bench
+    calls: list[int] = []
+    load = lite.load
+
+    def counting_load(*a, **kw):
+        m = load(*a, **kw)
+        forward = m.forward
+        m.forward = lambda ids, cache, **k: calls.append(len(ids)) or forward(ids, cache, **k)
+        rec = m.record_routing
+        m.record_routing = lambda r: calls.append(-1) or rec(r)
+        return m
+
+    monkeypatch.setattr(lite, "load", counting_load)
+    bench.run_bench(tiny_model, prompt=5, gen=3, repeats=1, bandwidth=False, out=io.StringIO(), warmup=warmup)
+    timed = [5, 1, 1, 1]
+    assert calls == ([5, 1, 1] if warmup else []) + [-1] + timed
+
+
 def test_bench_table_and_cli_flags(tiny_model):
     import argparse
     from lite import bench
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
     a = p.parse_args([str(tiny_model), "--prompt", "5", "--gen", "2", "--repeats", "1", "--depth", "8",
-                      "--no-bandwidth", "--threads", "1"])
-    assert (a.prompt, a.gen, a.repeats, a.depth, a.threads, a.no_bandwidth, a.json) == (5, 2, 1, [8], 1, True, False)
+                      "--no-bandwidth", "--threads", "1", "--no-warmup"])
+    assert (a.prompt, a.gen, a.repeats, a.depth, a.threads, a.no_bandwidth, a.json, a.no_warmup) == \
+        (5, 2, 1, [8], 1, True, False, True)
     buf = io.StringIO()
     r = bench.run_bench(a.model, prompt=a.prompt, gen=a.gen, repeats=1, depths=(8,), bandwidth=False, out=buf)
     text = buf.getvalue()
