@@ -56,15 +56,24 @@ static int64_t mv_quarter(int kind, int64_t n_rows, int64_t cols) {
     return lite_active_kernels()->mv4[kind] && cols <= MV_MAX_COLS ? n_rows / (4 * MV_ROWS) * MV_ROWS : 0;
 }
 
+/* Rows per multi-token item: PANEL_R, or a quarter of a product too small for four panels, in
+ * whole groups of 8 (the rows-in-lanes kernels' unit): a 64-expert router's 64 F32 rows over 256
+ * tokens were one item, one thread's work while the other waited (1.7 ms a layer). */
+static int64_t panel_rows(int64_t n_rows) {
+    if (n_rows >= 4 * PANEL_R) return PANEL_R;
+    const int64_t p = (n_rows / 4 + 7) & ~(int64_t)7;
+    return p > 8 ? p : 8;
+}
+
 int64_t lite_product_items(int kind, int64_t n_rows, int64_t n_tok, int64_t cols) {
-    if (n_tok != 1) return (n_rows + PANEL_R - 1) / PANEL_R;
+    if (n_tok != 1) return (n_rows + panel_rows(n_rows) - 1) / panel_rows(n_rows);
     int64_t q = mv_quarter(kind, n_rows, cols);
     return q / MV_ROWS + (n_rows - 4 * q + MV_ROWS - 1) / MV_ROWS;
 }
 
 lite_rows_ahead lite_product_item_rows(const uint8_t *w, int64_t row_bytes, int64_t n_rows, int64_t item) {
-    const int64_t r0 = item * PANEL_R;
-    return (lite_rows_ahead){w + r0 * row_bytes, row_bytes, n_rows - r0 < PANEL_R ? n_rows - r0 : PANEL_R};
+    const int64_t p = panel_rows(n_rows), r0 = item * p;
+    return (lite_rows_ahead){w + r0 * row_bytes, row_bytes, n_rows - r0 < p ? n_rows - r0 : p};
 }
 
 void lite_product_item(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t n_rows, int kind,
@@ -72,7 +81,7 @@ void lite_product_item(float *out, int64_t ldo, const uint8_t *w, int64_t row_by
                        const lite_rows_ahead *ahead) {
     if (n_tok != 1) {
         const lite_rows_ahead p = lite_product_item_rows(w, row_bytes, n_rows, item);
-        const int64_t r0 = item * PANEL_R;
+        const int64_t r0 = item * panel_rows(n_rows);
         gemm_panel(out + r0, ldo, p.w, row_bytes, p.n_rows, kind, act, astride, n_tok, cols, ahead);
         return;
     }
