@@ -208,8 +208,8 @@ int lite_matmul_many(int n, float *const *out, const int64_t *out_len, const flo
  * Q8_0 matrix (72-136 KiB) stay in L2 while each 4-token tile of activations passes over them. */
 #define PANEL_R 64
 /* Work items of one product, rows [0, n_rows) of w times n_tok activation rows, for callers that
- * share them between threads (each item single-threaded): panels of PANEL_R rows for many tokens;
- * for one token runs of MV_ROWS rows, each item taking a run at each quarter of the matrix at
+ * share them between threads (each item single-threaded): panels of PANEL_R rows for many tokens
+ * (quarters of a product with fewer than 4 * PANEL_R rows); for one token runs of MV_ROWS rows, each item taking a run at each quarter of the matrix at
  * once where the ISA has a four-stream kernel for the kind (the rows a quarter's items leave
  * over are runs of their own). Items may go to threads in any grouping; a caller that knows which
  * item a thread takes next passes its rows (lite_product_item_rows) as `ahead`, else NULL. */
