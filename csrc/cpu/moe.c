@@ -184,8 +184,6 @@ int lite_moe_plan(lite_moe_run *M, float *out, int64_t out_len, const float *x, 
      * single barrier. iu[e] / idn[e]: first item of entry e; ng[e]: how many of its gate/up
      * items are gate's. */
     M->iu[0] = M->idn[0] = 0;
-    atomic_init(&M->taken[0], 0);
-    atomic_init(&M->taken[1], 0);
     M->classes = 0;
     for (int64_t e = 0; e < n_exp; e++) {
         int64_t n = off[e + 1] - off[e];
@@ -278,6 +276,10 @@ void lite_moe_team(lite_moe_run *M, lite_team *t) {
 #else
     const int me = 0, nth = 1;
 #endif
+    if (me == 0) {   /* seen by all after the next sync, as the plan may run more than once */
+        atomic_store_explicit(&M->taken[0], 0, memory_order_relaxed);
+        atomic_store_explicit(&M->taken[1], 0, memory_order_relaxed);
+    }
     quantize_tokens(M, me, nth);
     lite_team_sync(t);
     gather(M, me, nth);
