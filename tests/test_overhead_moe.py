@@ -106,6 +106,32 @@ def test_ffn_matches_canonical_partition_bit_for_bit(name, case):
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+@pytest.mark.parametrize("name", backends())
+def test_prefill_hands_the_tokens_over_in_one_call_where_the_backend_adds_by_slot(name):
+    """Every expert at hand: a backend with `moe_slot_order` gets the tokens themselves and the
+    shared experts in one call; another gets the shared experts, then the (token, expert) pairs."""
+    inner = get_backend(name)
+    calls = []
+
+    class Recording:
+        def __getattr__(self, attr):
+            return getattr(inner, attr)
+
+        def moe(self, x, ids, weights, experts, shared):
+            calls.append((x.shape, ids.shape, shared is not None))
+            return inner.moe(x, ids, weights, experts, shared)
+
+    rng = np.random.default_rng(4)
+    layer = FFNLayer(1, QTensor.from_float("router", rng.standard_normal((E, D)).astype(np.float32)),
+                     mlp(rng, "shared", 2 * F))
+    src = Experts({e: mlp(rng, f"e{e}") for e in range(E)}, whole=True)
+    ffn(Recording(), cfg(), layer, rng.standard_normal((6, D)).astype(np.float32), src)
+    if getattr(inner, "moe_slot_order", False):
+        assert calls == [((6, D), (6, K), True)]
+    else:
+        assert calls == [((6, D), (6, 0), True), ((6 * K, D), (6 * K, 1), False)]
+
+
 @pytest.mark.parametrize("group_limited", [False, True])
 def test_route_matches_take_along_axis_with_ties(group_limited):
     rng = np.random.default_rng(5)
