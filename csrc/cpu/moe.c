@@ -82,21 +82,22 @@ static void gather(const lite_moe_run *M, int part, int parts) {
     }
 }
 
-/* Phase 5: scale each assignment's output y and add it into out, by column ranges (no two threads
- * share an element), each token's terms in its order: shared first, then slot by slot. Shared
- * as `gather`. */
+/* Phase 5: scale each assignment's output y and add it into out, each token's terms in its order:
+ * shared first, then slot by slot. Shared as `gather`: by tokens, so that each thread reads whole
+ * rows of y in turn (by 64-column chunks over every token, the rows' scattered pieces waited on
+ * memory), or a lone token's row by column ranges a cache line apart. */
 static void scatter(const lite_moe_run *M, int part, int parts) {
-    const int64_t dim = M->dim, n_chunk = (dim + 63) / 64, n_per = M->n_per;
-    for (int64_t ch = n_chunk * part / parts; ch < n_chunk * (part + 1) / parts; ch++) {
-        int64_t c0 = ch * 64, c1 = c0 + 64 < dim ? c0 + 64 : dim;
-        for (int64_t t = 0; t < M->n_tok; t++) {
-            float *o = M->out + t * dim;
-            for (int64_t i = 0; i < n_per; i++) {
-                const int64_t a = M->ord[t * n_per + i];
-                const float *ya = M->y + a * dim;
-                const float wa = M->wt[a];
-                for (int64_t c = c0; c < c1; c++) o[c] += wa * ya[c];
-            }
+    const int64_t dim = M->dim, n_per = M->n_per, by_tok = M->n_tok >= parts;
+    const int64_t t0 = by_tok ? M->n_tok * part / parts : 0, t1 = by_tok ? M->n_tok * (part + 1) / parts : M->n_tok;
+    const int64_t c0 = by_tok ? 0 : dim * part / parts & ~(int64_t)15;
+    const int64_t c1 = by_tok || part + 1 == parts ? dim : dim * (part + 1) / parts & ~(int64_t)15;
+    for (int64_t t = t0; t < t1; t++) {
+        float *o = M->out + t * dim;
+        for (int64_t i = 0; i < n_per; i++) {
+            const int64_t a = M->ord[t * n_per + i];
+            const float *ya = M->y + a * dim;
+            const float wa = M->wt[a];
+            for (int64_t c = c0; c < c1; c++) o[c] += wa * ya[c];
         }
     }
 }
