@@ -209,10 +209,11 @@ int lite_matmul_many(int n, float *const *out, const int64_t *out_len, const flo
 #define PANEL_R 64
 /* Work items of one product, rows [0, n_rows) of w times n_tok activation rows, for callers that
  * share them between threads (each item single-threaded): panels of PANEL_R rows for many tokens
- * (quarters of a product with fewer than 4 * PANEL_R rows); for one token runs of MV_ROWS rows, each item taking a run at each quarter of the matrix at
- * once where the ISA has a four-stream kernel for the kind (the rows a quarter's items leave
- * over are runs of their own). Items may go to threads in any grouping; a caller that knows which
- * item a thread takes next passes its rows (lite_product_item_rows) as `ahead`, else NULL. */
+ * (quarters of a product with fewer than 4 * PANEL_R rows); for one token runs of MV_ROWS rows,
+ * each item taking a run at each quarter of the matrix at once where the ISA has a four-stream
+ * kernel for the kind (the rows a quarter's items leave over are runs of their own). Items may
+ * go to threads in any grouping; a caller that knows which item a thread takes next passes its
+ * rows (lite_product_item_rows) as `ahead`, else NULL. */
 int64_t lite_product_items(int kind, int64_t n_rows, int64_t n_tok, int64_t cols);
 void lite_product_item(float *out, int64_t ldo, const uint8_t *w, int64_t row_bytes, int64_t n_rows, int kind,
                        const uint8_t *act, int64_t astride, int64_t n_tok, int64_t cols, int64_t item,

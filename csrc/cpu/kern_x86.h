@@ -61,6 +61,7 @@ INLINE r8_prefetch r8_next_chunk(const uint8_t *w, int64_t ws, int64_t r, int64_
                                  int64_t chunk, int64_t nb, int64_t bs, int64_t n_tok, int nt, int n,
                                  const lite_rows_ahead *ahead) {
     r8_prefetch p = {NULL, NULL, NULL, ws, 0, 0, 0, rows, rows};
+    const int64_t first = (nb < chunk ? nb : chunk) * bs;   /* a row's first chunk, in bytes */
     if (b0 + chunk < nb) {
         p.w = w + r * ws;
         p.off = (b0 + chunk) * bs;
@@ -68,13 +69,13 @@ INLINE r8_prefetch r8_next_chunk(const uint8_t *w, int64_t ws, int64_t r, int64_
     } else if (r + rows < nr) {
         p.w = w + (r + rows) * ws;
         p.rows = nr - r - rows < rows ? (int)(nr - r - rows) : rows;
-        p.len = (nb < chunk ? nb : chunk) * bs;
+        p.len = first;
     } else if (ahead && ahead->w && ahead->n_rows > 0) {
         /* its kind may differ from this call's: a chunk of ours, within its first row */
         p.w = ahead->w;
         p.ws = ahead->row_bytes;
         p.rows = ahead->n_rows < rows ? (int)ahead->n_rows : rows;
-        p.len = (nb < chunk ? nb : chunk) * bs < ahead->row_bytes ? (nb < chunk ? nb : chunk) * bs : ahead->row_bytes;
+        p.len = first < ahead->row_bytes ? first : ahead->row_bytes;
     } else {
         return p;
     }

@@ -83,9 +83,9 @@ static void gather(const lite_moe_run *M, int part, int parts) {
 }
 
 /* Phase 5: scale each assignment's output y and add it into out, each token's terms in its order:
- * shared first, then slot by slot. Shared as `gather`: by tokens, so that each thread reads whole
- * rows of y in turn (by 64-column chunks over every token, the rows' scattered pieces waited on
- * memory), or a lone token's row by column ranges a cache line apart. */
+ * shared first, then slot by slot. Part `part` of `parts`, split by tokens, so that each thread
+ * reads whole rows of y in turn (by 64-column chunks over every token, the rows' scattered pieces
+ * waited on memory), or a lone token's row by column ranges a cache line apart. */
 static void scatter(const lite_moe_run *M, int part, int parts) {
     const int64_t dim = M->dim, n_per = M->n_per, by_tok = M->n_tok >= parts;
     const int64_t t0 = by_tok ? M->n_tok * part / parts : 0, t1 = by_tok ? M->n_tok * (part + 1) / parts : M->n_tok;
