@@ -305,7 +305,7 @@ int lite_mla_step(float *out, int64_t out_len, float *x, const float *delta, con
     if (rc || n_tok == 0) return rc;
     if (n_tok == 1) {
         lite_team team;
-        lite_team_init(&team);
+        lite_team_init(&team, 1);
 #pragma omp parallel num_threads(lite_num_threads()) if (lite_num_threads() > 1)
         lite_mla_decode_team(&M, &team);
         return LITE_OK;

@@ -230,8 +230,11 @@ int lite_num_threads(void);
  * machine shared with other work), and each wake costs ~10-15 µs where a decode layer has about
  * ten phases; this barrier spins briefly first (team.c). Initialised before the region; every
  * thread of the region calls lite_team_sync at the same points. */
-typedef struct { _Atomic uint32_t arrived, gen, sleepers; } lite_team;
-void lite_team_init(lite_team *t);
+typedef struct { _Atomic uint32_t arrived, gen, sleepers; int timed; } lite_team;
+/* timed: the region is a decode step, whose waits are short unless the machine is busy, and they
+ * feed team.c's estimate of that; a prefill's phases wait out each other's imbalance for longer,
+ * which says nothing about the machine, so its waits only read the estimate. */
+void lite_team_init(lite_team *t, int timed);
 void lite_team_sync(lite_team *t);
 
 /* Up to LITE_MATMUL_MANY_MAX products of one input, checked and numbered for sharing between a

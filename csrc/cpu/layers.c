@@ -82,7 +82,7 @@ int lite_layers(float *x, float *delta, int64_t dim, const lite_layer *layers, i
     lite_products R;
     lite_moe_run E;
     lite_team team;
-    lite_team_init(&team);
+    lite_team_init(&team, 1);
     int nth = lite_num_threads();
 #pragma omp parallel num_threads(nth) if (nth > 1)
     for (int64_t i = 0; i < n_layer; i++) {

@@ -312,7 +312,7 @@ int lite_moe(float *out, int64_t out_len, const float *x, int64_t n_tok, int64_t
                            ffn, shared, scratch, scratch_bytes);
     if (rc || n_tok == 0) return rc;
     lite_team team;
-    lite_team_init(&team);
+    lite_team_init(&team, n_tok == 1);
     int nth = lite_num_threads();
 #pragma omp parallel num_threads(nth) if (nth > 1)
     lite_moe_team(&M, &team);

@@ -25,10 +25,12 @@
 /* Spinning pays only while the partners arrive within the spin. When another process shares a
  * core, a partner is often descheduled for milliseconds: the spinner then burns its own share
  * of the core, and the scheduler, which favours threads that slept, runs the other process
- * first; decode was 1.1-1.3x slower than with sleeping waits. So every wait is timed, and
- * while more than a quarter of recent waits (a moving average over ~64) outlast the spin,
- * threads sleep at once, as OpenMP's passive barriers do. Shared by all teams: it describes
- * the machine's load, not one call. In 1/65536ths. */
+ * first; decode was 1.1-1.3x slower than with sleeping waits. So every wait of a timed team
+ * (a decode step's) is timed, and while more than a quarter of recent ones (a moving average
+ * over ~64) outlast the spin, threads sleep at once, as OpenMP's passive barriers do. Shared by
+ * all teams: it describes the machine's load, not one call. In 1/65536ths. A prefill's waits
+ * stay out of it: a 256-token prefill's MoE phases, late by their imbalance alone, left the
+ * next decode steps sleeping at every wait, its first 4 tokens 1.3-3x slower. */
 static _Atomic uint32_t g_late;
 #define LATE_ONE 65536u
 #define LATE_LIMIT (LATE_ONE / 4)
@@ -62,7 +64,8 @@ static void wake_all(_Atomic uint32_t *word) {
 #endif
 }
 
-void lite_team_init(lite_team *t) {
+void lite_team_init(lite_team *t, int timed) {
+    t->timed = timed;
     atomic_init(&t->arrived, 0);
     atomic_init(&t->gen, 0);
     atomic_init(&t->sleepers, 0);
@@ -95,5 +98,5 @@ void lite_team_sync(lite_team *t) {
         sleep_while(&t->gen, g);
         atomic_fetch_sub_explicit(&t->sleepers, 1, memory_order_seq_cst);
     }
-    note_wait(now_ns() - t0 > TEAM_SPIN_NS);
+    if (t->timed) note_wait(now_ns() - t0 > TEAM_SPIN_NS);
 }
