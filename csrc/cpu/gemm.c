@@ -159,21 +159,31 @@ static void quantize_shared(const lite_products *P, const float *x) {
         q((uint8_t *)P->act + t * P->astride, P->astride, x + t * P->cols, 1, P->cols);
 }
 
-void lite_products_run(const lite_products *P) {
-#pragma omp for schedule(static) nowait
-    for (int64_t it = 0; it < P->first[P->n]; it++) {
-        int i = 0;
-        while (P->first[i + 1] <= it) i++;
-        lite_product_item(P->out[i], P->n_rows[i], P->w[i], P->rb[i], P->n_rows[i], P->kind[i], P->act, P->astride,
-                          P->n_tok, P->cols, it - P->first[i], NULL);
+static void products_item(const lite_products *P, int64_t it) {
+    int i = 0;
+    while (P->first[i + 1] <= it) i++;
+    lite_product_item(P->out[i], P->n_rows[i], P->w[i], P->rb[i], P->n_rows[i], P->kind[i], P->act, P->astride,
+                      P->n_tok, P->cols, it - P->first[i], NULL);
+}
+
+void lite_products_run(const lite_products *P, lite_team *t) {
+    if (t) {
+        lite_share s;
+        int64_t a, b;
+        lite_share_begin(&s, t, P->first[P->n]);
+        while (lite_share_next(&s, &a, &b))
+            for (int64_t it = a; it < b; it++) products_item(P, it);
+        return;
     }
+#pragma omp for schedule(static) nowait
+    for (int64_t it = 0; it < P->first[P->n]; it++) products_item(P, it);
 }
 
 void lite_products_team(const lite_products *P, const float *x, lite_team *t) {
 #pragma omp master
     lite_products_quantize(P, x);
     lite_team_sync(t);
-    lite_products_run(P);
+    lite_products_run(P, t);
     lite_team_sync(t);
 }
 
@@ -205,7 +215,7 @@ void lite_products_region(const lite_products *P, const float *x) {
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
         if (!serial_quant) quantize_shared(P, x);
-        lite_products_run(P);
+        lite_products_run(P, NULL);
     }
 }
 

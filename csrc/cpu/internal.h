@@ -230,18 +230,32 @@ int lite_num_threads(void);
  * machine shared with other work), and each wake costs ~10-15 µs where a decode layer has about
  * ten phases; this barrier spins briefly first (team.c). Initialised before the region; every
  * thread of the region calls lite_team_sync at the same points. */
-typedef struct { _Atomic uint32_t arrived, gen, sleepers; int timed; } lite_team;
+#define LITE_TEAM_MAX 1024   /* threads a team may have (lite_set_threads' limit) */
+typedef struct {
+    _Atomic uint32_t arrived, gen, sleepers;
+    int timed;
+    _Atomic uint64_t span[LITE_TEAM_MAX];   /* lite_share: each thread's items left, tagged by phase */
+} lite_team;
 /* timed: the region is a decode step, whose waits are short unless the machine is busy, and they
  * feed team.c's estimate of that; a prefill's phases wait out each other's imbalance for longer,
  * which says nothing about the machine, so its waits only read the estimate. */
 void lite_team_init(lite_team *t, int timed);
 void lite_team_sync(lite_team *t);
 
+/* The items [0, n) of one phase of a team's region, shared so that each thread runs long
+ * ascending runs and no thread waits long for another: each starts on its own contiguous share,
+ * takes it a few items at a time from the front, then takes from the back of the others' shares
+ * until every item is taken. Every thread of the region calls lite_share_begin with the same n
+ * between the same two lite_team_syncs, then lite_share_next until it returns 0. */
+typedef struct { lite_team *t; int64_t n; uint32_t me, nth, tag, victim; } lite_share;
+void lite_share_begin(lite_share *s, lite_team *t, int64_t n);
+int lite_share_next(lite_share *s, int64_t *a, int64_t *b);
+
 /* Up to LITE_MATMUL_MANY_MAX products of one input, checked and numbered for sharing between a
  * region's threads: lite_products_plan checks the arguments (codes as lite_matmul, or
  * LITE_PRODUCTS_MIXED where the products' activation layouts differ), lite_products_quantize fills the
  * activations on the calling thread, lite_products_run takes this thread's share of the work items
- * (a work-sharing loop without a barrier). */
+ * without a barrier (by lite_share in team t's region, else static portions). */
 #define LITE_PRODUCTS_MIXED 1
 typedef struct {
     int n, kind[LITE_MATMUL_MANY_MAX];
@@ -261,7 +275,7 @@ int lite_products_plan_split(lite_products *sets, int *n_sets, int n, float *con
                              const int64_t *w_bytes, const int32_t *type, const int64_t *n_rows, uint8_t *scratch,
                              int64_t scratch_bytes);
 void lite_products_quantize(const lite_products *P, const float *x);
-void lite_products_run(const lite_products *P);
+void lite_products_run(const lite_products *P, lite_team *t);
 /* Outside a region: P computed in one region of its own (lite_matmul_many's work after its checks). */
 void lite_products_region(const lite_products *P, const float *x);
 /* Inside a region, the calling team computes P: the input quantized by the first thread, then the

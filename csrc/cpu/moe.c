@@ -240,21 +240,26 @@ static void run_item(const moe_item *c, const lite_rows_ahead *ahead) {
                       ahead);
 }
 
-/* Items [0, n) of phase 2 or 4, every thread calling. A decode's items cost alike and go out
- * guided, which keeps long runs of rows per thread for the streams (dynamic runs of 2 or 4 items
- * decoded 0.92-0.97x as fast). A prefill's cost in proportion to their entry's tokens, which
+/* Items [0, n) of phase 2 or 4, every thread calling. A decode's items cost alike and go out by
+ * lite_share, which keeps long runs of rows per thread for the streams (dynamic runs of 2 or 4
+ * items decoded 0.92-0.97x as fast) and balances the end: guided gave the first thread half the
+ * items in one piece, and that thread streams ~20% slower here, so the other waited ~80 µs a
+ * layer at the down phase's end (with the products' lite_share, decode 1.057x). A prefill's cost in proportion to their entry's tokens, which
  * differ by 10x and more where routing is skewed: guided left one thread alone with the costliest,
  * and items taken one at a time made the 27-layer prefill's MoE 1.4-1.5x faster. A thread takes
  * its next item before it runs the current one, whose last chunk then prefetches the next one's
  * first weights (1.03-1.08x a 256-token prefill; repacking 0.40 -> 0.23 s a thread). */
-static void run_phase(const lite_moe_run *M, _Atomic int64_t *taken, int64_t n,
+static void run_phase(const lite_moe_run *M, lite_team *t, _Atomic int64_t *taken, int64_t n,
                       moe_item (*item)(const lite_moe_run *, int64_t)) {
     if (M->n_tok == 1) {
-#pragma omp for schedule(guided) nowait
-        for (int64_t it = 0; it < n; it++) {
-            const moe_item c = item(M, it);
-            run_item(&c, NULL);
-        }
+        lite_share s;
+        int64_t a, b;
+        lite_share_begin(&s, t, n);
+        while (lite_share_next(&s, &a, &b))
+            for (int64_t it = a; it < b; it++) {
+                const moe_item c = item(M, it);
+                run_item(&c, NULL);
+            }
         return;
     }
     int64_t it = atomic_fetch_add_explicit(taken, 1, memory_order_relaxed);
@@ -285,7 +290,7 @@ void lite_moe_team(lite_moe_run *M, lite_team *t) {
     lite_team_sync(t);
     gather(M, me, nth);
     lite_team_sync(t);
-    run_phase(M, &M->taken[0], M->iu[M->n_exp], gate_up_item);
+    run_phase(M, t, &M->taken[0], M->iu[M->n_exp], gate_up_item);
     lite_team_sync(t);
     /* 3: hidden = silu(gate) * up, quantized for down. */
     const kernel_table *kt = lite_active_kernels();
@@ -297,7 +302,7 @@ void lite_moe_team(lite_moe_run *M, lite_team *t) {
         if (lite_is_quant(M->kd[e])) lite_quant_of(M->kd[e])(M->act + a * M->arow, M->arow, ga, 1, M->ffn[e]);
     }
     lite_team_sync(t);
-    run_phase(M, &M->taken[1], M->idn[M->n_exp], down_item);
+    run_phase(M, t, &M->taken[1], M->idn[M->n_exp], down_item);
     lite_team_sync(t);
     scatter(M, me, nth);
 }

@@ -66,6 +66,8 @@ static void wake_all(_Atomic uint32_t *word) {
 
 void lite_team_init(lite_team *t, int timed) {
     t->timed = timed;
+    /* tagged as no phase before gen 0xffff: a team makes far fewer syncs than that */
+    for (int i = 0; i < LITE_TEAM_MAX; i++) atomic_init(&t->span[i], (uint64_t)0xffff << 48);
     atomic_init(&t->arrived, 0);
     atomic_init(&t->gen, 0);
     atomic_init(&t->sleepers, 0);
@@ -77,7 +79,10 @@ void lite_team_sync(lite_team *t) {
 #else
     const uint32_t n = 1;
 #endif
-    if (n <= 1) return;
+    if (n <= 1) {   /* no one to wait for; the generation still counts phases for lite_share */
+        atomic_fetch_add_explicit(&t->gen, 1, memory_order_relaxed);
+        return;
+    }
     const uint32_t g = atomic_load_explicit(&t->gen, memory_order_acquire);
     if (atomic_fetch_add_explicit(&t->arrived, 1, memory_order_acq_rel) == n - 1) {
         atomic_store_explicit(&t->arrived, 0, memory_order_relaxed);
@@ -99,4 +104,62 @@ void lite_team_sync(lite_team *t) {
         atomic_fetch_sub_explicit(&t->sleepers, 1, memory_order_seq_cst);
     }
     if (t->timed) note_wait(now_ns() - t0 > TEAM_SPIN_NS);
+}
+
+/* A share is one word, (tag, first, end): its owner takes from the front and others from the
+ * back by compare-and-swap, so no item goes twice. The tag is the team's barrier generation,
+ * the same for every thread between two syncs: a share whose tag is old belongs to an earlier
+ * phase, and whoever comes first (its owner or another thread) sets it to the owner's portion
+ * of this one. Items up to 2^24 a phase. */
+#define SHARE_CHUNK 4   /* items a take: a decode's items stream ~50 KB each */
+#define SHARE_BITS 24
+#define SHARE_MASK ((1u << SHARE_BITS) - 1)
+
+static uint64_t share_word(uint32_t tag, uint64_t lo, uint64_t hi) {
+    return (uint64_t)(tag & 0xffff) << 48 | lo << SHARE_BITS | hi;
+}
+
+/* Share i's word for this phase, set to thread i's portion if it still holds an earlier one's. */
+static uint64_t share_load(const lite_share *s, uint32_t i) {
+    _Atomic uint64_t *w = &s->t->span[i];
+    uint64_t v = atomic_load_explicit(w, memory_order_acquire);
+    while (v >> 48 != (s->tag & 0xffff)) {
+        const uint64_t n = (uint64_t)s->n, init = share_word(s->tag, n * i / s->nth, n * (i + 1) / s->nth);
+        if (atomic_compare_exchange_weak_explicit(w, &v, init, memory_order_acq_rel, memory_order_acquire)) return init;
+    }
+    return v;
+}
+
+void lite_share_begin(lite_share *s, lite_team *t, int64_t n) {
+#ifdef _OPENMP
+    s->me = (uint32_t)omp_get_thread_num(), s->nth = (uint32_t)omp_get_num_threads();
+#else
+    s->me = 0, s->nth = 1;
+#endif
+    s->t = t, s->n = n, s->victim = s->me;
+    s->tag = atomic_load_explicit(&t->gen, memory_order_acquire);
+}
+
+int lite_share_next(lite_share *s, int64_t *a, int64_t *b) {
+    if (s->n > SHARE_MASK || s->nth > LITE_TEAM_MAX) {   /* beyond the word's fields: static portions */
+        if (s->victim != s->me) return 0;
+        *a = s->n * s->me / s->nth, *b = s->n * (s->me + 1) / s->nth, s->victim = s->me + s->nth;
+        return *a < *b;
+    }
+    for (; s->victim < s->me + s->nth; s->victim++) {
+        const uint32_t i = s->victim % s->nth, own = i == s->me;
+        _Atomic uint64_t *w = &s->t->span[i];
+        uint64_t v = share_load(s, i);
+        for (;;) {
+            const uint64_t lo = v >> SHARE_BITS & SHARE_MASK, hi = v & SHARE_MASK;
+            if (lo >= hi) break;
+            const uint64_t c = hi - lo < SHARE_CHUNK ? hi - lo : SHARE_CHUNK;
+            const uint64_t nv = own ? share_word(s->tag, lo + c, hi) : share_word(s->tag, lo, hi - c);
+            if (atomic_compare_exchange_weak_explicit(w, &v, nv, memory_order_acq_rel, memory_order_acquire)) {
+                *a = (int64_t)(own ? lo : hi - c), *b = (int64_t)(own ? lo + c : hi);
+                return 1;
+            }
+        }
+    }
+    return 0;
 }
