@@ -243,12 +243,13 @@ static void run_item(const moe_item *c, const lite_rows_ahead *ahead) {
 /* Items [0, n) of phase 2 or 4, every thread calling. A decode's items cost alike and go out by
  * lite_share, which keeps long runs of rows per thread for the streams (dynamic runs of 2 or 4
  * items decoded 0.92-0.97x as fast) and balances the end: guided gave the first thread half the
- * items in one piece, and that thread streams ~20% slower here, so the other waited ~80 µs a
- * layer at the down phase's end (with the products' lite_share, decode 1.057x). A prefill's cost in proportion to their entry's tokens, which
- * differ by 10x and more where routing is skewed: guided left one thread alone with the costliest,
- * and items taken one at a time made the 27-layer prefill's MoE 1.4-1.5x faster. A thread takes
- * its next item before it runs the current one, whose last chunk then prefetches the next one's
- * first weights (1.03-1.08x a 256-token prefill; repacking 0.40 -> 0.23 s a thread). */
+ * items in one piece, that thread streamed ~20% slower here, and the other waited ~80 µs a layer
+ * at the down phase's end (with the products' lite_share, decode 1.057x). A prefill's items cost
+ * in proportion to their entry's tokens, which differ by 10x and more where routing is skewed:
+ * guided left one thread alone with the costliest, and items taken one at a time made the
+ * 27-layer prefill's MoE 1.4-1.5x faster. A thread takes its next item before it runs the
+ * current one, whose last chunk then prefetches the next one's first weights (1.03-1.08x a
+ * 256-token prefill; repacking 0.40 -> 0.23 s a thread). */
 static void run_phase(const lite_moe_run *M, lite_team *t, _Atomic int64_t *taken, int64_t n,
                       moe_item (*item)(const lite_moe_run *, int64_t)) {
     if (M->n_tok == 1) {
