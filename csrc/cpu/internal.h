@@ -233,7 +233,7 @@ int lite_num_threads(void);
 #define LITE_TEAM_MAX 1024   /* threads a team may have (lite_set_threads' limit) */
 typedef struct {
     _Atomic uint32_t arrived, gen, sleepers;
-    int timed;
+    int timed, n_span;                      /* n_span: spans set up, for lite_num_threads() threads */
     _Atomic uint64_t span[LITE_TEAM_MAX];   /* lite_share: each thread's items left, tagged by phase */
 } lite_team;
 /* timed: the region is a decode step, whose waits are short unless the machine is busy, and they

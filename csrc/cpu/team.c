@@ -66,8 +66,10 @@ static void wake_all(_Atomic uint32_t *word) {
 
 void lite_team_init(lite_team *t, int timed) {
     t->timed = timed;
-    /* tagged as no phase before gen 0xffff: a team makes far fewer syncs than that */
-    for (int i = 0; i < LITE_TEAM_MAX; i++) atomic_init(&t->span[i], (uint64_t)0xffff << 48);
+    /* Only the spans of the threads a region will ask for (a decode's per-layer calls set up a
+     * team each), tagged as no phase before gen 0xffff: a team makes far fewer syncs than that. */
+    t->n_span = lite_num_threads() < LITE_TEAM_MAX ? lite_num_threads() : LITE_TEAM_MAX;
+    for (int i = 0; i < t->n_span; i++) atomic_init(&t->span[i], (uint64_t)0xffff << 48);
     atomic_init(&t->arrived, 0);
     atomic_init(&t->gen, 0);
     atomic_init(&t->sleepers, 0);
@@ -141,7 +143,7 @@ void lite_share_begin(lite_share *s, lite_team *t, int64_t n) {
 }
 
 int lite_share_next(lite_share *s, int64_t *a, int64_t *b) {
-    if (s->n > SHARE_MASK || s->nth > LITE_TEAM_MAX) {   /* beyond the word's fields: static portions */
+    if (s->n > SHARE_MASK || s->nth > (uint32_t)s->t->n_span) {   /* beyond the spans: static portions */
         if (s->victim != s->me) return 0;
         *a = s->n * s->me / s->nth, *b = s->n * (s->me + 1) / s->nth, s->victim = s->me + s->nth;
         return *a < *b;
