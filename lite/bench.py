@@ -6,8 +6,10 @@ divided by the bytes one decode token must read.
 
 Token ids are random (no tokenizer needed, so synthetic models work). Every timing is the median
 of `repeats` runs on a fresh cache, after one untimed warm-up run (prompt and two decode steps) as
-llama-bench does: the first touches of scratch memory are not what each prompt costs. Progress
-goes to stderr; the table (or, with `json_out`, one JSON object) to stdout.
+llama-bench does: the first touches of scratch memory are not what each prompt costs. The timed
+prefills run back to back, as llama-bench's repetitions do; then each decode follows an untimed
+prefill of its prompt and is followed by its bandwidth probe. Progress goes to stderr; the table
+(or, with `json_out`, one JSON object) to stdout.
 
 Active bytes per decode token: every non-expert tensor (attention, norms, routers, shared experts,
 the dense layers, the output projection) in full, one row of the embedding table, and K routed
@@ -123,6 +125,13 @@ def _prefill(model: Any, cache: Any, ids: np.ndarray) -> np.ndarray:
     return logits
 
 
+def _fresh_prefill(model: Any, ids: np.ndarray, room: int) -> tuple[Any, np.ndarray]:
+    """A new cache with room for `room` more tokens after the prompt, and the prompt's last logits."""
+    cache = model.new_cache()
+    cache.reserve(len(ids) + room)
+    return cache, _prefill(model, cache, ids)
+
+
 def _decode(model: Any, cache: Any, first: int, n: int) -> float:
     """Greedy decode `n` tokens one at a time after `first`; seconds."""
     tok = first
@@ -180,22 +189,25 @@ def run_bench(model_path: str | os.PathLike[str], prompt: int = 256, gen: int = 
     m.record_routing(recorder)
     prefill_s, ttft_s, decode_s, bw_runs = [], [], [], []
     bw_threads = threads or getattr(be, "threads", None)
+    # The timed prefills back to back, as llama-bench runs its repetitions: in one process, a
+    # 256-token prefill right after the bandwidth probe (1 GiB read by another process) ran ~5%
+    # slower than one right after another prefill, and one after 2 s idle ~3%.
     for r in range(repeats):
-        cache = m.new_cache()
-        cache.reserve(prompt + gen)
         t0 = time.perf_counter()
-        logits = _prefill(m, cache, ids)
+        _, logits = _fresh_prefill(m, ids, gen)
         t1 = time.perf_counter()
-        first = int(np.argmax(logits[-1]))
+        np.argmax(logits[-1])   # choosing the first token is part of the time to it
         ttft_s.append(time.perf_counter() - t0)
         prefill_s.append(t1 - t0)
-        decode_s.append(_decode(m, cache, first, gen))
+        _log(f"prefill run {r + 1}/{repeats}: {prompt / prefill_s[-1]:.2f} tok/s")
+    for r in range(repeats):
+        cache, logits = _fresh_prefill(m, ids, gen)   # each decode follows its prompt, as in use
+        decode_s.append(_decode(m, cache, int(np.argmax(logits[-1])), gen))
         # The probe right after each decode: on a shared machine the bandwidth moves by 40% within
         # minutes, and a decode is only comparable with a bandwidth read in the same minute.
         if bandwidth:
             bw_runs.append(measure_bandwidth_isolated(bw_threads, bandwidth_bytes))
-        _log(f"run {r + 1}/{repeats}: prefill {prompt / prefill_s[-1]:.2f} tok/s, "
-             f"decode {gen / decode_s[-1]:.2f} tok/s"
+        _log(f"decode run {r + 1}/{repeats}: {gen / decode_s[-1]:.2f} tok/s"
              + (f", bandwidth {bw_runs[-1][0]:.1f} GB/s" if bandwidth else ""))
     depth_rows = []
     for d in depths:

@@ -183,7 +183,8 @@ def test_bench_json(tiny_model):
 @pytest.mark.parametrize("warmup", [True, False])
 def test_bench_warms_up_untimed(tiny_model, monkeypatch, warmup):
     """One untimed prompt and two decode steps come first (unless --no-warmup), and the routing
-    trace starts after them."""
+    trace starts after them; then the timed prompts back to back, then each decode after an
+    untimed prompt of its own."""
     import lite
     from lite import bench
     calls: list[int] = []
@@ -199,7 +200,7 @@ def test_bench_warms_up_untimed(tiny_model, monkeypatch, warmup):
 
     monkeypatch.setattr(lite, "load", counting_load)
     bench.run_bench(tiny_model, prompt=5, gen=3, repeats=1, bandwidth=False, out=io.StringIO(), warmup=warmup)
-    timed = [5, 1, 1, 1]
+    timed = [5] + [5, 1, 1, 1]
     assert calls == ([5, 1, 1] if warmup else []) + [-1] + timed
 
 
