@@ -16,8 +16,8 @@ static rows8_fn avx2_rows8[K_COUNT];
 /* ---- Q4_0 / Q8_0, rows in the lanes ----------------------------------------------------------- */
 /* As the AVX2 rows-in-lanes kernel: a chunk of blocks of 16 rows is repacked so that vector v of a
  * block holds four weights of each row as unsigned bytes, each dpbusd broadcasts four activation
- * bytes from memory, and each weight vector feeds NT tokens. Q4_0's nibbles go in as they are and their +8
- * offset comes off in float through the activation sums s[b] = 8 d sum(q), as in AVX2, so the
+ * bytes from memory, and each weight vector feeds NT tokens. Q4_0's nibbles go in as they are and
+ * their +8 offset comes off in float through the activation sums s[b] = 8 d sum(q), as in AVX2, so the
  * results are AVX2's bit for bit. Q8_0's signed weights go in plus 128 (dpbusd has no signed x
  * signed form, and AVX-512 no byte sign op for AVX2's |w| x sign(y, w)); the 128 sum(q) comes off
  * as 16 s[b], exact, but the product with d now rounds a larger sum, so Q8_0 differs from AVX2 in
