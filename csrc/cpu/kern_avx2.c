@@ -14,8 +14,9 @@
  * activation scales, and each block's product taken by an in-lane permute (one token, Q4_0, from
  * L3 on one core: 8.7 -> 12.2 GB/s). Q4_0 nibbles go into maddubs unsigned; their +8 offset is
  * taken off per 8 blocks in float from the activation sums s[b] = 8 * d * sum(q) of the A8 layout.
- * Rows are read start to end with a software prefetch MV_PREFETCH bytes ahead: a 4-row tile's
- * short interleaved streams reached only 5.1 GB/s from RAM on one core, against 9.4-10.5 streamed. */
+ * Rows are read start to end with a software prefetch MV_PREFETCH (MV_PREFETCH_DENSE for Q8_0 and
+ * Q6_K) bytes ahead: a 4-row tile's short interleaved streams reached only 5.1 GB/s from RAM on
+ * one core, against 9.4-10.5 streamed. */
 
 /* Block weights as maddubs takes them. Q4_0: one broadcast load and a per-lane shift give the
  * low and high nibbles of the block. Q8_0: the raw signed bytes (see q8_dot). */
@@ -91,7 +92,7 @@ INLINE void q8_group(const int KIND, const int NT, const int G, const int L2, co
                      const uint8_t *a, int64_t as, const uint8_t *pq, const float *const *dy, const float *const *sy,
                      __m256 *acc, __m256 *acc1) {
     const int64_t s = KIND == K_Q4_0 ? Q4_0_BYTES : Q8_0_BYTES;
-    prefetch_block(L2, g, G * s);
+    prefetch_block(L2, g, G * s, KIND == K_Q8_0 ? MV_PREFETCH_DENSE : MV_PREFETCH);
     __m128i h = G == 8 ? _mm_setr_epi16(rd16(g), rd16(g + s), rd16(g + 2 * s), rd16(g + 3 * s), rd16(g + 4 * s),
                                         rd16(g + 5 * s), rd16(g + 6 * s), rd16(g + 7 * s))
                        : _mm_setr_epi16(rd16(g), rd16(g + s), rd16(g + 2 * s), rd16(g + 3 * s), 0, 0, 0, 0);
@@ -504,7 +505,7 @@ INLINE void mv_q4_k_rows(const int L2, float *out, const uint8_t *w, int64_t ws,
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = row + b * Q4_K_BYTES;
             const uint8_t *y = a + b * QKK;
-            prefetch_block(L2, blk, Q4_K_BYTES);
+            prefetch_block(L2, blk, Q4_K_BYTES, MV_PREFETCH);
             __m128i sc, mn;
             q4_k_scales_mins(blk, &sc, &mn);
             const __m256i scv = _mm256_broadcastsi128_si256(sc);
@@ -535,7 +536,7 @@ static void mv_q4_k(float *out, const uint8_t *w, int64_t ws, int64_t nr, const 
 INLINE __m256 q6_k_block(const int L2, __m256 acc, const uint8_t *blk, const uint8_t *y, const int16_t *bs16,
                          float dxb) {
     const __m256i m4 = _mm256_set1_epi8(15), m3 = _mm256_set1_epi8(3);
-    prefetch_block(L2, blk, Q6_K_BYTES);
+    prefetch_block(L2, blk, Q6_K_BYTES, MV_PREFETCH_DENSE);
     /* the 16 int8 scales widened; halves [0..7] and [8..15] each in both 128-bit lanes */
     const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
     const __m256i sa = _mm256_permute2x128_si256(sc16, sc16, 0x00);

@@ -418,7 +418,7 @@ INLINE void mv_q4_0_streams(const int L2, const int S, float *out, const uint8_t
         const __m512 xd = _mm512_load_ps(pd + 4 * (b)), xs = _mm512_load_ps(ps + 4 * (b));         \
         for (int s = 0; s < S; s++) {                                                              \
             const uint8_t *g = w + (r + s * gap) * ws + (b) * Q4_0_BYTES;                          \
-            prefetch_block(L2, g, 4 * Q4_0_BYTES);                                                 \
+            prefetch_block(L2, g, 4 * Q4_0_BYTES, MV_PREFETCH);                                    \
             __m512i lo = _mm512_loadu_si512(g), hi = _mm512_maskz_loadu_epi8(0xff, g + 64);        \
             __asm__("" : "+v"(lo));                                                                \
             __m512i q = Q4_0_PERMUTE(lo, quants, hi);                                              \
@@ -517,7 +517,7 @@ INLINE void mv_q4_k_streams(const int L2, const int S, float *out, const uint8_t
             const uint8_t *y = yp + b * QKK;
             for (int s = 0; s < S; s++) {
                 const uint8_t *blk = w + (r + s * gap) * ws + b * Q4_K_BYTES;
-                prefetch_block(L2, blk, Q4_K_BYTES);
+                prefetch_block(L2, blk, Q4_K_BYTES, MV_PREFETCH);
                 __m128i sc, mn;
                 q4_k_scales_mins(blk, &sc, &mn);
                 const __m512i scv = _mm512_broadcast_i32x4(sc);
@@ -570,7 +570,7 @@ INLINE void mv_q6_k_streams(const int L2, const int S, float *out, const uint8_t
             const uint8_t *y = a + b * QKK;
             for (int s = 0; s < S; s++) {
                 const uint8_t *blk = w + (r + s * gap) * ws + b * Q6_K_BYTES;
-                prefetch_block(L2, blk, Q6_K_BYTES);
+                prefetch_block(L2, blk, Q6_K_BYTES, MV_PREFETCH_DENSE);
                 const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
                 const __m512i scz = _mm512_castsi256_si512(sc16);
                 /* the -32 offset: 32 * sum_i sc_i * bsum_i, in the low 8 lanes */

@@ -12,8 +12,13 @@
  * Zen 3; on a 2-core Xeon (AVX-512) 4 KiB streamed Q4_0 at 12-14.8 GB/s against 9.4-11.7 (2
  * threads from DRAM) and decoded the recipe file in 95-104 against 127-135 ms a token. Once the
  * kernels read four streams in fewer micro-ops, 1.5-3 KiB decoded 1.02-1.04x faster than 4 KiB
- * there (alternating in one process; 6 and 8 KiB 0.99x and 0.94x), the AVX2 kernels alike. */
+ * there (alternating in one process; 6 and 8 KiB 0.99x and 0.94x), the AVX2 kernels alike. On a
+ * Zen 4, Q8_0 and Q6_K rows streamed 1.03-1.17x as fast with 1 KiB (2 threads from DRAM, 100-170 MB
+ * matrices, alternating in one process: the 172 MB Q6_K output matrix 49.7 against 42.6 GB/s,
+ * 34.3 against 33.2), where Q4_0 kept 3 KiB (39.0 against 36.7 with 1 KiB) and Q4_K moved either
+ * way with the sitting. */
 #define MV_PREFETCH 3072
+#define MV_PREFETCH_DENSE 1024   /* Q8_0 and Q6_K */
 
 INLINE float fp16(const uint8_t *p) { return _cvtsh_ss(rd16(p)); }
 
@@ -25,9 +30,9 @@ INLINE void prefetch_line(const int L2, const char *p) {
     else _mm_prefetch(p, _MM_HINT_T0);
 }
 
-/* The one-token kernels' prefetch: every line of the `bytes` at blk, MV_PREFETCH ahead. */
-INLINE void prefetch_block(const int L2, const uint8_t *blk, int64_t bytes) {
-    for (int64_t o = 0; o < bytes; o += 64) prefetch_line(L2, (const char *)blk + MV_PREFETCH + o);
+/* The one-token kernels' prefetch: every line of the `bytes` at blk, `ahead` bytes ahead. */
+INLINE void prefetch_block(const int L2, const uint8_t *blk, int64_t bytes, int64_t ahead) {
+    for (int64_t o = 0; o < bytes; o += 64) prefetch_line(L2, (const char *)blk + ahead + o);
 }
 
 /* F(L2, ...) for the prefetch target in use (lite_set_prefetch). */
