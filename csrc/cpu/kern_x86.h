@@ -13,7 +13,7 @@
  * threads from DRAM) and decoded the recipe file in 95-104 against 127-135 ms a token. Once the
  * kernels read four streams in fewer micro-ops, 1.5-3 KiB decoded 1.02-1.04x faster than 4 KiB
  * there (alternating in one process; 6 and 8 KiB 0.99x and 0.94x), the AVX2 kernels alike. On a
- * Zen 4, Q8_0 and Q6_K rows streamed 1.03-1.17x as fast with 1 KiB (2 threads from DRAM, 100-170 MB
+ * Zen 4, Q8_0 and Q6_K rows streamed 1.02-1.17x as fast with 1 KiB (2 threads from DRAM, 100-170 MB
  * matrices, alternating in one process: the 172 MB Q6_K output matrix 49.7 against 42.6 GB/s,
  * 34.3 against 33.2), where Q4_0 kept 3 KiB (39.0 against 36.7 with 1 KiB) and Q4_K moved either
  * way with the sitting. */
