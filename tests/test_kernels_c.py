@@ -308,6 +308,26 @@ def test_avx512_matches_avx2(qtype, threads):
             np.testing.assert_array_equal(got[2], got[1], err_msg=what)
 
 
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q6_K, QType.F32], ids=lambda q: q.name)
+def test_matmul_same_bits_on_any_thread_count(qtype):
+    """A product's work items go out by lite_share (each thread's own share from the front, then
+    the others' from the back): the outputs must not depend on the thread count, nor break where
+    there are fewer items than threads."""
+    old = CB.threads
+    try:
+        for n, cols, t in [(40, 512, 1), (300, 512, 1), (72, 512, 7), (1000, 256, 3)]:
+            w = make_weight(qtype, n, cols, seed=70)
+            x = rng(71).standard_normal((t, cols)).astype(np.float32)
+            got = {}
+            for threads in (1, 2, 3, 5, 8):
+                CB.set_threads(threads)
+                got[threads] = CB.matmul(x, w)
+            for threads, y in got.items():
+                np.testing.assert_array_equal(y, got[1], err_msg=f"{n}x{cols}, {t} tokens, {threads} threads")
+    finally:
+        CB.set_threads(old)
+
+
 def products_by_isa(qtype: QType, shapes, levels, seed: int, threads: int) -> list:
     """CB.matmul of a random weight and input of each (rows, cols, tokens) shape at each ISA level,
     on `threads` threads: (label, tokens, {level: output}) per shape."""

@@ -255,7 +255,7 @@ int lite_share_next(lite_share *s, int64_t *a, int64_t *b);
  * region's threads: lite_products_plan checks the arguments (codes as lite_matmul, or
  * LITE_PRODUCTS_MIXED where the products' activation layouts differ), lite_products_quantize fills the
  * activations on the calling thread, lite_products_run takes this thread's share of the work items
- * without a barrier (by lite_share in team t's region, else static portions). */
+ * without a barrier (by lite_share in team t's region). */
 #define LITE_PRODUCTS_MIXED 1
 typedef struct {
     int n, kind[LITE_MATMUL_MANY_MAX];
