@@ -208,8 +208,8 @@ void lite_products_region(const lite_products *P, const float *x) {
     int serial_quant = P->n_tok == 1;
     if (serial_quant) lite_products_quantize(P, x);
     /* The items go out by lite_share, as in a decode step's team: with static portions the
-     * 102400-row output matrix took 1.01-1.17x as long, and a 256-token
-     * prefill's projections 1.026x (alternating in one process). */
+     * 102400-row output matrix took 1.01-1.17x as long, and a 256-token prefill's projections
+     * 1.026x (alternating in one process). */
     lite_team team;
     lite_team_init(&team, 0);
 #pragma omp parallel num_threads(nth) if (nth > 1)
