@@ -121,12 +121,20 @@ static uint64_t share_word(uint32_t tag, uint64_t lo, uint64_t hi) {
     return (uint64_t)(tag & 0xffff) << 48 | lo << SHARE_BITS | hi;
 }
 
+/* Thread i's portion [*a, *b) of the phase's items: its share before any is taken, and all it
+ * takes where the spans do not serve. */
+static void portion(const lite_share *s, uint32_t i, int64_t *a, int64_t *b) {
+    *a = s->n * i / s->nth, *b = s->n * (i + 1) / s->nth;
+}
+
 /* Share i's word for this phase, set to thread i's portion if it still holds an earlier one's. */
 static uint64_t share_load(const lite_share *s, uint32_t i) {
     _Atomic uint64_t *w = &s->t->span[i];
     uint64_t v = atomic_load_explicit(w, memory_order_acquire);
     while (v >> 48 != (s->tag & 0xffff)) {
-        const uint64_t n = (uint64_t)s->n, init = share_word(s->tag, n * i / s->nth, n * (i + 1) / s->nth);
+        int64_t a, b;
+        portion(s, i, &a, &b);
+        const uint64_t init = share_word(s->tag, (uint64_t)a, (uint64_t)b);
         if (atomic_compare_exchange_weak_explicit(w, &v, init, memory_order_acq_rel, memory_order_acquire)) return init;
     }
     return v;
@@ -145,7 +153,8 @@ void lite_share_begin(lite_share *s, lite_team *t, int64_t n) {
 int lite_share_next(lite_share *s, int64_t *a, int64_t *b) {
     if (s->n > SHARE_MASK || s->nth > (uint32_t)s->t->n_span) {   /* beyond the spans: static portions */
         if (s->victim != s->me) return 0;
-        *a = s->n * s->me / s->nth, *b = s->n * (s->me + 1) / s->nth, s->victim = s->me + s->nth;
+        portion(s, s->me, a, b);
+        s->victim = s->me + s->nth;
         return *a < *b;
     }
     for (; s->victim < s->me + s->nth; s->victim++) {
